@@ -1,0 +1,126 @@
+"""Device profiles: what to build for one class of device.
+
+A profile is a YAML file in ``device_profiles/`` (or any path). It says which
+format and precision suit the device, how its runtime is configured, which
+packages the device needs and which power sensor to read. It never holds hosts
+or keys: those belong to targets.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from edgeq.config import StrictModel, load_yaml_file, suggest, validate_model
+from edgeq.errors import ProfileError
+
+Format = Literal["tflite", "onnx", "openvino"]
+Precision = Literal["int8", "fp16", "fp32", "dynamic"]
+PowerSensor = Literal["ina3221", "rapl", "rpi-pmic", "nvml", "command", "none"]
+CalibrationMethod = Literal["minmax", "entropy", "percentile"]
+
+FORMATS: tuple[str, ...] = ("tflite", "onnx", "openvino")
+PRECISIONS: tuple[str, ...] = ("int8", "fp16", "fp32", "dynamic")
+
+# The repo's own profiles; EDGEQ_PROFILES_DIR adds another directory searched first.
+BUILTIN_PROFILES_DIR = Path(__file__).resolve().parent.parent / "device_profiles"
+
+
+class PowerConfig(StrictModel):
+    """Which power sensor the on-device runner samples, and how."""
+
+    sensor: PowerSensor = "none"
+    interval_ms: float = Field(default=20.0, gt=0, le=10_000, description="sampling period")
+    idle_seconds: float = Field(default=2.0, ge=0, le=600, description="idle sampling before timed runs")
+    command: list[str] | None = Field(default=None, description="argv printing watts (sensor: command)")
+    rails: list[str] = Field(default_factory=list, description="rail labels to sum (ina3221), empty = total")
+    path: str | None = Field(default=None, description="override of the sysfs root (rapl, ina3221)")
+    gpu_index: int = Field(default=0, ge=0, description="NVML device index (sensor: nvml)")
+
+    @model_validator(mode="after")
+    def _command_needs_argv(self) -> PowerConfig:
+        if self.sensor == "command" and not self.command:
+            raise ValueError("sensor 'command' needs 'command', the argv of a program printing watts")
+        return self
+
+
+class DeviceProfile(StrictModel):
+    """What to build for one class of device, and how its runtime is set up."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    description: str
+    arch: Literal["aarch64", "armv7l", "x86_64"]
+    cpu: str = Field(description="CPU model and features, for people")
+    format: Format
+    precision: Precision
+    tflite_quantized_io: Literal["int8", "uint8", "float32"] = Field(
+        default="int8", description="input/output type of full-integer TFLite models"
+    )
+    calibration_method: CalibrationMethod = "minmax"
+    execution_providers: list[str] = Field(
+        default_factory=lambda: ["CPUExecutionProvider"],
+        description="ONNX Runtime providers in order of preference; the runner falls back in order",
+    )
+    openvino_device: str = Field(default="CPU", description="OpenVINO device plugin")
+    threads: int = Field(ge=1, le=512)
+    runtime_packages: dict[Format, list[str]] = Field(
+        description="pip requirements the device needs to run each format"
+    )
+    power: PowerConfig = Field(default_factory=PowerConfig)
+
+    @model_validator(mode="after")
+    def _preferred_format_has_packages(self) -> DeviceProfile:
+        if self.format not in self.runtime_packages:
+            raise ValueError(f"runtime_packages has no entry for the profile's own format '{self.format}'")
+        return self
+
+
+def profile_dirs() -> list[Path]:
+    """Directories searched for profiles by name, in order."""
+    dirs = []
+    extra = os.environ.get("EDGEQ_PROFILES_DIR")
+    if extra:
+        dirs.append(Path(extra))
+    dirs.append(Path.cwd() / "device_profiles")
+    dirs.append(BUILTIN_PROFILES_DIR)
+    seen: list[Path] = []
+    for d in dirs:
+        if d.is_dir() and d.resolve() not in [s.resolve() for s in seen]:
+            seen.append(d)
+    return seen
+
+
+def available_profiles() -> dict[str, Path]:
+    """Profile name -> file, first directory wins."""
+    found: dict[str, Path] = {}
+    for directory in profile_dirs():
+        for path in sorted(directory.glob("*.yaml")):
+            found.setdefault(path.stem, path)
+    return found
+
+
+def load_profile_file(path: Path) -> DeviceProfile:
+    """Load and strictly validate one profile file."""
+    data = load_yaml_file(path, ProfileError)
+    profile = validate_model(DeviceProfile, data, str(path), ProfileError)
+    return profile
+
+
+def load_profile(name_or_path: str) -> DeviceProfile:
+    """Load a profile by name (``rpi4``) or by path (``./my.yaml``)."""
+    looks_like_path = name_or_path.endswith((".yaml", ".yml")) or os.sep in name_or_path
+    if looks_like_path:
+        return load_profile_file(Path(name_or_path).expanduser())
+    profiles = available_profiles()
+    if name_or_path not in profiles:
+        hint = suggest(name_or_path, list(profiles)) or "see 'edgeq profiles list'"
+        raise ProfileError(f"unknown device profile '{name_or_path}'", hint=hint)
+    return load_profile_file(profiles[name_or_path])
+
+
+def list_profiles() -> list[DeviceProfile]:
+    """Every available profile, validated (an invalid file raises naming the file)."""
+    return [load_profile_file(path) for path in available_profiles().values()]
