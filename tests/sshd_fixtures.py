@@ -1,0 +1,1 @@
+"""pytest fixtures for tests that need real sshd devices (see tests/lab/sshd.py)."""
