@@ -101,7 +101,7 @@ def _match_inputs(path: Path, arrays: dict[str, np.ndarray], inputs: list[InputS
 def _check_array(path: Path, spec: InputSpec, arr: np.ndarray) -> np.ndarray:
     expected = spec.shape[1:] if spec.shape else []
     actual = list(arr.shape[1:])
-    if len(actual) != len(expected) or any(e is not None and e > 0 and e != a for e, a in zip(expected, actual)):
+    if len(actual) != len(expected) or any(e is not None and e > 0 and e != a for e, a in zip(expected, actual, strict=True)):
         shown = ["N", *("?" if e is None or e <= 0 else e for e in expected)]
         raise DataError(f"{path}: array for input '{spec.name}' has shape {list(arr.shape)}, "
                         f"the model expects [{', '.join(map(str, shown))}]")

@@ -18,7 +18,10 @@ def list_command() -> None:
 
     from edgeq.profiles import list_profiles
 
-    table = Table("name", "arch", "format", "precision", "threads", "power", "description")
+    table = Table()
+    for column in ("name", "arch", "format", "precision", "threads", "power"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("description")
     for p in list_profiles():
         table.add_row(p.name, p.arch, p.format, p.precision, str(p.threads), p.power.sensor, p.description)
     Console().print(table)
