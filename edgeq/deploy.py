@@ -1,0 +1,419 @@
+"""Releases on a device: lock, space check, upload, on-device sha256 verify, atomic ``current`` swap,
+keep the last K, rollback; and the same for a fleet over a bounded thread pool.
+
+Device layout under the target's workdir (see ``edgeq/remote/device_ops.py`` for the device side)::
+
+    releases/<artifact-id>/{model files, manifest.json, edgeq_runner.py}
+    current -> releases/<artifact-id>
+
+Whatever fails (lost connection, disk full, checksum mismatch, killed controller), ``current`` keeps
+pointing at a complete, verified release: a release becomes visible only after every file's sha256
+was checked on the device, and ``current`` moves by one rename(2). Leftovers of a failed upload are
+removed by the next deploy under the device lock.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import secrets
+import socket
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path, PurePosixPath
+
+from edgeq.errors import DeployError, EdgeqError, RemoteCommandError
+from edgeq.manifest import MANIFEST_NAME, Manifest, sha256_file, verify_artifact
+from edgeq.remote import Transport, open_transport
+from edgeq.remote.base import stderr_tail
+from edgeq.runner import RUNNER_PATH
+from edgeq.targets import Target
+
+log = logging.getLogger(__name__)
+
+RUNNER_NAME = "edgeq_runner.py"
+DEVICE_OPS_PATH = Path(__file__).resolve().parent / "remote" / "device_ops.py"
+LOCK_TIMEOUT = 30.0
+STEP_TIMEOUT = 300.0  # hashing a big model on a slow SD card takes a while
+SPACE_MARGIN = 1 << 20
+
+# progress(bytes_done, bytes_total) over all files of one deploy
+DeployProgress = Callable[[int, int], None]
+STATUSES = ("deployed", "unchanged", "failed", "skipped")
+
+
+@dataclass
+class DeployOutcome:
+    """What happened on one target."""
+
+    target: Target
+    status: str  # deployed | unchanged | failed | skipped (fleet stopped before this target)
+    release_id: str | None
+    seconds: float
+    error: str | None = None
+    hint: str | None = None
+    message: str = ""
+    uploaded_bytes: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("deployed", "unchanged")
+
+
+@dataclass
+class RollbackResult:
+    """``current`` moved from one release to another on one target."""
+
+    target: Target
+    from_id: str
+    to_id: str
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ReleaseFile:
+    """One file of a release: where it is here, where it goes under the release dir, its sha256."""
+
+    rel: str
+    local: Path
+    sha256: str
+    size: int
+
+
+# -- device helpers ------------------------------------------------------------------------------------
+# Arguments may not contain newlines, so the device script travels compressed and base64-encoded as one
+# argv element, unpacked by this fixed one-line bootstrap.
+_BOOTSTRAP = ("import sys,zlib,base64;exec(compile(zlib.decompress(base64.b64decode(sys.argv.pop(1))),"
+              "'edgeq_device_ops','exec'))")
+
+
+@lru_cache(maxsize=1)
+def _device_ops_payload() -> str:
+    return base64.b64encode(zlib.compress(DEVICE_OPS_PATH.read_bytes(), 9)).decode("ascii")
+
+
+def device_ops_argv(python: str, op: str, *args: str) -> list[str]:
+    """argv running one device operation of ``edgeq/remote/device_ops.py`` with ``python``.
+
+    ``-I`` ignores the device's PYTHON* variables and user site; ``-S`` (no site-packages, faster start)
+    except for ``facts``, which checks that the runtime packages import.
+    """
+    flags = ["-I"] if op == "facts" else ["-I", "-S"]
+    return [python, *flags, "-c", _BOOTSTRAP, _device_ops_payload(), op, *args]
+
+
+def device_op(transport: Transport, python: str, op: str, params: dict, timeout: float = STEP_TIMEOUT) -> dict:
+    """Run one device operation (JSON in on stdin, JSON out on stdout) with ``python``."""
+    result = transport.run(device_ops_argv(python, op), timeout=timeout, check=False,
+                           input=json.dumps(params).encode())
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    data = None
+    if lines:
+        try:
+            data = json.loads(lines[-1])
+        except json.JSONDecodeError:
+            data = None
+    label = transport.target.label
+    if result.exit_code == 127 or (data is None and "not found" in result.stderr):
+        raise RemoteCommandError(f"{label}: the device has no '{python}' interpreter",
+                                 hint="set 'python:' for this target in the inventory")
+    if data is None:
+        raise RemoteCommandError(f"{label}: device step '{op}' failed (exit {result.exit_code})"
+                                 + (f": {stderr_tail(result.stderr)}" if result.stderr.strip() else ""))
+    if data.get("error") == "os":
+        raise DeployError(f"{label}: {op} failed on the device: {data.get('message')}")
+    return data
+
+
+def device_workdir(transport: Transport, target: Target) -> str:
+    """The target's workdir as an absolute device path."""
+    return transport.expand(target.workdir).rstrip("/") or "/"
+
+
+def release_dir(transport: Transport, target: Target, release_id: str) -> str:
+    """Absolute device path of one release."""
+    return f"{device_workdir(transport, target)}/releases/{release_id}"
+
+
+def current_dir(transport: Transport, target: Target) -> str:
+    """Absolute device path of the ``current`` symlink (the active release)."""
+    return f"{device_workdir(transport, target)}/current"
+
+
+def device_python(transport: Transport, target: Target) -> str:
+    """The interpreter to run the runner with: the one ``targets setup`` recorded, else ``target.python``."""
+    data = device_op(transport, target.python, "read_python", {"workdir": device_workdir(transport, target)},
+                     timeout=60)
+    return data.get("python") or target.python
+
+
+def current_release(transport: Transport, target: Target) -> str | None:
+    """The id ``current`` points at, or None."""
+    data = device_op(transport, target.python, "inspect", {"workdir": device_workdir(transport, target)}, timeout=60)
+    return data.get("current")
+
+
+@contextmanager
+def device_lock(transport: Transport, target: Target, workdir: str) -> Iterator[None]:
+    """Hold the device's deploy lock for the duration; fail fast when another deploy holds it.
+
+    The lock is a flock held by a process whose stdin is this connection: if the controller dies, the
+    channel closes, the process sees EOF and the kernel releases the lock.
+    """
+    holder = f"edgeq on {socket.gethostname()} pid {os.getpid()} since " \
+             f"{datetime.now(timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')}"
+    process = transport.start(device_ops_argv(target.python, "lock", json.dumps({"workdir": workdir,
+                                                                                "holder": holder})))
+    try:
+        line = process.readline(LOCK_TIMEOUT)
+        try:
+            answer = json.loads(line)
+        except json.JSONDecodeError:
+            raise DeployError(f"{target.label}: could not take the deploy lock in {workdir}"
+                              + (f": {line.strip()}" if line.strip() else " (is 'python' right for this target?)"),
+                              hint="check 'python:' and 'workdir:' of this target") from None
+        if answer.get("error") == "os":
+            raise DeployError(f"{target.label}: could not take the deploy lock: {answer.get('message')}")
+        if not answer.get("locked"):
+            raise DeployError(f"{target.label}: another deploy is in progress on this device "
+                              f"(lock {workdir}/.deploy.lock held by {answer.get('holder') or 'another process'})",
+                              hint="wait for it to finish, then run the deploy again")
+        yield
+    finally:
+        process.close()
+
+
+# -- planning ------------------------------------------------------------------------------------------
+def _check_relative_path(rel: str, artifact_dir: Path) -> str:
+    path = PurePosixPath(rel)
+    if (not rel or path.is_absolute() or ".." in path.parts or "\\" in rel
+            or any(c in rel for c in "\0\n\r")):
+        raise DeployError(f"{artifact_dir / MANIFEST_NAME}: files: unsafe path {rel!r} (must be relative, "
+                          "without '..', NUL or newline)")
+    return rel
+
+
+def release_plan(artifact_dir: Path, manifest: Manifest) -> list[ReleaseFile]:
+    """Every file of the release: the artifact's files, its manifest and the on-device runner."""
+    plan = []
+    for entry in manifest.files:
+        rel = _check_relative_path(entry.path, artifact_dir)
+        if rel in (MANIFEST_NAME, RUNNER_NAME):
+            raise DeployError(f"{artifact_dir / MANIFEST_NAME}: files: {rel!r} is a name edgeq reserves in releases")
+        plan.append(ReleaseFile(rel, artifact_dir / rel, entry.sha256, entry.size))
+    manifest_path = artifact_dir / MANIFEST_NAME
+    plan.append(ReleaseFile(MANIFEST_NAME, manifest_path, sha256_file(manifest_path), manifest_path.stat().st_size))
+    plan.append(ReleaseFile(RUNNER_NAME, RUNNER_PATH, sha256_file(RUNNER_PATH), RUNNER_PATH.stat().st_size))
+    return plan
+
+
+def check_artifact(artifact_dir: str | Path, allow_failed: bool = False) -> tuple[Manifest, list[ReleaseFile]]:
+    """Verify the local artifact against its manifest (raises ManifestError / DeployError) and plan it."""
+    artifact_dir = Path(artifact_dir)
+    manifest = verify_artifact(artifact_dir)
+    if manifest.status != "ok" and not allow_failed:
+        raise DeployError(f"{artifact_dir}: the artifact failed its accuracy validation (manifest status 'failed')",
+                          hint="re-convert it, or pass --allow-failed to deploy it anyway")
+    return manifest, release_plan(artifact_dir, manifest)
+
+
+# -- deploy --------------------------------------------------------------------------------------------
+def deploy(artifact_dir: str | Path, target: Target, keep: int = 3, *, progress: DeployProgress | None = None,
+           allow_failed: bool = False, _after_upload: Callable[[Transport, str], None] | None = None) -> DeployOutcome:
+    """Deploy one artifact to one target and activate it.
+
+    Problems with the local artifact raise (ManifestError / DeployError); anything that goes wrong on or
+    on the way to the device is returned as a ``failed`` outcome with a one-line error naming the host.
+    ``_after_upload(transport, temp_dir)`` is a test seam called between upload and verification.
+    """
+    if keep < 1:
+        raise DeployError(f"keep must be at least 1, got {keep}")
+    manifest, plan = check_artifact(artifact_dir, allow_failed)
+    return _deploy_planned(manifest, plan, target, keep, progress, _after_upload)
+
+
+def _deploy_planned(manifest: Manifest, plan: list[ReleaseFile], target: Target, keep: int,
+                    progress: DeployProgress | None, after_upload) -> DeployOutcome:
+    started = time.monotonic()
+    try:
+        with open_transport(target) as transport:
+            workdir = device_workdir(transport, target)
+            with device_lock(transport, target, workdir):
+                status, message, uploaded = _deploy_locked(transport, target, workdir, manifest, plan, keep,
+                                                           progress, after_upload)
+    except EdgeqError as exc:
+        log.info("deploy to %s failed: %s", target.name, exc)
+        return DeployOutcome(target, "failed", manifest.id, time.monotonic() - started, error=exc.message,
+                             hint=exc.hint)
+    return DeployOutcome(target, status, manifest.id, time.monotonic() - started, message=message,
+                         uploaded_bytes=uploaded)
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+def _deploy_locked(transport: Transport, target: Target, workdir: str, manifest: Manifest,
+                   plan: list[ReleaseFile], keep: int, progress: DeployProgress | None,
+                   after_upload) -> tuple[str, str, int]:
+    python = target.python
+    release_id = manifest.id
+    expected = {f.rel: f.sha256 for f in plan}
+    state = device_op(transport, python, "inspect", {"workdir": workdir, "release_id": release_id,
+                                                     "expected": expected})
+    current = state.get("current")
+    replace: list[str] | None = None
+    upload = plan
+    if state["release_exists"]:
+        bad = {p["path"] for p in state["problems"]}
+        if not bad:
+            if current == release_id:
+                return "unchanged", "already deployed and current; nothing uploaded", 0
+            _activate(transport, target, workdir, release_id, expected, keep, current)
+            return "deployed", f"release already on the device, verified and activated (was {current}); " \
+                               "nothing uploaded", 0
+        if bad <= {MANIFEST_NAME, RUNNER_NAME}:
+            # Same model files, newer runner or manifest: refresh just those files inside the release.
+            replace = sorted(bad)
+            upload = [f for f in plan if f.rel in bad]
+        else:
+            log.info("%s: release %s on the device is incomplete (%s); uploading it again",
+                     target.name, release_id, ", ".join(sorted(bad)))
+    need = sum(f.size for f in upload) + SPACE_MARGIN
+    dirs = sorted({str(PurePosixPath(f.rel).parent) for f in upload} - {"."})
+    tmp_name = f".tmp-{release_id}-{secrets.token_hex(4)}"
+    prepared = device_op(transport, python, "prepare", {"workdir": workdir, "tmp_name": tmp_name,
+                                                        "need_bytes": need, "dirs": dirs})
+    if not prepared.get("ok"):
+        raise DeployError(f"{target.label}: not enough free space in {workdir}: need {_mb(need)}, "
+                          f"{_mb(prepared['free_bytes'])} free; nothing uploaded, current release unchanged",
+                          hint="free space on the device or lower --keep")
+    tmp = prepared["tmp"]
+    total = sum(f.size for f in upload)
+    done = 0
+    try:
+        for item in upload:
+            base = done
+            callback = (lambda d, _t, base=base: progress(base + d, total)) if progress else None
+            transport.put(item.local, f"{tmp}/{item.rel}", progress=callback)
+            done += item.size
+    except RemoteCommandError:
+        # The connection still works (e.g. disk full mid-write): remove the partial upload now.
+        with suppress(EdgeqError):
+            device_op(transport, python, "cleanup", {"workdir": workdir}, timeout=60)
+        raise
+    if after_upload is not None:
+        after_upload(transport, tmp)
+    params = {"workdir": workdir, "release_id": release_id, "tmp": tmp, "expected": expected, "keep": keep,
+              "replace": replace}
+    if replace is not None:
+        params["tmp_expected"] = {rel: expected[rel] for rel in replace}
+    answer = device_op(transport, python, "activate", params)
+    if not answer.get("ok"):
+        raise _activation_error(target, answer, current)
+    if replace is not None:
+        what = " and ".join(replace)
+        if current != release_id:
+            return "deployed", f"release was on the device; refreshed {what} and activated it", done
+        return "deployed", f"release already current; refreshed {what}", done
+    return "deployed", f"uploaded {len(upload)} files ({_mb(done)}), verified, activated", done
+
+
+def _activation_error(target: Target, answer: dict, current: str | None) -> DeployError:
+    problems = answer.get("problems") or []
+    detail = ", ".join(f"{p['path']} ({p['problem']})" for p in problems) or answer.get("error", "unknown")
+    return DeployError(f"{target.label}: checksum verification on the device failed: {detail}; "
+                       f"release not activated, current is still {current or 'unset'}",
+                       hint="run the deploy again; if it repeats, check the device's storage")
+
+
+def _activate(transport, target, workdir, release_id, expected, keep, current) -> None:
+    answer = device_op(transport, target.python, "activate", {"workdir": workdir, "release_id": release_id,
+                                                              "expected": expected, "keep": keep})
+    if not answer.get("ok"):
+        raise _activation_error(target, answer, current)
+
+
+# -- rollback ------------------------------------------------------------------------------------------
+def rollback(target: Target) -> RollbackResult:
+    """Point ``current`` back at the release that was active before it (verified on the device first)."""
+    with open_transport(target) as transport:
+        workdir = device_workdir(transport, target)
+        with device_lock(transport, target, workdir):
+            answer = device_op(transport, target.python, "rollback", {"workdir": workdir})
+    if not answer.get("ok"):
+        if answer.get("error") == "no current release":
+            raise DeployError(f"{target.label}: nothing is deployed in {target.workdir}; nothing to roll back")
+        skipped = answer.get("skipped") or []
+        note = f" (skipped missing or incomplete: {', '.join(skipped)})" if skipped else ""
+        raise DeployError(f"{target.label}: no previous release to roll back to from {answer.get('current')}{note}")
+    return RollbackResult(target, answer["previous"], answer["current"], answer.get("skipped") or [])
+
+
+# -- fleet ---------------------------------------------------------------------------------------------
+def deploy_fleet(artifact_dir: str | Path, targets: list[Target], parallel: int = 8, canary: int = 0,
+                 max_fail_percent: float | None = None, keep: int = 3, *,
+                 progress: Callable[[Target, int, int], None] | None = None,
+                 allow_failed: bool = False) -> list[DeployOutcome]:
+    """Deploy to many targets over a bounded pool; one failing device never stops the others.
+
+    With ``canary`` N, the first N targets go first and nothing else is tried if any of them fails.
+    The rest go in batches of ``parallel``; after each batch, when the failed share of the targets tried
+    so far exceeds ``max_fail_percent``, the remaining targets are ``skipped``. Outcomes follow the order
+    of ``targets``.
+    """
+    if parallel < 1:
+        raise DeployError(f"parallel must be at least 1, got {parallel}")
+    if canary < 0:
+        raise DeployError(f"canary must be 0 or more, got {canary}")
+    if max_fail_percent is not None and not 0 <= max_fail_percent <= 100:
+        raise DeployError(f"max-fail-percent must be between 0 and 100, got {max_fail_percent}")
+    if keep < 1:
+        raise DeployError(f"keep must be at least 1, got {keep}")
+    manifest, plan = check_artifact(artifact_dir, allow_failed)
+    unique: dict[str, Target] = {}
+    for target in targets:
+        unique.setdefault(target.name, target)
+    ordered = list(unique.values())
+    batches: list[list[Target]] = []
+    rest = ordered
+    if canary:
+        batches.append(ordered[:canary])
+        rest = ordered[canary:]
+    batches += [rest[i:i + parallel] for i in range(0, len(rest), parallel)]
+
+    outcomes: dict[str, DeployOutcome] = {}
+
+    def one(target: Target) -> DeployOutcome:
+        callback = (lambda done, total: progress(target, done, total)) if progress else None
+        try:
+            return _deploy_planned(manifest, plan, target, keep, callback, None)
+        except Exception as exc:  # a bug on one device must not take the fleet down; report it as a failure
+            log.exception("unexpected error deploying to %s", target.name)
+            return DeployOutcome(target, "failed", manifest.id, 0.0, error=f"internal error: {exc!r}")
+
+    stop_reason = None
+    with ThreadPoolExecutor(max_workers=min(parallel, max(1, len(ordered)))) as pool:
+        for index, batch in enumerate(batches):
+            if stop_reason:
+                for target in batch:
+                    outcomes[target.name] = DeployOutcome(target, "skipped", manifest.id, 0.0, error=stop_reason)
+                continue
+            for outcome in pool.map(one, batch):
+                outcomes[outcome.target.name] = outcome
+            tried = [o for o in outcomes.values() if o.status != "skipped"]
+            failed = [o for o in tried if o.status == "failed"]
+            if canary and index == 0 and failed:
+                stop_reason = f"not attempted: {len(failed)} of {len(batch)} canary target(s) failed"
+            elif max_fail_percent is not None and tried and 100.0 * len(failed) / len(tried) > max_fail_percent:
+                stop_reason = (f"not attempted: {len(failed)} of {len(tried)} targets failed "
+                               f"(> {max_fail_percent:g}%)")
+    return [outcomes[t.name] for t in ordered]

@@ -1,0 +1,171 @@
+"""Targets: where to run. An inventory of devices (``targets/*.yaml``) and groups of them.
+
+```yaml
+targets:
+  jetson-01: {host: 10.0.0.31, user: ubuntu, port: 22, key: ~/.ssh/lab_ed25519, profile: jetson-orin-nano}
+  rpi-01:    {host: rpi-01.lab, profile: rpi4}
+groups:
+  jetson: [jetson-01, jetson-02]
+```
+
+``host`` may be an alias from ``~/.ssh/config``; fields left out here (user, port, key) come from there,
+as OpenSSH would resolve them, and fields given here win. ``local`` is a built-in target: this machine,
+no SSH.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+
+from pydantic import Field, PrivateAttr, field_validator, model_validator
+
+from edgeq.config import StrictModel, load_yaml_file, suggest, validate_model
+from edgeq.errors import InventoryError
+
+LOCAL_TARGET = "local"
+DEFAULT_INVENTORY_DIR = "targets"
+
+
+def _reject_control_chars(value: str, what: str) -> str:
+    if "\0" in value or "\n" in value or "\r" in value:
+        raise ValueError(f"{what} must not contain NUL or newline characters")
+    return value
+
+
+class Target(StrictModel):
+    """One device. ``name`` is filled in from the inventory key."""
+
+    name: str = Field(default="", description="the inventory key (set by the loader)")
+    host: str = Field(min_length=1, description="address or ~/.ssh/config alias")
+    user: str | None = Field(default=None, description="login user (default: ssh config, else local user)")
+    port: int | None = Field(default=None, ge=1, le=65535, description="default: ssh config, else 22")
+    key: str | None = Field(default=None, description="private key file (default: ssh config, agent, ~/.ssh/id_*)")
+    profile: str = Field(min_length=1, description="device profile name or path")
+    workdir: str = Field(default="~/.edgeq", min_length=1, description="edgeq's directory on the device")
+    python: str = Field(default="python3", min_length=1, description="interpreter on the device")
+    local: bool = Field(default=False, description="run on this machine without SSH (built-in 'local')")
+
+    @field_validator("name", "host", "user", "key", "profile", "workdir", "python")
+    @classmethod
+    def _no_control_chars(cls, value: str | None, info) -> str | None:
+        return None if value is None else _reject_control_chars(value, info.field_name)
+
+    @property
+    def address(self) -> str:
+        """``user@host:port`` for messages (only the parts that are set)."""
+        user = f"{self.user}@" if self.user else ""
+        port = f":{self.port}" if self.port else ""
+        return "this machine" if self.local else f"{user}{self.host}{port}"
+
+    @property
+    def label(self) -> str:
+        """``name (address)`` for error messages."""
+        return f"{self.name} ({self.address})" if self.name else self.address
+
+
+class Inventory(StrictModel):
+    """Targets by name and groups of target names."""
+
+    targets: dict[str, Target] = Field(default_factory=dict)
+    groups: dict[str, list[str]] = Field(default_factory=dict)
+    _sources: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @property
+    def sources(self) -> dict[str, str]:
+        """Target or group name -> the inventory file that defines it."""
+        return self._sources
+
+    @model_validator(mode="after")
+    def _names(self) -> Inventory:
+        for name, target in self.targets.items():
+            _reject_control_chars(name, f"target name {name!r}")
+            if not target.name:
+                target.name = name
+        for group, members in self.groups.items():
+            if group in self.targets:
+                raise ValueError(f"groups.{group}: a target has the same name")
+            for member in members:
+                if member not in self.targets:
+                    hint = suggest(member, list(self.targets))
+                    raise ValueError(f"groups.{group}: unknown target '{member}'" + (f" ({hint})" if hint else ""))
+        return self
+
+
+def inventory_files(path: str | Path | None = None) -> list[Path]:
+    """The inventory file(s) to read: ``path``, else ``$EDGEQ_INVENTORY``, else ``targets/*.yaml`` in cwd."""
+    if path is not None:
+        return [Path(path).expanduser()]
+    env = os.environ.get("EDGEQ_INVENTORY")
+    if env:
+        return [Path(env).expanduser()]
+    directory = Path.cwd() / DEFAULT_INVENTORY_DIR
+    if not directory.is_dir():
+        return []
+    return sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")])
+
+
+def load_inventory(path: str | Path | None = None) -> Inventory:
+    """Load and merge the inventory; a name defined in two files is an error naming both."""
+    merged = Inventory()
+    for file in inventory_files(path):
+        data = load_yaml_file(file, InventoryError)
+        if data is None:
+            data = {}
+        inventory = validate_model(Inventory, data, str(file), InventoryError)
+        for kind, items in (("targets", inventory.targets), ("groups", inventory.groups)):
+            for name, value in items.items():
+                if name in merged.targets or name in merged.groups:
+                    raise InventoryError(f"{file}: {kind}.{name}: already defined in {merged.sources[name]}")
+                getattr(merged, kind)[name] = value
+                merged.sources[name] = str(file)
+    for name in merged.groups:
+        for member in merged.groups[name]:
+            if member not in merged.targets:
+                raise InventoryError(f"{merged.sources[name]}: groups.{name}: unknown target '{member}'")
+    return merged
+
+
+def detect_local_profile() -> str:
+    """The profile that fits this machine's CPU (x86 with/without AVX512-VNNI, Raspberry Pi 4/5 class)."""
+    machine = platform.machine().lower()
+    flags = ""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        for line in cpuinfo.splitlines():
+            if line.lower().startswith(("flags", "features")):
+                flags = line.split(":", 1)[1]
+                break
+    except OSError:
+        pass
+    words = set(flags.split())
+    if machine in ("x86_64", "amd64"):
+        return "x86-avx512-vnni" if "avx512_vnni" in words else "x86-avx2"
+    if machine in ("aarch64", "arm64"):
+        return "rpi5" if "asimddp" in words else "rpi4"
+    raise InventoryError(f"the built-in 'local' target does not know a profile for CPU architecture {machine!r}",
+                         hint="define a target with an explicit profile in targets/*.yaml")
+
+
+def local_target() -> Target:
+    """The built-in ``local`` target: this machine, the controller's interpreter, no SSH."""
+    workdir = os.environ.get("EDGEQ_LOCAL_WORKDIR") or str(Path.home() / ".edgeq" / "local")
+    return Target(name=LOCAL_TARGET, host="localhost", profile=detect_local_profile(), workdir=workdir,
+                  python=sys.executable, local=True)
+
+
+def resolve_targets(inventory: Inventory, name: str) -> list[Target]:
+    """The targets a ``--target`` value names: one target, a group's members, or the built-in ``local``."""
+    if name in inventory.targets:
+        return [inventory.targets[name]]
+    if name in inventory.groups:
+        return [inventory.targets[member] for member in inventory.groups[name]]
+    if name == LOCAL_TARGET:
+        return [local_target()]
+    known = [*inventory.targets, *inventory.groups, LOCAL_TARGET]
+    files = sorted(set(inventory.sources.values()))
+    where = ", ".join(files) if files else "no inventory file found (targets/*.yaml, $EDGEQ_INVENTORY or -i)"
+    hint = suggest(name, known) or f"known: {', '.join(known)}"
+    raise InventoryError(f"unknown target or group '{name}' (inventory: {where})", hint=hint)
