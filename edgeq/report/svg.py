@@ -212,7 +212,8 @@ def accuracy_latency_chart(rows: list[Row], colors: dict[str, str]) -> str:
         body.append(f'<circle class="{css}" cx="{xs(x):.1f}" cy="{ys(y):.1f}" r="{6 if on_front else 4.5}" '
                     f'fill="{color}"><title>{esc(tooltip)}</title></circle>')
         if on_front:
-            body.append(f'<text class="point-label" x="{xs(x) + 8:.1f}" y="{ys(y) - 7:.1f}">{esc(row.label)}</text>')
+            body.append(f'<text class="point-label" x="{xs(x) + 8:.1f}" y="{ys(y) - 7:.1f}">'
+                        f'{esc(row.target)} · {esc(row.label)}</text>')
     return _svg(height, body, "top-1 accuracy against median latency")
 
 
