@@ -88,7 +88,7 @@ class Inventory(StrictModel):
             if group in self.targets:
                 raise ValueError(f"groups.{group}: a target has the same name")
             for member in members:
-                if member not in self.targets:
+                if member not in self.targets and member != LOCAL_TARGET:
                     hint = suggest(member, list(self.targets))
                     raise ValueError(f"groups.{group}: unknown target '{member}'" + (f" ({hint})" if hint else ""))
         return self
@@ -123,7 +123,7 @@ def load_inventory(path: str | Path | None = None) -> Inventory:
                 merged.sources[name] = str(file)
     for name in merged.groups:
         for member in merged.groups[name]:
-            if member not in merged.targets:
+            if member not in merged.targets and member != LOCAL_TARGET:
                 raise InventoryError(f"{merged.sources[name]}: groups.{name}: unknown target '{member}'")
     return merged
 
@@ -161,7 +161,8 @@ def resolve_targets(inventory: Inventory, name: str) -> list[Target]:
     if name in inventory.targets:
         return [inventory.targets[name]]
     if name in inventory.groups:
-        return [inventory.targets[member] for member in inventory.groups[name]]
+        return [inventory.targets[member] if member in inventory.targets else local_target()
+                for member in inventory.groups[name]]
     if name == LOCAL_TARGET:
         return [local_target()]
     known = [*inventory.targets, *inventory.groups, LOCAL_TARGET]

@@ -1,0 +1,148 @@
+"""``edgeq targets``: list, check, trust and set up devices."""
+
+from __future__ import annotations
+
+import click
+
+from edgeq.cli.deploy import inventory_option
+
+
+def _targets(inventory, name):
+    from edgeq.targets import load_inventory, resolve_targets
+
+    return resolve_targets(load_inventory(inventory), name)
+
+
+def _report_failure(label: str, message: str, hint: str | None) -> None:
+    click.secho(f"error: {message}", fg="red", err=True)
+    if hint:
+        click.echo(f"hint: {hint}", err=True)
+
+
+@click.group()
+def targets() -> None:
+    """Devices to deploy to and benchmark on (targets/*.yaml)."""
+
+
+@targets.command("list")
+@inventory_option
+def list_command(inventory) -> None:
+    """List the inventory's targets and groups (and the built-in 'local')."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgeq.targets import LOCAL_TARGET, load_inventory
+
+    inv = load_inventory(inventory)
+    memberships: dict[str, list[str]] = {}
+    for group, members in inv.groups.items():
+        for member in members:
+            memberships.setdefault(member, []).append(group)
+    table = Table("target", "address", "profile", "workdir", "python", "groups", "file")
+    for name, target in inv.targets.items():
+        table.add_row(name, target.address, target.profile, target.workdir, target.python,
+                      ", ".join(memberships.get(name, [])), inv.sources.get(name, ""))
+    if LOCAL_TARGET not in inv.targets:
+        table.add_row(LOCAL_TARGET, "this machine (built-in)", "detected", "$EDGEQ_LOCAL_WORKDIR or ~/.edgeq/local",
+                      "this interpreter", "", "")
+    Console(width=max(Console().width, 140)).print(table)
+
+
+def _size(value: int | None) -> str:
+    return "-" if value is None else f"{value / 1e9:.1f} GB"
+
+
+@targets.command("check")
+@click.argument("name")
+@inventory_option
+def check_command(name, inventory) -> None:
+    """Report reachability, host key, arch, OS, Python, free disk, runtime and power sensors of NAME."""
+    from edgeq.devicecheck import check_target
+
+    failed = False
+    for target in _targets(inventory, name):
+        check = check_target(target)
+        trusted = {None: "n/a (local)", True: "yes", False: "NO"}[check.host_key_trusted]
+        click.echo(f"{target.name} ({target.address})")
+        click.echo(f"  reachable:        {'yes' if check.reachable else 'no'}")
+        click.echo(f"  host key trusted: {trusted if check.reachable else '-'}")
+        if check.arch:
+            match = "" if check.arch == check.profile_arch else f"  (profile {target.profile} expects {check.profile_arch})"
+            click.echo(f"  arch:             {check.arch}{match}")
+            click.echo(f"  os:               {check.os}")
+            click.echo(f"  python:           {check.python} ({check.python_path})")
+            click.echo(f"  free in workdir:  {_size(check.free_bytes)}")
+            runtime = check.runtime or {}
+            if runtime.get("ok"):
+                version = f" {runtime['version']}" if runtime.get("version") else ""
+                state = f"imports ({runtime['module']}{version})"
+            else:
+                state = f"does NOT import: {runtime.get('error', 'not checked')}"
+            click.echo(f"  {check.runtime_format + ' runtime:':<18}{state}")
+            sensors = ", ".join(
+                s["sensor"] + ("" if s.get("readable", True) else " (not readable)") for s in check.power_sensors
+            ) or "none found"
+            click.echo(f"  power sensors:    {sensors}")
+        if check.error:
+            _report_failure(target.name, check.error, check.hint)
+        if not check.ok:
+            failed = True
+    if failed:
+        raise SystemExit(1)
+
+
+@targets.command("trust")
+@click.argument("name")
+@inventory_option
+def trust_command(name, inventory) -> None:
+    """Record NAME's SSH host key(s) in ~/.ssh/known_hosts after showing the fingerprint."""
+    from edgeq.errors import EdgeqError
+    from edgeq.remote.hostkeys import trust_target
+
+    chosen = _targets(inventory, name)
+    failed = 0
+    for target in chosen:
+        try:
+            result = trust_target(target)
+        except EdgeqError as exc:
+            if len(chosen) == 1:
+                raise
+            failed += 1
+            _report_failure(target.name, exc.message, exc.hint)
+            continue
+        verb = "added to" if result.status == "added" else "already in"
+        click.echo(f"{target.name}: {result.known_hosts_name} {result.key_type} {result.fingerprint} "
+                   f"({verb} {result.known_hosts})")
+    if failed:
+        raise SystemExit(1)
+
+
+@targets.command("setup")
+@click.argument("name")
+@inventory_option
+@click.option("--wheelhouse", type=click.Path(file_okay=False, exists=True),
+              help="Install from these local .whl files (uploaded; pip --no-index) instead of the device's index.")
+@click.option("--system-site-packages", is_flag=True, help="Let the venv see the device's system packages.")
+@click.option("--format", "fmt", type=click.Choice(["tflite", "onnx", "openvino"]),
+              help="Install the runtime for this format instead of the profile's own.")
+def setup_command(name, inventory, wheelhouse, system_site_packages, fmt) -> None:
+    """Create a venv in the workdir of NAME and install its profile's runtime packages."""
+    from edgeq.devicecheck import setup_target
+    from edgeq.errors import EdgeqError
+
+    chosen = _targets(inventory, name)
+    failed = 0
+    for target in chosen:
+        try:
+            result = setup_target(target, wheelhouse=wheelhouse, system_site_packages=system_site_packages,
+                                  format=fmt)
+        except EdgeqError as exc:
+            if len(chosen) == 1:
+                raise
+            failed += 1
+            _report_failure(target.name, exc.message, exc.hint)
+            continue
+        click.echo(f"{target.name}: installed {' '.join(result.packages)} from {result.source} "
+                   f"into {result.python} ({result.seconds:.0f}s)")
+    if failed:
+        raise SystemExit(1)

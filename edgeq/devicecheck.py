@@ -1,0 +1,149 @@
+"""``targets check`` and ``targets setup``: what a device has, and a venv with its runtime on it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgeq.deploy import device_op, device_python, device_workdir
+from edgeq.errors import ConnectError, DeployError, EdgeqError
+from edgeq.profiles import load_profile
+from edgeq.remote import open_transport
+from edgeq.targets import Target
+
+# Modules that provide each format's runtime on a device, in the order the runner tries them.
+RUNTIME_MODULES = {
+    "tflite": ["ai_edge_litert.interpreter", "tflite_runtime.interpreter", "tensorflow"],
+    "onnx": ["onnxruntime"],
+    "openvino": ["openvino"],
+}
+SETUP_TIMEOUT = 1800.0
+
+
+@dataclass
+class TargetCheck:
+    """What ``edgeq targets check`` found on one target (None where it could not be determined)."""
+
+    target: Target
+    reachable: bool = False
+    host_key_trusted: bool | None = None  # None for the local target (no SSH)
+    error: str | None = None
+    hint: str | None = None
+    arch: str | None = None
+    profile_arch: str | None = None
+    os: str | None = None
+    python: str | None = None
+    python_path: str | None = None
+    free_bytes: int | None = None
+    runtime_format: str | None = None
+    runtime: dict | None = None  # {"ok": bool, "module": ..., "version": ...} or {"ok": False, "error": ...}
+    power_sensors: list[dict] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return (self.reachable and self.host_key_trusted is not False and self.error is None
+                and bool(self.runtime and self.runtime.get("ok")) and self.arch == self.profile_arch)
+
+
+def _host_key_problem(exc: ConnectError) -> bool:
+    import paramiko
+
+    from edgeq.remote.ssh import UnknownHostKey
+
+    return isinstance(exc.__cause__, (UnknownHostKey, paramiko.BadHostKeyException))
+
+
+def check_target(target: Target) -> TargetCheck:
+    """Connect and collect the facts ``targets check`` reports; problems go into ``error``, never raise."""
+    check = TargetCheck(target)
+    try:
+        profile = load_profile(target.profile)
+        check.profile_arch = profile.arch
+        check.runtime_format = profile.format
+    except EdgeqError as exc:
+        check.error, check.hint = exc.message, exc.hint
+        return check
+    try:
+        transport = open_transport(target)
+    except ConnectError as exc:
+        if _host_key_problem(exc):
+            check.reachable, check.host_key_trusted = True, False
+        check.error, check.hint = exc.message, exc.hint
+        return check
+    check.reachable = True
+    check.host_key_trusted = None if target.local else True
+    try:
+        with transport:
+            workdir = device_workdir(transport, target)
+            python = device_python(transport, target)
+            facts = device_op(transport, python, "facts",
+                              {"workdir": workdir, "modules": RUNTIME_MODULES[profile.format]}, timeout=180)
+    except EdgeqError as exc:
+        check.error, check.hint = exc.message, exc.hint
+        return check
+    check.arch = facts.get("arch")
+    check.os = facts.get("os")
+    check.python = facts.get("python")
+    check.python_path = facts.get("executable")
+    check.free_bytes = facts.get("free_bytes")
+    check.runtime = facts.get("runtime")
+    check.power_sensors = facts.get("power_sensors") or []
+    return check
+
+
+@dataclass
+class SetupResult:
+    """What ``targets setup`` did on one target."""
+
+    target: Target
+    python: str
+    packages: list[str]
+    source: str  # "index" or "wheelhouse"
+    seconds: float
+
+
+def setup_target(target: Target, wheelhouse: str | Path | None = None, system_site_packages: bool = False,
+                 format: str | None = None, timeout: float = SETUP_TIMEOUT) -> SetupResult:
+    """Create ``workdir/venv`` on the device, pip install the profile's runtime packages, record the venv.
+
+    Packages come from the device's package index, or, with ``wheelhouse``, from the ``.whl`` files of
+    that local directory, uploaded and installed with ``--no-index`` (devices without internet).
+    """
+    started = time.monotonic()
+    profile = load_profile(target.profile)
+    fmt = format or profile.format
+    packages = profile.runtime_packages.get(fmt)
+    if not packages:
+        raise DeployError(f"profile {profile.name}: runtime_packages has no entry for format '{fmt}'")
+    wheels: list[Path] = []
+    if wheelhouse is not None:
+        wheelhouse = Path(wheelhouse)
+        if not wheelhouse.is_dir():
+            raise DeployError(f"{wheelhouse}: wheelhouse is not a directory")
+        wheels = sorted(p for p in wheelhouse.iterdir() if p.suffix == ".whl" and p.is_file())
+        if not wheels:
+            raise DeployError(f"{wheelhouse}: no .whl files in the wheelhouse",
+                              hint=f"fill it with: pip download --only-binary=:all: -d {wheelhouse} "
+                                   + " ".join(packages) + " (with --platform/--python-version for the device)")
+    with open_transport(target) as transport:
+        workdir = device_workdir(transport, target)
+        venv = f"{workdir}/venv"
+        transport.run(["mkdir", "-p", workdir], timeout=60)
+        venv_argv = [target.python, "-m", "venv", "--clear"]
+        if system_site_packages:
+            venv_argv.append("--system-site-packages")
+        transport.run([*venv_argv, venv], timeout=600)
+        python = f"{venv}/bin/python"
+        pip = [python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
+        if wheels:
+            remote_wheels = f"{workdir}/wheelhouse"
+            transport.run(["mkdir", "-p", remote_wheels], timeout=60)
+            for wheel in wheels:
+                transport.put(wheel, f"{remote_wheels}/{wheel.name}")
+            transport.run([*pip, "--no-index", "--find-links", remote_wheels, *packages], timeout=timeout)
+        else:
+            transport.run([*pip, *packages], timeout=timeout)
+        device_op(transport, target.python, "record_python", {"workdir": workdir, "python": python}, timeout=60)
+    return SetupResult(target, python, list(packages), "wheelhouse" if wheels else "index",
+                       time.monotonic() - started)
