@@ -1,0 +1,89 @@
+"""``edgeq convert``: a model -> an INT8/FP16/FP32 artifact for a device profile, validated on the host."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+FORMAT_CHOICES = ("tflite", "onnx", "openvino")
+PRECISION_CHOICES = ("int8", "fp16", "fp32", "dynamic")
+METHOD_CHOICES = ("minmax", "entropy", "percentile")
+IO_CHOICES = ("int8", "uint8", "float32")
+
+
+def _size(num: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if num < 1024 or unit == "GiB":
+            return f"{num:.0f} {unit}" if unit == "B" else f"{num:.1f} {unit}"
+        num /= 1024
+    return f"{num} B"
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value * 100:.2f}%"
+
+
+@click.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--profile", "profile_name", required=True, help="Device profile name (e.g. rpi4) or YAML path.")
+@click.option("--format", "fmt", type=click.Choice(FORMAT_CHOICES), help="Artifact format [profile's].")
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES), help="Precision [profile's].")
+@click.option("--calibration", type=click.Path(path_type=Path), help="Calibration .npz (needed for int8).")
+@click.option("--calibration-samples", type=click.IntRange(min=1), default=300, show_default=True,
+              help="Use at most this many calibration samples (deterministic subsample).")
+@click.option("--calibration-method", type=click.Choice(METHOD_CHOICES),
+              help="ONNX int8 calibration method [profile's].")
+@click.option("--quantized-io", type=click.Choice(IO_CHOICES),
+              help="TFLite int8 input/output type [profile's tflite_quantized_io].")
+@click.option("--eval", "eval_path", type=click.Path(path_type=Path),
+              help="Eval .npz (inputs + optional labels): validate the artifact against the FP32 source.")
+@click.option("--max-accuracy-drop", type=click.FloatRange(min=0), default=None,
+              help="Fail when top-1 drops more than this fraction (0.01 = 1 point). Needs --eval.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Artifact directory to create.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory (atomically).")
+def convert(model: Path, profile_name: str, fmt: str | None, precision: str | None, calibration: Path | None,
+            calibration_samples: int, calibration_method: str | None, quantized_io: str | None,
+            eval_path: Path | None, max_accuracy_drop: float | None, output: Path, force: bool) -> None:
+    """Convert MODEL (.keras/.h5, SavedModel dir or .onnx) into an artifact directory for a device profile."""
+    from edgeq.convert import convert as run_convert
+    from edgeq.errors import ValidationError
+    from edgeq.manifest import read_manifest
+    from edgeq.profiles import load_profile
+
+    if max_accuracy_drop is not None and eval_path is None:
+        raise click.UsageError("--max-accuracy-drop needs --eval data to measure the drop")
+    profile = load_profile(profile_name)
+    try:
+        manifest = run_convert(model, profile, output, format=fmt, precision=precision, calibration=calibration,
+                               calibration_samples=calibration_samples, calibration_method=calibration_method,
+                               quantized_io=quantized_io, eval_path=eval_path,
+                               max_accuracy_drop=max_accuracy_drop, force=force)
+    except ValidationError:
+        _summary(read_manifest(output), output)
+        raise
+    _summary(manifest, output)
+
+
+def _summary(manifest, output: Path) -> None:
+    click.echo(f"artifact  {output}  id {manifest.id}  ({manifest.format} {manifest.precision}, "
+               f"profile {manifest.profile.get('name')}, {manifest.conversion_seconds:.1f}s)")
+    for entry in manifest.files:
+        click.echo(f"  {entry.path:<24} {_size(entry.size):>10}")
+    for spec in manifest.inputs:
+        quant = f" scale={spec.scale:.6g} zero_point={spec.zero_point}" if spec.scale is not None else ""
+        click.echo(f"  input  {spec.name} {spec.shape} {spec.dtype}{quant}")
+    if manifest.calibration:
+        cal = manifest.calibration
+        click.echo(f"  calibration  {cal.samples_used}/{cal.samples_available} samples, {cal.method}")
+    val = manifest.validation
+    if val.status == "not-run":
+        click.echo("  validation  not run (pass --eval to compare with the FP32 source)")
+    else:
+        accuracy = ""
+        if val.top1 is not None:
+            accuracy = (f"top-1 {_pct(val.top1)} vs fp32 {_pct(val.top1_reference)} "
+                        f"(drop {val.top1_drop * 100:+.2f} pts), ")
+        click.echo(f"  validation  {val.samples} samples: {accuracy}agreement {_pct(val.top1_agreement)}, "
+                   f"cosine {val.cosine_similarity:.5f}, max |err| {val.max_abs_error:.4g}")
+    click.echo(f"status    {manifest.status}")

@@ -1,0 +1,53 @@
+"""The small interface between the orchestrator and a format backend."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgeq.convert.source import SourceModel
+from edgeq.data import Dataset
+from edgeq.profiles import DeviceProfile
+
+
+@dataclass
+class BuildRequest:
+    """Everything a backend needs to write its model file(s) into ``out_dir``."""
+
+    source: SourceModel
+    precision: str
+    out_dir: Path  # the (temporary) artifact directory: only model files go here
+    scratch: Path  # intermediate files (SavedModel export, FP32 ONNX before quantization)
+    profile: DeviceProfile
+    calibration: Dataset | None = None
+    calibration_method: str | None = None
+    quantized_io: str | None = None
+
+
+@dataclass
+class BuildResult:
+    """What a backend built."""
+
+    model_file: str  # relative to out_dir: the file a runtime loads
+    source_names: dict[str, str] = field(default_factory=dict)  # artifact tensor name -> source name
+    calibration_method: str | None = None  # as recorded in manifest.calibration.method
+    options: dict[str, object] = field(default_factory=dict)  # settings that determine the artifact
+    tools: tuple[str, ...] = ()  # distributions whose versions go into tool_versions
+
+
+@contextlib.contextmanager
+def captured_stdout(logger: logging.Logger) -> Iterator[None]:
+    """Route a third-party library's prints (progress, calibration chatter) to the debug log.
+
+    edgeq's library never writes to stdout; the CLI's summary must stay clean.
+    """
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        yield
+    text = buffer.getvalue().strip()
+    if text:
+        logger.debug("%s", text)

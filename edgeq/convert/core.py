@@ -1,0 +1,237 @@
+"""``convert``: source model + device profile (+ calibration, eval data) -> a verified artifact directory."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import shutil
+import tempfile
+import time
+import uuid
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from edgeq import __version__
+from edgeq.convert.base import BuildRequest, BuildResult
+from edgeq.convert.formats import find_capability
+from edgeq.convert.source import SourceModel, detect_kind, load_source
+from edgeq.convert.validate import validate
+from edgeq.data import MIN_CALIBRATION_SAMPLES, Dataset, load_dataset, subsample
+from edgeq.errors import ConversionError, ValidationError, require_backend
+from edgeq.manifest import (
+    CalibrationInfo,
+    Manifest,
+    SourceInfo,
+    TensorSpec,
+    artifact_id,
+    file_entries,
+    write_manifest,
+)
+from edgeq.profiles import CalibrationMethod, DeviceProfile
+
+log = logging.getLogger(__name__)
+
+BACKENDS = {"tflite": "edgeq.convert.tflite", "onnx": "edgeq.convert.onnx", "openvino": "edgeq.convert.openvino"}
+
+# tool_versions key -> distributions that provide it (first installed wins).
+DISTRIBUTIONS = {
+    "tensorflow": ("tensorflow-cpu", "tensorflow"), "keras": ("keras",), "ai-edge-litert": ("ai-edge-litert",),
+    "onnx": ("onnx",), "onnxruntime": ("onnxruntime", "onnxruntime-gpu"), "tf2onnx": ("tf2onnx",),
+    "onnxconverter-common": ("onnxconverter-common",), "openvino": ("openvino",), "nncf": ("nncf",),
+}
+
+
+def tool_versions(tools: tuple[str, ...]) -> dict[str, str]:
+    """edgeq's version plus each named tool's installed version."""
+    versions = {"edgeq": __version__}
+    for tool in tools:
+        for dist in DISTRIBUTIONS.get(tool, (tool,)):
+            try:
+                versions[tool] = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+    return versions
+
+
+def convert(
+    model: Path | str,
+    profile: DeviceProfile,
+    output: Path | str,
+    *,
+    format: str | None = None,  # noqa: A002 - the CLI's word for it
+    precision: str | None = None,
+    calibration: Path | str | None = None,
+    calibration_samples: int = 300,
+    calibration_method: CalibrationMethod | None = None,
+    quantized_io: str | None = None,
+    eval_path: Path | str | None = None,
+    max_accuracy_drop: float | None = None,
+    force: bool = False,
+) -> Manifest:
+    """Convert ``model`` for ``profile`` into the artifact directory ``output`` and return its manifest.
+
+    Format and precision default to the profile's. INT8 needs ``calibration`` (.npz keyed by input
+    name). With ``eval_path`` the artifact is run against the FP32 source on the host and, when
+    ``max_accuracy_drop`` is set, gated: over budget the artifact is still written, marked
+    ``status: failed``, and ValidationError is raised. The directory is written atomically (temp
+    dir beside it, then rename); an existing ``output`` is refused unless ``force``.
+    """
+    started = time.perf_counter()
+    output = Path(output)
+    fmt = format or profile.format
+    precision = precision or profile.precision
+    if output.exists() and not force:
+        raise ConversionError(f"{output}: output already exists", hint="use --force to replace it")
+    if calibration_samples < 1:
+        raise ConversionError(f"calibration_samples must be at least 1, got {calibration_samples}")
+    if max_accuracy_drop is not None and max_accuracy_drop < 0:
+        raise ConversionError(f"max_accuracy_drop must be >= 0, got {max_accuracy_drop}")
+    if quantized_io is not None and quantized_io not in ("int8", "uint8", "float32"):
+        raise ConversionError(f"quantized_io must be int8, uint8 or float32, got '{quantized_io}'")
+
+    model_path = Path(model)
+    # Cheap checks (file type, format/precision pair, calibration present) before loading anything heavy.
+    kind = detect_kind(model_path)
+    capability = find_capability(fmt, precision, kind, str(model_path))
+    _require_backends(fmt, precision, kind)
+    _check_calibration_request(capability, fmt, precision, calibration, calibration_method, model_path)
+
+    source = load_source(model_path)
+    calib = _load_calibration(source, calibration, calibration_samples) if capability.needs_calibration else None
+    dataset = load_dataset(eval_path, source.inputs, role="eval") if eval_path is not None else None
+    if quantized_io is not None and not (fmt == "tflite" and precision == "int8"):
+        log.warning("--quantized-io applies to tflite int8 only; ignored for %s %s", fmt, precision)
+        quantized_io = None
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    scratch = Path(tempfile.mkdtemp(prefix="edgeq-convert-"))
+    try:
+        request = BuildRequest(source=source, precision=precision, out_dir=staging, scratch=scratch, profile=profile,
+                               calibration=calib, calibration_method=calibration_method or
+                               (profile.calibration_method if fmt == "onnx" else None), quantized_io=quantized_io)
+        backend = importlib.import_module(BACKENDS[fmt])
+        result: BuildResult = backend.build(request)
+        manifest = _manifest(source, profile, fmt, precision, staging, result, calib, calibration_samples,
+                             started)
+        session = _open_artifact(staging / result.model_file, fmt, source)
+        manifest.inputs = _specs(session.inputs, result.source_names)
+        manifest.outputs = _specs(session.outputs, result.source_names)
+        if dataset is not None:
+            manifest.validation = validate(source, session, result.source_names, dataset, max_accuracy_drop)
+            if manifest.validation.status == "failed":
+                manifest.status = "failed"
+        del session
+        manifest.conversion_seconds = round(time.perf_counter() - started, 3)
+        write_manifest(staging, manifest)
+        _move_into_place(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if manifest.status == "failed":
+        raise ValidationError(f"{output}: {fmt} {precision} artifact failed validation: {manifest.validation.message}",
+                              hint=f"the artifact is kept, marked failed in {output / 'manifest.json'}")
+    return manifest
+
+
+def _require_backends(fmt: str, precision: str, kind: str) -> None:
+    """Fail before any work when an extra this conversion needs is missing (the hint names the extra)."""
+    needed = [("tensorflow", "tflite")] if kind != "onnx" else []
+    if fmt == "onnx":
+        needed += [("onnx", "onnx"), ("onnxruntime", "onnx")]
+        needed += [("tf2onnx", "onnx")] if kind != "onnx" else []
+        needed += [("onnxconverter_common", "onnx")] if precision == "fp16" else []
+    elif fmt == "openvino":
+        needed += [("openvino", "openvino")] + ([("nncf", "openvino")] if precision == "int8" else [])
+    for module, extra in needed:
+        require_backend(module, extra)
+
+
+def _check_calibration_request(capability, fmt, precision, calibration, method, model_path) -> None:
+    if capability.needs_calibration and calibration is None:
+        raise ConversionError(f"{model_path}: {fmt} {precision} needs calibration data",
+                              hint="pass --calibration calib.npz (arrays keyed by input name, ~100-500 samples)")
+    if method is not None and capability.calibration_methods and method not in capability.calibration_methods:
+        raise ConversionError(
+            f"calibration method '{method}' is not available for {fmt} {precision} "
+            f"(it supports: {', '.join(capability.calibration_methods)})",
+            hint="entropy and percentile calibration are available for --format onnx --precision int8")
+    if not capability.needs_calibration and calibration is not None:
+        log.warning("%s %s does not use calibration data; ignoring %s", fmt, precision, calibration)
+
+
+def _load_calibration(source: SourceModel, path, limit: int) -> Dataset:
+    dataset = load_dataset(path, source.inputs, role="calibration")
+    if dataset.samples < MIN_CALIBRATION_SAMPLES:
+        log.warning("%s: only %d calibration samples; at least %d are needed to calibrate well",
+                    dataset.path, dataset.samples, MIN_CALIBRATION_SAMPLES)
+    return subsample(dataset, limit)
+
+
+def _open_artifact(model_file: Path, fmt: str, source: SourceModel):
+    from edgeq.runner.edgeq_runner import RunnerError, open_session
+
+    try:
+        # Host validation always runs on this machine's CPU, whatever the profile's accelerator.
+        return open_session(model_file, fmt, providers=["CPUExecutionProvider"], openvino_device="CPU")
+    except RunnerError as exc:
+        raise ConversionError(f"{source.path}: the {fmt} runtime cannot load the converted model: {exc}") from exc
+    except Exception as exc:  # a runtime rejecting what its converter wrote is a conversion failure
+        raise ConversionError(f"{source.path}: the {fmt} runtime cannot load the converted model: "
+                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from exc
+
+
+def _specs(tensors: list[dict], source_names: dict[str, str]) -> list[TensorSpec]:
+    specs = []
+    for tensor in tensors:
+        quant = tensor.get("quant")
+        specs.append(TensorSpec(name=tensor["name"], source_name=source_names.get(tensor["name"]),
+                                shape=list(tensor["shape"]), dtype=tensor["dtype"],
+                                scale=quant[0] if quant else None, zero_point=quant[1] if quant else None))
+    return specs
+
+
+def _manifest(source: SourceModel, profile: DeviceProfile, fmt: str, precision: str, staging: Path,
+              result: BuildResult, calib: Dataset | None, calibration_samples: int, started: float) -> Manifest:
+    files = file_entries(staging)
+    calibration = None
+    options: dict[str, object] = {"format": fmt, "precision": precision, "source_sha256": source.sha256,
+                                  "edgeq_version": __version__}
+    if calib is not None:
+        calibration = CalibrationInfo(path=str(calib.path), sha256=calib.sha256,
+                                      samples_available=calib.samples_available, samples_used=calib.samples,
+                                      method=result.calibration_method or "default")
+        options.update({"calibration_sha256": calib.sha256, "calibration_samples": calibration_samples,
+                        "calibration_method": result.calibration_method})
+    options.update(result.options)
+    return Manifest(
+        id=artifact_id(files), format=fmt, precision=precision, model_file=result.model_file, files=files,
+        source=SourceInfo(path=str(source.path), sha256=source.sha256, kind=source.kind),
+        calibration=calibration, inputs=[], outputs=[], profile=profile.model_dump(mode="json"),
+        tool_versions=tool_versions(result.tools), created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        conversion_seconds=round(time.perf_counter() - started, 3), options=options,
+    )
+
+
+def _move_into_place(staging: Path, output: Path) -> None:
+    """Rename the finished staging directory to ``output``, replacing an existing one (force) atomically."""
+    if not output.exists():
+        staging.rename(output)
+        return
+    # Two renames: the old artifact steps aside, the new one takes its name; only then is the old deleted.
+    retired = output.with_name(f".{output.name}.old-{uuid.uuid4().hex[:8]}")
+    output.rename(retired)
+    try:
+        staging.rename(output)
+    except OSError:
+        retired.rename(output)
+        raise
+    if retired.is_dir() and not retired.is_symlink():
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        retired.unlink()
+

@@ -1,0 +1,81 @@
+"""Host-side validation: run the FP32 source and the new artifact on the same inputs and compare."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from edgeq.convert.source import SourceModel
+from edgeq.data import Dataset, check_labels_range
+from edgeq.manifest import Validation
+from edgeq.metrics import agreement, top_k_accuracy
+
+log = logging.getLogger(__name__)
+
+# Artifacts with a free batch dimension are run in batches of this size; others one sample at a time.
+ARTIFACT_BATCH = 64
+
+
+def _artifact_feed(session, source_names: dict[str, str], data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    feed = {}
+    for spec in session.inputs:
+        name = source_names.get(spec["name"], spec["name"])
+        if name not in data and len(data) == 1 and len(session.inputs) == 1:
+            name = next(iter(data))
+        feed[spec["name"]] = data[name]
+    return feed
+
+
+def primary_output_index(session, source: SourceModel, source_names: dict[str, str]) -> int:
+    """The artifact output that corresponds to the source's first output (the scores we compare)."""
+    wanted = source.outputs[0] if source.outputs else None
+    for index, spec in enumerate(session.outputs):
+        if source_names.get(spec["name"], spec["name"]) == wanted:
+            return index
+    return 0
+
+
+def run_artifact(session, source_names: dict[str, str], dataset: Dataset, output_index: int) -> np.ndarray:
+    """Outputs of the artifact on the whole dataset: batched when its batch dimension is free."""
+    feed = _artifact_feed(session, source_names, dataset.inputs)
+    batched = all(spec["shape"] and spec["shape"][0] is None for spec in session.inputs)
+    step = ARTIFACT_BATCH if batched else 1
+    outputs = []
+    for start in range(0, dataset.samples, step):
+        part = {name: arr[start : start + step] for name, arr in feed.items()}
+        outputs.append(session.run(part)[output_index])
+    return np.concatenate(outputs)
+
+
+def validate(source: SourceModel, session, source_names: dict[str, str], dataset: Dataset,
+             max_accuracy_drop: float | None) -> Validation:
+    """Compare ``session`` (the artifact) with the FP32 source on ``dataset``.
+
+    With labels the gate is the top-1 accuracy drop; without, it is the share of samples whose
+    top-1 class changed (1 - top-1 agreement), the only drop measurable without labels.
+    """
+    reference = source.run(dataset.inputs)[0]
+    if dataset.labels is not None:
+        check_labels_range(dataset, int(np.prod(reference.shape[1:])))
+    candidate = run_artifact(session, source_names, dataset, primary_output_index(session, source, source_names))
+    agree = agreement(reference, candidate)
+    result = Validation(
+        status="passed", eval_path=str(dataset.path), eval_sha256=dataset.sha256, samples=dataset.samples,
+        reference=f"{source.kind} source (fp32) {source.path.name}", max_accuracy_drop=max_accuracy_drop,
+        **agree,
+    )
+    if dataset.labels is not None:
+        result.top1_reference = top_k_accuracy(reference, dataset.labels, 1)
+        result.top1 = top_k_accuracy(candidate, dataset.labels, 1)
+        result.top1_drop = result.top1_reference - result.top1
+        drop, what = result.top1_drop, "top-1 accuracy drop"
+    else:
+        drop, what = 1.0 - agree["top1_agreement"], "top-1 disagreement with the fp32 source (no labels)"
+    if max_accuracy_drop is not None and drop > max_accuracy_drop + 1e-12:
+        result.status = "failed"
+        result.message = (f"{what} {drop * 100:.2f} points exceeds --max-accuracy-drop "
+                          f"{max_accuracy_drop * 100:.2f} points on {dataset.samples} samples")
+    else:
+        result.message = f"{what} {drop * 100:.2f} points on {dataset.samples} samples"
+    return result
