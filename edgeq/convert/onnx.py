@@ -107,7 +107,7 @@ def _tf_to_onnx(request: BuildRequest, target: Path) -> None:
     specs = [tf.TensorSpec(spec.shape, spec.dtype, name=name) for name, spec in specs_by_name.items()]
 
     def call(*args):
-        return signature(**dict(zip(names, args)))
+        return signature(**dict(zip(names, args, strict=True)))
 
     function = tf.function(call, input_signature=specs)
     # tf2onnx names new nodes from a process-wide counter; reset it so the same conversion twice
