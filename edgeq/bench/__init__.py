@@ -1,0 +1,20 @@
+"""The controller side of ``edgeq bench``: request up, runner runs on the device, result down.
+
+``bench(artifact_dir, target, ...)`` benchmarks one artifact on one target and writes
+``RESULTS_DIR/<target>__<artifact-id>.json`` (schema in docs/ARCHITECTURE.md, "Results");
+``bench_fleet`` does the same for many targets in parallel, keeping every target's result.
+"""
+
+from edgeq.bench.core import (
+    RESULT_SCHEMA_VERSION,
+    BenchSettings,
+    EvalData,
+    bench,
+    bench_fleet,
+    compute_accuracy,
+    load_eval,
+    result_path,
+)
+
+__all__ = ["RESULT_SCHEMA_VERSION", "BenchSettings", "EvalData", "bench", "bench_fleet", "compute_accuracy",
+           "load_eval", "result_path"]

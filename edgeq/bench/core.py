@@ -1,0 +1,361 @@
+"""Benchmark orchestration on the controller (see ``edgeq.bench``).
+
+Everything that can be checked here is checked before anything runs on a device (artifact, eval data
+against the model's inputs, labels against its classes). On the device the self-contained runner does the
+timing; accuracy is computed here, so labels never leave the controller.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from edgeq.data import Dataset, InputSpec, check_labels_range, load_dataset
+from edgeq.errors import BenchError, EdgeqError
+from edgeq.manifest import Manifest, verify_artifact
+from edgeq.metrics import agreement, top_k_accuracy
+from edgeq.targets import Target
+
+log = logging.getLogger(__name__)
+
+RESULT_SCHEMA_VERSION = 1
+RUNNER_NAME = "edgeq_runner.py"
+# The runner is killed this long after its time limit if SIGTERM did not stop it.
+KILL_AFTER_S = 10
+# What a setsid/timeout-less device (BusyBox) still runs: the runner alone, its own watchdog bounding it.
+_LAUNCH = ('limit=$1; shift; '
+           'if setsid -w true >/dev/null 2>&1 && command -v timeout >/dev/null 2>&1; then '
+           f'exec setsid -w timeout -k {KILL_AFTER_S} "$limit" "$@"; fi; exec "$@"')
+
+
+@dataclass
+class BenchSettings:
+    """How to measure: the runner's loop and the power sampling (None = the target profile's value)."""
+
+    warmup: int = 10
+    runs: int = 100
+    min_seconds: float = 1.0
+    threads: int | None = None
+    power: bool = True
+    idle_seconds: float | None = None
+    timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.warmup < 0:
+            raise BenchError(f"warmup must be 0 or more, got {self.warmup}")
+        if self.runs < 1:
+            raise BenchError(f"runs must be at least 1, got {self.runs}")
+        if self.min_seconds < 0:
+            raise BenchError(f"min-seconds must be 0 or more, got {self.min_seconds}")
+        if self.threads is not None and self.threads < 1:
+            raise BenchError(f"threads must be at least 1, got {self.threads}")
+        if self.idle_seconds is not None and self.idle_seconds < 0:
+            raise BenchError(f"idle-seconds must be 0 or more, got {self.idle_seconds}")
+
+    def time_limit(self, eval_samples: int) -> float:
+        """Seconds the runner may take on the device before it is stopped."""
+        if self.timeout_s:
+            return float(self.timeout_s)
+        return 300.0 + 3 * self.min_seconds + (self.idle_seconds or 0) * 2 + eval_samples * 0.5
+
+
+@dataclass
+class EvalData:
+    """Eval inputs as they go to the device (keyed by artifact input name), and labels that stay here."""
+
+    dataset: Dataset
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    reference: np.ndarray | None = None
+    reference_note: str | None = None
+    device_file: Path | None = field(default=None, repr=False)
+
+
+def result_path(output_dir: str | Path, target_name: str, artifact_id: str) -> Path:
+    """``RESULTS_DIR/<target>__<artifact-id>.json``."""
+    return Path(output_dir) / f"{target_name}__{artifact_id}.json"
+
+
+def _num_classes(manifest: Manifest) -> int | None:
+    if not manifest.outputs:
+        return None
+    dims = manifest.outputs[0].shape[1:]
+    if not dims or any(d is None for d in dims):
+        return None
+    return int(np.prod(dims))
+
+
+def load_eval(eval_path: str | Path, manifest: Manifest) -> EvalData:
+    """Read eval data and check it against the artifact's inputs and classes (DataError naming the file)."""
+    # Quantized artifacts take float data too: the runner quantizes with the artifact's own parameters.
+    specs = [InputSpec(name=t.name, shape=list(t.shape), dtype="float32") for t in manifest.inputs]
+    dataset = load_dataset(eval_path, specs, role="eval")
+    classes = _num_classes(manifest)
+    if classes:
+        check_labels_range(dataset, classes)
+    return EvalData(dataset=dataset, inputs=dict(dataset.inputs), labels=dataset.labels)
+
+
+def _reference_outputs(manifest: Manifest, data: EvalData) -> tuple[np.ndarray | None, str]:
+    """FP32 outputs of the manifest's source model on the eval inputs, with the converter's source runner;
+    (None, why) when the source cannot be run here."""
+    source_path = Path(manifest.source.path)
+    if not source_path.exists():
+        return None, f"source model {source_path} is not on this machine"
+    try:
+        from edgeq.convert.source import load_source
+
+        source = load_source(source_path)
+        feed = {}
+        for spec in manifest.inputs:
+            name = spec.source_name or spec.name
+            if name not in [s.name for s in source.inputs] and len(source.inputs) == 1:
+                name = source.inputs[0].name
+            feed[name] = data.inputs[spec.name]
+        outputs = source.run(feed)
+    except EdgeqError as exc:
+        return None, f"source model {source_path} cannot be run here: {exc.message}"
+    except Exception as exc:  # a third-party failure in a reference run must not lose the bench result
+        log.warning("reference run of %s failed", source_path, exc_info=True)
+        return None, f"source model {source_path} failed to run: {type(exc).__name__}: {exc}"
+    return outputs[0], f"{manifest.source.kind} source (fp32) {source_path.name}"
+
+
+def compute_accuracy(scores: np.ndarray, labels: np.ndarray | None, reference: np.ndarray | None,
+                     reference_note: str | None = None) -> dict:
+    """Top-1/top-5 against labels, the FP32 reference's top-1 and the drop, and agreement with the reference."""
+    scores = np.asarray(scores)
+    out: dict = {"samples": int(len(scores)), "top1": None, "top5": None, "top1_reference": None,
+                 "top1_drop": None, "agreement": None, "reference": reference_note}
+    if labels is not None:
+        out["top1"] = top_k_accuracy(scores, labels, 1)
+        out["top5"] = top_k_accuracy(scores, labels, 5)
+    if reference is not None:
+        out["agreement"] = agreement(reference, scores)
+        if labels is not None:
+            out["top1_reference"] = top_k_accuracy(reference, labels, 1)
+            out["top1_drop"] = out["top1_reference"] - out["top1"]
+    return out
+
+
+def _primary_output(manifest: Manifest, output_names: list[str]) -> str:
+    """The runner's key for the artifact's first manifest output (the scores)."""
+    if manifest.outputs and manifest.outputs[0].name in output_names:
+        return f"output_{output_names.index(manifest.outputs[0].name)}"
+    return "output_0"
+
+
+def _artifact_block(manifest: Manifest, artifact_dir: Path) -> dict:
+    return {"id": manifest.id, "model": manifest.source.path, "format": manifest.format,
+            "precision": manifest.precision, "profile": manifest.profile.get("name"),
+            "size_bytes": sum(f.size for f in manifest.files), "source_sha256": manifest.source.sha256,
+            "validation_status": manifest.validation.status, "path": str(artifact_dir)}
+
+
+def _empty_result(target: Target, manifest: Manifest, artifact_dir: Path, settings: BenchSettings) -> dict:
+    return {
+        "schema_version": RESULT_SCHEMA_VERSION, "target": target.name, "status": "failed", "error": None,
+        "started_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "duration_s": None,
+        "artifact": _artifact_block(manifest, artifact_dir),
+        "env": None, "runtime": None,
+        "settings": {"warmup": settings.warmup, "runs": settings.runs, "min_seconds": settings.min_seconds,
+                     "threads": settings.threads, "power": settings.power},
+        "load_ms": None, "first_inference_ms": None, "latency_ms": None, "throughput_ips": None,
+        "accuracy": None, "memory_mb": None, "power": None, "energy_j_per_inference": None,
+    }
+
+
+def _request(release: str, run_dir: str, settings: BenchSettings, profile, eval_on_device: bool) -> dict:
+    power = profile.power.model_dump(mode="json") if profile is not None else {"sensor": "none"}
+    if settings.idle_seconds is not None:
+        power["idle_seconds"] = settings.idle_seconds
+    power["enabled"] = settings.power
+    return {
+        "request_version": 1, "release_dir": release, "warmup": settings.warmup, "runs": settings.runs,
+        "min_seconds": settings.min_seconds,
+        "threads": settings.threads or (profile.threads if profile is not None else None),
+        "providers": profile.execution_providers if profile is not None else None,
+        "openvino_device": profile.openvino_device if profile is not None else "CPU",
+        "power": power, "eval_inputs": f"{run_dir}/eval_inputs.npz" if eval_on_device else None,
+        "outputs": f"{run_dir}/outputs.npz", "stop_when_orphaned": True,
+    }
+
+
+def _ensure_release(transport, target: Target, python: str, artifact_dir: Path, manifest: Manifest) -> str:
+    """The release directory on the device, deploying the artifact first when it is not there (intact)."""
+    from edgeq import deploy as deploy_mod
+
+    workdir = deploy_mod.device_workdir(transport, target)
+    _, plan = deploy_mod.check_artifact(artifact_dir, allow_failed=True)
+    state = deploy_mod.device_op(transport, python, "inspect",
+                                 {"workdir": workdir, "release_id": manifest.id,
+                                  "expected": {f.rel: f.sha256 for f in plan}})
+    if not state.get("release_exists") or state.get("problems"):
+        log.info("%s: release %s not on the device; deploying it", target.name, manifest.id)
+        outcome = deploy_mod.deploy(artifact_dir, target, allow_failed=True)
+        if not outcome.ok:
+            raise BenchError(f"{target.label}: deploy before bench failed: {outcome.error}", hint=outcome.hint)
+    return deploy_mod.release_dir(transport, target, manifest.id)
+
+
+def _runner_error(target: Target, runner: dict) -> str:
+    message = runner.get("error") or "the runner failed without saying why"
+    if runner.get("error_kind") == "runtime_missing":
+        return f"{target.label}: runtime missing on the device: {message}"
+    return f"{target.label}: runner failed: {message}"
+
+
+def _run_on_device(target: Target, artifact_dir: Path, manifest: Manifest, settings: BenchSettings,
+                   data: EvalData | None, scratch: Path) -> tuple[dict, Path | None]:
+    """Upload, run the runner under a time limit in its own session, download; (runner result, outputs)."""
+    from edgeq.deploy import device_python, device_workdir
+    from edgeq.profiles import load_profile
+    from edgeq.remote import open_transport
+    from edgeq.remote.base import stderr_tail
+
+    profile = load_profile(target.profile)
+    with open_transport(target) as transport:
+        python = device_python(transport, target)
+        release = _ensure_release(transport, target, target.python, artifact_dir, manifest)
+        run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(4)
+        run_dir = f"{device_workdir(transport, target)}/runs/{run_id}"
+        transport.run(["mkdir", "-p", run_dir], timeout=30)
+        try:
+            request = _request(release, run_dir, settings, profile, data is not None)
+            (scratch / "request.json").write_text(json.dumps(request, indent=1))
+            transport.put(scratch / "request.json", f"{run_dir}/request.json")
+            if data is not None:
+                transport.put(data.device_file, f"{run_dir}/eval_inputs.npz")
+            limit = settings.time_limit(data.dataset.samples if data else 0)
+            argv = ["sh", "-c", _LAUNCH, "edgeq-bench", str(int(limit)), python, f"{release}/{RUNNER_NAME}",
+                    "--request", f"{run_dir}/request.json", "--result", f"{run_dir}/result.json"]
+            done = transport.run(argv, timeout=limit + KILL_AFTER_S + 30, check=False)
+            local_result = scratch / "result.json"
+            try:
+                transport.get(f"{run_dir}/result.json", local_result)
+                runner = json.loads(local_result.read_text())
+            except (EdgeqError, OSError, ValueError) as exc:
+                why = "timed out" if done.exit_code in (124, 137) else f"exit code {done.exit_code}"
+                if done.exit_code == 127:
+                    raise BenchError(f"{target.label}: cannot start the runner with '{python}' ({why}): "
+                                     f"{stderr_tail(done.stderr, 2)}",
+                                     hint="set 'python:' for this target in the inventory") from exc
+                raise BenchError(f"{target.label}: the runner left no result ({why})"
+                                 + (f": {stderr_tail(done.stderr, 2)}" if done.stderr.strip() else "")) from exc
+            if runner.get("status") == "ok" and data is not None:
+                transport.get(f"{run_dir}/outputs.npz", scratch / "outputs.npz")
+                return runner, scratch / "outputs.npz"
+            return runner, None
+        finally:
+            try:
+                transport.run(["rm", "-rf", run_dir], timeout=30, check=False)
+            except EdgeqError:
+                log.info("%s: could not remove %s (connection lost?)", target.name, run_dir)
+
+
+def _merge(result: dict, runner: dict) -> None:
+    for key in ("env", "runtime", "load_ms", "first_inference_ms", "latency_ms", "throughput_ips",
+                "memory_mb", "power", "energy_j_per_inference"):
+        if key in runner:
+            result[key] = runner[key]
+    run_settings = runner.get("settings") or {}
+    result["settings"].update({k: run_settings[k] for k in ("threads", "idle_seconds", "interval_ms",
+                                                            "power_sensor") if k in run_settings})
+    if runner.get("timed_wall_s") is not None:
+        result["timed_wall_s"] = runner["timed_wall_s"]
+
+
+def bench(artifact_dir: str | Path, target: Target, *, eval_path: str | Path | None = None, warmup: int = 10,
+          runs: int = 100, min_seconds: float = 1.0, threads: int | None = None, power: bool = True,
+          output_dir: str | Path, idle_seconds: float | None = None, timeout_s: float | None = None,
+          _prepared: tuple | None = None) -> dict:
+    """Benchmark ``artifact_dir`` on ``target`` and write its result file; returns the result dict.
+
+    Local problems (artifact, eval data) raise before anything runs. Anything that goes wrong on or on
+    the way to the device gives a result with ``status: failed`` and a one-line ``error``, still written.
+    """
+    settings = BenchSettings(warmup, runs, min_seconds, threads, power, idle_seconds, timeout_s)
+    artifact_dir = Path(artifact_dir)
+    if _prepared is None:
+        prepared = prepare(artifact_dir, eval_path)
+        try:
+            return bench(artifact_dir, target, warmup=warmup, runs=runs, min_seconds=min_seconds, threads=threads,
+                         power=power, output_dir=output_dir, idle_seconds=idle_seconds, timeout_s=timeout_s,
+                         _prepared=prepared)
+        finally:
+            _discard(prepared)
+    manifest, data = _prepared
+    result = _empty_result(target, manifest, artifact_dir, settings)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="edgeq-bench-") as tmp:
+        scratch = Path(tmp)
+        try:
+            runner, outputs = _run_on_device(target, artifact_dir, manifest, settings, data, scratch)
+            _merge(result, runner)
+            if runner.get("status") != "ok":
+                result["error"] = _runner_error(target, runner)
+                result["runner_traceback"] = runner.get("traceback")
+            else:
+                if data is not None and outputs is not None:
+                    with np.load(outputs) as npz:
+                        scores = npz[_primary_output(manifest, runner["eval"]["output_names"])]
+                    result["accuracy"] = compute_accuracy(scores, data.labels, data.reference, data.reference_note)
+                result["status"] = "ok"
+        except EdgeqError as exc:
+            result["error"] = exc.message if exc.message.startswith(target.label) else f"{target.label}: {exc.message}"
+        except Exception as exc:  # a bug for one target must not lose the others' results; say what it was
+            log.exception("bench on %s failed unexpectedly", target.name)
+            result["error"] = f"{target.label}: unexpected {type(exc).__name__}: {exc}"
+    if result["error"]:
+        result["error"] = " ".join(str(result["error"]).split())
+    result["duration_s"] = time.monotonic() - started
+    path = result_path(output_dir, target.name, manifest.id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = path.with_suffix(".json.tmp")
+    tmp_path.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+    tmp_path.replace(path)
+    result["result_file"] = str(path)
+    return result
+
+
+def prepare(artifact_dir: str | Path, eval_path: str | Path | None) -> tuple[Manifest, EvalData | None]:
+    """Check the artifact and the eval data once (raises naming the file); run the FP32 reference."""
+    artifact_dir = Path(artifact_dir)
+    manifest = verify_artifact(artifact_dir)
+    if eval_path is None:
+        return manifest, None
+    data = load_eval(eval_path, manifest)
+    data.reference, data.reference_note = _reference_outputs(manifest, data)
+    # Labels stay here: the file that travels holds inputs only.
+    fd, name = tempfile.mkstemp(prefix="edgeq-eval-", suffix=".npz")
+    with open(fd, "wb") as handle:
+        np.savez(handle, **data.inputs)
+    data.device_file = Path(name)
+    return manifest, data
+
+
+def _discard(prepared: tuple) -> None:
+    if prepared[1] is not None and prepared[1].device_file:
+        prepared[1].device_file.unlink(missing_ok=True)
+
+
+def bench_fleet(artifact_dir: str | Path, targets: list[Target], *, parallel: int = 8, **kwargs) -> list[dict]:
+    """``bench`` on every target in parallel (bounded pool); one result per target, in ``targets`` order."""
+    if parallel < 1:
+        raise BenchError(f"parallel must be at least 1, got {parallel}")
+    prepared = prepare(artifact_dir, kwargs.pop("eval_path", None))
+    try:
+        with ThreadPoolExecutor(max_workers=min(parallel, max(len(targets), 1))) as pool:
+            futures = [pool.submit(bench, artifact_dir, target, _prepared=prepared, **kwargs) for target in targets]
+            return [future.result() for future in futures]
+    finally:
+        _discard(prepared)
