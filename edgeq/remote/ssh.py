@@ -40,7 +40,8 @@ SYSTEM_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
 # Bigger windows and packets than paramiko's defaults keep SFTP writes flowing on fast links.
 WINDOW_SIZE = 64 * 1024 * 1024
 MAX_PACKET_SIZE = 256 * 1024
-SFTP_WRITE_CHUNK = 256 * 1024
+# OpenSSH's sftp-server drops the connection for messages over 256 KiB (data + header): stay well below.
+SFTP_WRITE_CHUNK = 128 * 1024
 # AES-GCM (AEAD, one pass) is the cheapest cipher for paramiko; keep the others as fallbacks.
 PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr")
 

@@ -1,0 +1,366 @@
+"""Deploy, re-deploy, rollback and the failure cases, against real sshd devices on loopback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edgeq.cli import cli
+from edgeq.deploy import deploy, deploy_fleet, rollback
+from edgeq.runner import RUNNER_PATH
+from edgeq.targets import load_inventory, resolve_targets
+from tests.sshd_fixtures import make_synthetic_artifact
+
+pytestmark = pytest.mark.sshd
+
+
+@pytest.fixture
+def artifact(tmp_path) -> Path:
+    return make_synthetic_artifact(tmp_path / "art", {"model.tflite": os.urandom(4096),
+                                                      "extra/labels.txt": b"0\n1\n"})
+
+
+@pytest.fixture
+def artifact2(tmp_path) -> Path:
+    return make_synthetic_artifact(tmp_path / "art2", {"model.tflite": os.urandom(4096)})
+
+
+def target(inv, name="dev-0"):
+    return resolve_targets(load_inventory(inv.path), name)[0]
+
+
+def current_of(workdir: Path) -> str | None:
+    link = workdir / "current"
+    return os.readlink(link).split("/")[-1] if link.is_symlink() else None
+
+
+def mtimes(directory: Path) -> dict[str, int]:
+    return {str(p.relative_to(directory)): p.stat().st_mtime_ns for p in directory.rglob("*")}
+
+
+def test_first_deploy_redeploy_and_rollback(trusted_inventory, artifact, artifact2):
+    t = target(trusted_inventory)
+    workdir = trusted_inventory.workdirs["dev-0"]
+    first = deploy(artifact, t)
+    assert first.status == "deployed", first.error
+    release = workdir / "releases" / first.release_id
+    assert current_of(workdir) == first.release_id
+    assert (release / "model.tflite").read_bytes() == (artifact / "model.tflite").read_bytes()
+    assert (release / "extra" / "labels.txt").read_bytes() == b"0\n1\n"
+    assert (release / "edgeq_runner.py").read_bytes() == RUNNER_PATH.read_bytes()
+    assert (release / "manifest.json").read_bytes() == (artifact / "manifest.json").read_bytes()
+
+    before = mtimes(release)
+    time.sleep(0.01)
+    again = deploy(artifact, t)
+    assert again.status == "unchanged" and again.uploaded_bytes == 0
+    assert "nothing uploaded" in again.message
+    assert mtimes(release) == before
+
+    second = deploy(artifact2, t)
+    assert second.status == "deployed" and current_of(workdir) == second.release_id
+
+    back = rollback(t)
+    assert (back.from_id, back.to_id) == (second.release_id, first.release_id)
+    assert current_of(workdir) == first.release_id
+    # Re-deploying the newer artifact re-activates its release without uploading.
+    forward = deploy(artifact2, t)
+    assert forward.status == "deployed" and forward.uploaded_bytes == 0
+    assert current_of(workdir) == second.release_id
+
+
+def test_half_present_release_is_not_counted_and_changed_runner_is_refreshed(trusted_inventory, artifact):
+    t = target(trusted_inventory)
+    workdir = trusted_inventory.workdirs["dev-0"]
+    first = deploy(artifact, t)
+    release = workdir / "releases" / first.release_id
+    (release / "model.tflite").unlink()
+    repaired = deploy(artifact, t)
+    assert repaired.status == "deployed" and repaired.uploaded_bytes > 0
+    assert (release / "model.tflite").read_bytes() == (artifact / "model.tflite").read_bytes()
+
+    # A different runner on the device (the runner changed since): only that file is replaced.
+    (release / "edgeq_runner.py").write_text("# stale runner\n")
+    model_mtime = (release / "model.tflite").stat().st_mtime_ns
+    refreshed = deploy(artifact, t)
+    assert refreshed.status == "deployed" and "edgeq_runner.py" in refreshed.message
+    assert refreshed.uploaded_bytes == RUNNER_PATH.stat().st_size
+    assert (release / "edgeq_runner.py").read_bytes() == RUNNER_PATH.read_bytes()
+    assert (release / "model.tflite").stat().st_mtime_ns == model_mtime
+
+
+def test_keep_prunes_old_releases_but_never_current_or_previous(trusted_inventory, tmp_path):
+    t = target(trusted_inventory)
+    workdir = trusted_inventory.workdirs["dev-0"]
+    ids = []
+    for index in range(4):
+        art = make_synthetic_artifact(tmp_path / f"a{index}", {"model.tflite": os.urandom(64)})
+        outcome = deploy(art, t, keep=2)
+        assert outcome.status == "deployed", outcome.error
+        ids.append(outcome.release_id)
+    remaining = sorted(p.name for p in (workdir / "releases").iterdir() if not p.name.startswith("."))
+    assert remaining == sorted(ids[-2:])
+    assert rollback(t).to_id == ids[-2]
+    # keep=1 still keeps the previous release so a rollback always has somewhere to go
+    art = make_synthetic_artifact(tmp_path / "a5", {"model.tflite": os.urandom(64)})
+    newest = deploy(art, t, keep=1)
+    remaining = {p.name for p in (workdir / "releases").iterdir() if not p.name.startswith(".")}
+    assert newest.release_id in remaining and ids[-2] in remaining
+
+
+def test_unknown_host_key_is_refused_until_trusted(ssh_home, sshd_device, tmp_path, artifact):
+    from tests.lab.sshd import write_inventory
+
+    inv = write_inventory(tmp_path / "inv.yaml", {"fresh": sshd_device}, workdir_root=tmp_path / "wd")
+    runner = CliRunner()
+    result = runner.invoke(cli, ["deploy", str(artifact), "--target", "fresh", "-i", str(inv)])
+    assert result.exit_code == 1
+    assert "host key is not trusted" in result.output and "edgeq targets trust fresh" in result.output
+    assert not (tmp_path / "wd" / "fresh").exists()  # nothing was done on the device
+
+    trusted = runner.invoke(cli, ["targets", "trust", "fresh", "-i", str(inv)])
+    assert trusted.exit_code == 0, trusted.output
+    assert "SHA256:" in trusted.output
+    line = (ssh_home / ".ssh" / "known_hosts").read_text().strip()
+    assert line == sshd_device.known_hosts_line()
+    # the same entry works for OpenSSH's own client
+    probe = subprocess.run(["ssh", "-o", f"UserKnownHostsFile={ssh_home / '.ssh' / 'known_hosts'}",
+                            "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-i",
+                            str(sshd_device.client_key), "-p", str(sshd_device.port),
+                            f"{sshd_device.user}@{sshd_device.host}", "true"], capture_output=True, timeout=30)
+    assert probe.returncode == 0, probe.stderr
+    assert "already in" in runner.invoke(cli, ["targets", "trust", "fresh", "-i", str(inv)]).output
+
+
+def test_changed_host_key_is_refused(ssh_home, sshd_device, tmp_path, artifact):
+    from tests.lab.sshd import generate_key, write_inventory
+
+    other = generate_key(tmp_path / "other_host_key")
+    fake_line = f"[{sshd_device.host}]:{sshd_device.port} " + " ".join(
+        other.with_suffix(".pub").read_text().split()[:2])
+    (ssh_home / ".ssh" / "known_hosts").write_text(fake_line + "\n")
+    inv = write_inventory(tmp_path / "inv.yaml", {"moved": sshd_device}, workdir_root=tmp_path / "wd")
+    runner = CliRunner()
+    result = runner.invoke(cli, ["deploy", str(artifact), "--target", "moved", "-i", str(inv)])
+    assert result.exit_code == 1
+    assert "host key has CHANGED" in result.output
+    assert f"ssh-keygen -R '[{sshd_device.host}]:{sshd_device.port}'" in result.output
+    assert not (tmp_path / "wd").exists()
+    refused = runner.invoke(cli, ["targets", "trust", "moved", "-i", str(inv)])
+    assert refused.exit_code == 1 and "not overwriting" in refused.output
+    assert (ssh_home / ".ssh" / "known_hosts").read_text() == fake_line + "\n"
+
+
+def test_fleet_with_one_unreachable_device(trusted_inventory, artifact, tmp_path):
+    import yaml
+
+    from tests.lab.sshd import free_port
+
+    data = yaml.safe_load(trusted_inventory.path.read_text())
+    data["targets"]["dead"] = {**data["targets"]["dev-0"], "port": free_port(),
+                               "workdir": str(tmp_path / "dead")}
+    data["groups"]["fleet"] = ["dev-0", "dead", "dev-1", "dev-2"]
+    trusted_inventory.path.write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(cli, ["deploy", str(artifact), "--target", "fleet", "-i",
+                                      str(trusted_inventory.path), "--parallel", "4"])
+    assert result.exit_code == 1
+    assert "connection refused" in result.output and "dead" in result.output
+    for name in ("dev-0", "dev-1", "dev-2"):
+        assert current_of(trusted_inventory.workdirs[name]) is not None
+    table_rows = [line for line in result.output.splitlines() if "dead" in line and "failed" in line]
+    assert table_rows, result.output
+
+
+def test_canary_failure_stops_the_rest(trusted_inventory, artifact):
+    inv = load_inventory(trusted_inventory.path)
+    broken = inv.targets["dev-0"].model_copy(update={"python": "/nonexistent/python"})
+    targets = [broken, inv.targets["dev-1"], inv.targets["dev-2"]]
+    outcomes = deploy_fleet(artifact, targets, canary=1)
+    assert [o.status for o in outcomes] == ["failed", "skipped", "skipped"]
+    assert "canary" in outcomes[1].error
+    outcomes = deploy_fleet(artifact, targets, parallel=1, max_fail_percent=40)
+    assert [o.status for o in outcomes] == ["failed", "skipped", "skipped"]
+    outcomes = deploy_fleet(artifact, targets, parallel=1, max_fail_percent=50)
+    assert [o.status for o in outcomes] == ["failed", "skipped", "skipped"]  # 1 of 1 failed = 100%
+    outcomes = deploy_fleet(artifact, targets, parallel=3, max_fail_percent=50)
+    assert [o.status for o in outcomes] == ["failed", "deployed", "deployed"]
+
+
+def test_concurrent_deploys_to_one_device(trusted_inventory, tmp_path):
+    t = target(trusted_inventory)
+    workdir = trusted_inventory.workdirs["dev-0"]
+    big = make_synthetic_artifact(tmp_path / "big", {"model.tflite": os.urandom(3 * 1024 * 1024)})
+    small = make_synthetic_artifact(tmp_path / "small", {"model.tflite": os.urandom(100)})
+    uploading, release = threading.Event(), threading.Event()
+
+    def hold(done, total):
+        uploading.set()
+        release.wait(30)
+
+    results = {}
+    worker = threading.Thread(target=lambda: results.setdefault("first", deploy(big, t, progress=hold)))
+    worker.start()
+    assert uploading.wait(30)
+    started = time.monotonic()
+    second = deploy(small, t)
+    assert time.monotonic() - started < 15
+    release.set()
+    worker.join(60)
+    assert second.status == "failed"
+    assert "another deploy is in progress" in second.error and "dev-0" in second.error
+    assert results["first"].status == "deployed", results["first"].error
+    assert current_of(workdir) == results["first"].release_id
+    assert deploy(small, t).status == "deployed"
+
+
+def test_connection_killed_mid_transfer(trusted_inventory, tmp_path, artifact):
+    t = target(trusted_inventory)
+    device = trusted_inventory.devices["dev-0"]
+    workdir = trusted_inventory.workdirs["dev-0"]
+    assert deploy(artifact, t).status == "deployed"
+    before = current_of(workdir)
+    big = make_synthetic_artifact(tmp_path / "big", {"model.tflite": os.urandom(8 * 1024 * 1024)})
+    killed = []
+
+    def kill_once(done, total):
+        if not killed and done > 1024 * 1024:
+            killed.append(device.kill_sessions())
+
+    outcome = deploy(big, t, progress=kill_once)
+    assert killed and killed[0] >= 1
+    assert outcome.status == "failed"
+    assert "dev-0" in outcome.error and "connection" in outcome.error
+    assert current_of(workdir) == before
+    assert any(p.name.startswith(".tmp-") for p in (workdir / "releases").iterdir())  # left behind...
+    retry = deploy(big, t)
+    assert retry.status == "deployed", retry.error
+    assert current_of(workdir) == retry.release_id
+    assert not any(p.name.startswith(".tmp-") for p in (workdir / "releases").iterdir())  # ...and cleaned
+
+
+def test_disk_full_keeps_previous_release(trusted_inventory, tmp_path, artifact):
+    t = target(trusted_inventory)
+    workdir = trusted_inventory.workdirs["dev-0"]
+    workdir.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(workdir)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        first = deploy(artifact, t)
+        assert first.status == "deployed", first.error
+        big = make_synthetic_artifact(tmp_path / "big", {"model.tflite": os.urandom(3 * 1024 * 1024)})
+        result = CliRunner().invoke(cli, ["deploy", str(big), "--target", "dev-0", "-i",
+                                          str(trusted_inventory.path)])
+        assert result.exit_code == 1
+        assert "not enough free space" in result.output and "dev-0" in result.output
+        assert current_of(workdir) == first.release_id
+        release = workdir / "releases" / first.release_id
+        assert (release / "model.tflite").read_bytes() == (artifact / "model.tflite").read_bytes()
+
+        # Space check passed, but the disk fills during the upload: the write error is reported and
+        # the partial upload removed right away.
+        filler = workdir / "filler"
+        mid = make_synthetic_artifact(tmp_path / "mid", {"model.tflite": os.urandom(400 * 1024)})
+
+        def fill_disk(done, total):
+            if not filler.exists():
+                subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k"], capture_output=True)
+
+        outcome = deploy(mid, t, progress=fill_disk)
+        assert outcome.status == "failed"
+        assert "dev-0" in outcome.error
+        assert current_of(workdir) == first.release_id
+        assert not any(p.name.startswith(".tmp-") for p in (workdir / "releases").iterdir())
+    finally:
+        subprocess.run(["umount", "-l", str(workdir)], capture_output=True)
+
+
+def test_corrupted_upload_is_not_activated(trusted_inventory, artifact, artifact2):
+    t = target(trusted_inventory)
+    workdir = trusted_inventory.workdirs["dev-0"]
+    first = deploy(artifact, t)
+    assert first.status == "deployed"
+
+    def corrupt(transport, tmp_dir):
+        path = Path(tmp_dir) / "model.tflite"  # the "device" is this machine: flip one byte in place
+        data = bytearray(path.read_bytes())
+        data[100] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+    outcome = deploy(artifact2, t, _after_upload=corrupt)
+    assert outcome.status == "failed"
+    assert "checksum verification on the device failed" in outcome.error
+    assert "model.tflite (sha256 mismatch)" in outcome.error
+    assert current_of(workdir) == first.release_id
+    assert not (workdir / "releases" / outcome.release_id).exists()
+    assert deploy(artifact2, t).status == "deployed"
+
+
+def test_shell_metacharacters_run_nothing(ssh_home, sshd_device, tmp_path):
+    import yaml
+
+    from tests.lab.sshd import trust_device
+
+    trust_device(sshd_device)
+    marker = tmp_path / "pwned"
+    evil = f"x; touch {marker}; $(touch {marker}) `touch {marker}` 'q\" a"
+    workdir = tmp_path / f"work dir {evil}"
+    art = make_synthetic_artifact(tmp_path / f"art {evil}", {f"model {evil}.tflite": os.urandom(256)},
+                                  model_file=f"model {evil}.tflite")
+    inv = tmp_path / "inv.yaml"
+    inv.write_text(yaml.safe_dump({"targets": {f"t {evil}": {
+        "host": sshd_device.host, "port": sshd_device.port, "user": sshd_device.user,
+        "key": str(sshd_device.client_key), "profile": "x86-avx2", "workdir": str(workdir),
+        "python": "python3"}}}))
+    t = resolve_targets(load_inventory(inv), f"t {evil}")[0]
+    outcome = deploy(art, t)
+    assert outcome.status == "deployed", outcome.error
+    release = workdir / "releases" / outcome.release_id
+    assert (release / f"model {evil}.tflite").is_file()
+    assert rollback_free(t)
+    assert not marker.exists()
+    assert not list(tmp_path.glob("pwned*"))
+
+
+def rollback_free(t) -> bool:
+    """Rollback with a single release fails cleanly (and runs nothing) rather than executing names."""
+    from edgeq.errors import DeployError
+
+    with pytest.raises(DeployError, match="no previous release"):
+        rollback(t)
+    return True
+
+
+def test_newline_in_names_is_rejected(tmp_path):
+    from edgeq.errors import InventoryError
+
+    inv = tmp_path / "inv.yaml"
+    inv.write_text('targets:\n  a: {host: h, profile: x86-avx2, workdir: "w\\nrm -rf /"}\n')
+    with pytest.raises(InventoryError, match="workdir"):
+        load_inventory(inv)
+
+
+def test_local_target_deploy(tmp_path, monkeypatch, artifact):
+    monkeypatch.setenv("EDGEQ_LOCAL_WORKDIR", str(tmp_path / "local"))
+    result = CliRunner().invoke(cli, ["deploy", str(artifact), "--target", "local"])
+    assert result.exit_code == 0, result.output
+    assert "deployed" in result.output
+    assert current_of(tmp_path / "local") is not None
+    again = CliRunner().invoke(cli, ["deploy", str(artifact), "--target", "local"])
+    assert again.exit_code == 0 and "unchanged" in again.output
+
+
+def test_bad_artifact_is_refused_before_connecting(tmp_path, artifact):
+    (artifact / "model.tflite").write_bytes(b"changed")
+    result = CliRunner().invoke(cli, ["deploy", str(artifact), "--target", "local"])
+    assert result.exit_code == 1
+    assert "does not match its manifest" in result.output
+    missing = CliRunner().invoke(cli, ["deploy", str(tmp_path / "nope"), "--target", "local"])
+    assert missing.exit_code == 1 and "not an artifact directory" in missing.output
