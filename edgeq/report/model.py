@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgeq.report.regression import Thresholds, Verdict, compare_results, match_baselines
-from edgeq.report.results import BrokenInput, LoadedResults, ResultRecord
+from edgeq.report.results import BrokenInput, LoadedResults, ResultRecord, model_name
 
 #: Exit status of ``edgeq report`` / ``edgeq lab run`` when the report was written but something regressed
 #: or failed (1 is an error that stopped edgeq, 2 a usage error).
@@ -101,7 +101,7 @@ class Row:
         artifact = result.artifact
         env = result.env
         row.update(
-            model=artifact.model, format=artifact.format, precision=artifact.precision,
+            model=model_name(artifact.model), format=artifact.format, precision=artifact.precision,
             profile=artifact.profile, artifact_id=artifact.id, size_bytes=artifact.size_bytes,
             validation_status=artifact.validation_status, device=env.get("cpu_model"), arch=env.get("arch"),
             emulated=bool(env.get("emulated")) if "emulated" in env else None,

@@ -17,11 +17,11 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic import ValidationError as PydanticValidationError
 
 from edgeq.config import format_validation_error
@@ -121,6 +121,19 @@ class ResultFile(_Lenient):
     power: PowerInfo | None = None
     energy_j_per_inference: float | None = None
 
+    @field_validator("env", "settings", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value):
+        # A failed run has no environment: bench writes null.
+        return {} if value is None else value
+
+
+def model_name(model: str) -> str:
+    """A model's name for people: bench records the source path; its file name without suffix is the name."""
+    if "/" in model or "\\" in model or model.endswith((".keras", ".h5", ".onnx")):
+        return PurePath(model.replace("\\", "/").rstrip("/")).stem or model
+    return model
+
 
 @dataclass
 class ResultRecord:
@@ -142,13 +155,13 @@ class ResultRecord:
     def build_key(self) -> tuple[str, str, str, str]:
         """(target, model, format, precision): the fallback match key when the artifact was rebuilt."""
         a = self.result.artifact
-        return (self.result.target, a.model, a.format, a.precision)
+        return (self.result.target, model_name(a.model), a.format, a.precision)
 
     @property
     def label(self) -> str:
         """``model-format-precision``, the artifact's name for people (and JUnit)."""
         a = self.result.artifact
-        return f"{a.model}-{a.format}-{a.precision}"
+        return f"{model_name(a.model)}-{a.format}-{a.precision}"
 
     @property
     def ok(self) -> bool:
