@@ -62,6 +62,9 @@ def start_lab(state_dir: Path, *, with_rpi: bool = True, progress=_say) -> dict:
     state_dir.mkdir(parents=True, exist_ok=True)
     state_dir.chmod(0o700)
     client_key = rpi_emu.client_keypair(state_dir / "id_ed25519")
+    # Reuse last time's ports when free, so host key entries (`[127.0.0.1]:PORT`) stay valid across restarts.
+    ports_file = state_dir / "ports.json"
+    ports = json.loads(ports_file.read_text()) if ports_file.exists() else {}
     known_hosts: list[str] = []
     targets: dict[str, dict] = {}
     summary: dict = {"state_dir": str(state_dir), "devices": {}}
@@ -69,7 +72,9 @@ def start_lab(state_dir: Path, *, with_rpi: bool = True, progress=_say) -> dict:
     try:
         for name in X86_DEVICES:
             started = time.monotonic()
-            device = start_sshd(state_dir / name, client_key=client_key)
+            port = ports.get(name)
+            device = start_sshd(state_dir / name, client_key=client_key,
+                                port=port if port and rpi_emu.port_is_free(port) else None)
             # start_sshd's child belongs to our session; detach happens at the CLI level (see main()).
             known_hosts.append(device.known_hosts_line())
             targets[name] = {
@@ -82,7 +87,7 @@ def start_lab(state_dir: Path, *, with_rpi: bool = True, progress=_say) -> dict:
 
         if with_rpi:
             emu = rpi_emu.RpiEmu(state_dir / RPI_NAME, client_key=client_key)
-            info = emu.start(progress=progress)
+            info = emu.start(progress=progress, port=ports.get(RPI_NAME))
             known_hosts.append(info.known_hosts_line)
             targets[RPI_NAME] = {
                 "host": info.host, "port": info.port, "user": info.user, "key": str(client_key),
@@ -101,6 +106,7 @@ def start_lab(state_dir: Path, *, with_rpi: bool = True, progress=_say) -> dict:
         raise
 
     (state_dir / "known_hosts").write_text("\n".join(known_hosts) + "\n")
+    ports_file.write_text(json.dumps({name: info["port"] for name, info in summary["devices"].items()}) + "\n")
     inventory = {"targets": targets, "groups": {GROUP: list(targets)}}
     _write_inventory(state_dir / "inventory.yaml", inventory, state_dir)
     (state_dir / "lab.json").write_text(json.dumps(summary, indent=2) + "\n")

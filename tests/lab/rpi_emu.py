@@ -290,6 +290,15 @@ def free_loopback_port() -> int:
         return sock.getsockname()[1]
 
 
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def _wait_for_ssh_banner(port: int, timeout: float, alive) -> None:
     deadline = time.monotonic() + timeout
     last_error = "no answer"
@@ -374,8 +383,12 @@ class RpiEmu:
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
-    def start(self, progress=None) -> DeviceInfo:
-        """Build or reuse the cached root, mount the device's root, start its sshd; idempotent after a crash."""
+    def start(self, progress=None, port: int | None = None) -> DeviceInfo:
+        """Build or reuse the cached root, mount the device's root, start its sshd; idempotent after a crash.
+
+        ``port``: the loopback port to listen on when it is free (keeps known_hosts entries stable across
+        restarts); otherwise a free one.
+        """
         reason = unavailable_reason()
         if reason:
             raise LabError(f"the emulated arm64 device cannot run here: {reason}")
@@ -387,7 +400,8 @@ class RpiEmu:
         try:
             self._mount_kernel_filesystems()
             self._write_network_config()
-            self._write_keys_and_config(port := free_loopback_port())
+            port = port if port and port_is_free(port) else free_loopback_port()
+            self._write_keys_and_config(port)
             pid = self._start_sshd()
             _wait_for_ssh_banner(port, SSHD_START_TIMEOUT, lambda: _pid_alive(pid))
         except BaseException:

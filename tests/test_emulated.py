@@ -1,0 +1,244 @@
+"""The device lab with an emulated arm64 Raspberry Pi (tests/lab): convert -> setup -> deploy -> bench -> report
+against a device whose architecture is not the controller's.
+
+Needs root, binfmt_misc and qemu-user-static; elsewhere every test here is skipped with the reason. The
+arm64 root is built once (about 4-5 minutes) and cached outside the repository; later runs start the
+device in seconds. Latency under emulation is meaningless: these tests check correctness only, and keep
+the timed runs tiny.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from tests.lab import rpi_emu
+
+REPO = Path(__file__).resolve().parent.parent
+LAB_CLI = [sys.executable, str(REPO / "tests" / "lab" / "lab.py")]
+TINY_BENCH = ["--runs", "5", "--min-seconds", "0", "--warmup", "1", "--no-power"]
+
+pytestmark = [pytest.mark.emulated, pytest.mark.timeout(1800)]
+
+
+@dataclass
+class Lab:
+    state_dir: Path
+    inventory: Path
+    home: Path
+    device: rpi_emu.RpiEmu
+    up_seconds: float
+
+
+def _cli(*args: str):
+    from edgeq.cli import main as edgeq_main
+
+    result = CliRunner().invoke(edgeq_main, list(args), catch_exceptions=False)
+    return result
+
+
+@pytest.fixture(scope="module")
+def emu_lab(tmp_path_factory) -> Lab:
+    """`lab.py up` in a temporary state dir (the real CLI, detached like `make lab-up`), `lab.py down` after.
+
+    HOME points at a temporary directory whose ~/.ssh/known_hosts holds the lab's host keys, so the real
+    ~/.ssh is never read or written.
+    """
+    reason = rpi_emu.unavailable_reason()
+    if reason:
+        print(f"\nSKIP emulated arm64 device: {reason}")
+        pytest.skip(f"emulated arm64 device unavailable: {reason}")
+    state_dir = tmp_path_factory.mktemp("lab")
+    home = tmp_path_factory.mktemp("home")
+    started = time.monotonic()
+    up = subprocess.run([*LAB_CLI, "up", "--state-dir", str(state_dir)], capture_output=True, text=True,
+                        timeout=1200)
+    up_seconds = time.monotonic() - started
+    print(f"\nlab.py up ({up_seconds:.1f}s):\n{up.stdout}{up.stderr}")
+    device = rpi_emu.RpiEmu(state_dir / "rpi-emu")
+    try:
+        assert up.returncode == 0, up.stderr
+        (home / ".ssh").mkdir(mode=0o700)
+        shutil.copyfile(state_dir / "known_hosts", home / ".ssh" / "known_hosts")
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("HOME", str(home))
+            patch.delenv("SSH_AUTH_SOCK", raising=False)
+            patch.delenv("EDGEQ_INVENTORY", raising=False)
+            yield Lab(state_dir, state_dir / "inventory.yaml", home, device, up_seconds)
+    finally:
+        down = subprocess.run([*LAB_CLI, "down", "--state-dir", str(state_dir)], capture_output=True, text=True,
+                              timeout=120)
+        print(f"lab.py down:\n{down.stdout}{down.stderr}")
+        left_mounts = rpi_emu.mounts_under(state_dir)
+        left_processes = rpi_emu._processes_rooted_at(device.root)
+        if left_mounts or left_processes:  # never leave anything behind, even when the assertion fails
+            device.stop()
+        assert down.returncode == 0, down.stderr
+        assert not left_mounts, f"lab.py down left mounts: {left_mounts}"
+        assert not left_processes, f"lab.py down left processes in the device: {left_processes}"
+
+
+@pytest.fixture(scope="module")
+def device_venv(emu_lab) -> dict:
+    """`edgeq targets setup rpi-emu`: a venv with ai-edge-litert + numpy from PyPI, through the device's pip."""
+    started = time.monotonic()
+    result = _cli("targets", "setup", "rpi-emu", "-i", str(emu_lab.inventory))
+    seconds = time.monotonic() - started
+    print(f"\nedgeq targets setup rpi-emu: {seconds:.1f}s\n{result.output}")
+    assert result.exit_code == 0, result.output
+    return {"seconds": seconds, "python": "/root/.edgeq/venv/bin/python"}
+
+
+def test_lab_up_writes_inventory_and_status(emu_lab):
+    from edgeq.targets import load_inventory, resolve_targets
+
+    inventory = load_inventory(emu_lab.inventory)
+    assert [t.name for t in resolve_targets(inventory, "lab")] == ["x86-1", "x86-2", "rpi-emu"]
+    rpi = inventory.targets["rpi-emu"]
+    assert (rpi.profile, rpi.user, rpi.host) == ("rpi4", "root", "127.0.0.1")
+    status = subprocess.run([*LAB_CLI, "status", "--state-dir", str(emu_lab.state_dir)], capture_output=True,
+                            text=True, timeout=60)
+    assert status.returncode == 0
+    lines = {line.split()[0]: line for line in status.stdout.splitlines() if line.strip()}
+    assert set(lines) == {"x86-1", "x86-2", "rpi-emu"}
+    assert all(" running" in line for line in lines.values()), status.stdout
+    # The device's sshd survived `lab.py up` exiting, in a session of its own.
+    pid = int((emu_lab.state_dir / "rpi-emu" / "sshd.pid").read_text())
+    assert os.getsid(pid) != os.getsid(0)
+
+
+def test_rpi_emu_is_an_arm64_device_over_ssh(emu_lab):
+    from edgeq.remote import open_transport
+    from edgeq.targets import load_inventory
+
+    target = load_inventory(emu_lab.inventory).targets["rpi-emu"]
+    with open_transport(target) as transport:
+        machine = transport.run(["uname", "-m"], timeout=60).stdout.strip()
+        python = transport.run(["python3", "-c", "import platform; print(platform.machine())"], timeout=120)
+    assert machine == "aarch64"
+    assert python.stdout.strip() == "aarch64"
+
+
+def test_unknown_host_key_of_emulated_device_is_refused(emu_lab, tmp_path, monkeypatch):
+    """Without the lab's known_hosts the device is not trusted: nothing is auto-accepted."""
+    from edgeq.errors import ConnectError
+    from edgeq.remote import open_transport
+    from edgeq.targets import load_inventory
+
+    empty_home = tmp_path / "home"
+    (empty_home / ".ssh").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(empty_home))
+    target = load_inventory(emu_lab.inventory).targets["rpi-emu"]
+    with pytest.raises(ConnectError, match="not trusted"), open_transport(target) as transport:
+        transport.run(["true"], timeout=60)
+
+
+def test_bench_int8_tflite_on_emulated_rpi_matches_host(emu_lab, device_venv, make_artifact, digits, tmp_path):
+    """The issue's path: TFLite INT8 for rpi4 -> setup -> deploy+bench on rpi-emu with eval data -> report."""
+    artifact = make_artifact("tflite", "int8", profile="rpi4")
+    results = tmp_path / "results"
+    started = time.monotonic()
+    on_device = _cli("bench", str(artifact), "--target", "rpi-emu", "-i", str(emu_lab.inventory),
+                     "--eval", str(digits["eval"]), "--output", str(results), *TINY_BENCH)
+    device_seconds = time.monotonic() - started
+    print(f"\nedgeq bench --target rpi-emu: {device_seconds:.1f}s\n{on_device.output}")
+    assert on_device.exit_code == 0, on_device.output
+    on_host = _cli("bench", str(artifact), "--target", "local", "--eval", str(digits["eval"]),
+                   "--output", str(tmp_path / "host"), *TINY_BENCH)
+    assert on_host.exit_code == 0, on_host.output
+
+    device = json.loads(next(results.glob("rpi-emu__*.json")).read_text())
+    host = json.loads(next((tmp_path / "host").glob("local__*.json")).read_text())
+    assert device["status"] == "ok", device["error"]
+    assert device["env"]["arch"] == "aarch64"
+    assert device["env"]["emulated"] is True, device["env"].get("emulation_reason")
+    assert host["env"]["arch"] == "x86_64" and not host["env"]["emulated"]
+    assert device["artifact"]["id"] == host["artifact"]["id"]
+    assert device["artifact"]["profile"] == "rpi4"
+    assert device["runtime"]["name"] == host["runtime"]["name"]
+    assert device["accuracy"]["samples"] == host["accuracy"]["samples"] == len(np.load(digits["eval"])["labels"])
+    # The same INT8 model on the same inputs: same top-1 accuracy, and the same agreement with the FP32
+    # source (equal floats here mean the device's outputs equal the host's; test_outputs_bit_identical
+    # checks that directly).
+    assert device["accuracy"]["top1"] == host["accuracy"]["top1"]
+    assert device["accuracy"]["agreement"] == host["accuracy"]["agreement"]
+    print(f"top-1 device {device['accuracy']['top1']:.4f} host {host['accuracy']['top1']:.4f}; "
+          f"p50 under emulation {device['latency_ms']['p50']:.3f} ms (meaningless) vs host "
+          f"{host['latency_ms']['p50']:.3f} ms")
+
+    report = _cli("report", str(results), str(tmp_path / "host"), "--csv", str(tmp_path / "report.csv"),
+                  "--markdown", str(tmp_path / "report.md"))
+    assert report.exit_code == 0, report.output
+    rows = {row["target"]: row for row in csv.DictReader((tmp_path / "report.csv").open())}
+    assert rows["rpi-emu"]["arch"] == "aarch64"
+    assert rows["rpi-emu"]["emulated"].lower() in ("true", "1", "yes")
+    markdown = (tmp_path / "report.md").read_text()
+    assert "rpi-emu" in markdown and "emulat" in markdown
+
+
+def test_outputs_bit_identical_on_device_and_host(emu_lab, device_venv, make_artifact, digits, tmp_path):
+    """Run the runner's session on the device's own interpreter (arm64, XNNPACK aarch64 kernels) and on the
+    host (x86 kernels) over the whole eval set, and compare the raw INT8 outputs."""
+    from edgeq.runner import edgeq_runner
+
+    artifact = make_artifact("tflite", "int8", profile="rpi4")
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    eval_data = np.load(digits["eval"])
+    inputs = eval_data[eval_data.files[0]] if "x" not in eval_data.files else eval_data["x"]
+    input_name = manifest["inputs"][0]["name"]
+
+    # Stage model, inputs and the self-contained runner inside the device's file system.
+    stage = emu_lab.device.root / "tmp" / "bitcheck"
+    stage.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(artifact / manifest["model_file"], stage / "model.tflite")
+    shutil.copyfile(Path(edgeq_runner.__file__), stage / "edgeq_runner.py")
+    np.save(stage / "inputs.npy", inputs.astype(np.float32))
+    script = (
+        "import sys, numpy as np; sys.path.insert(0, '/tmp/bitcheck'); import edgeq_runner as r\n"
+        "s = r.open_session('/tmp/bitcheck/model.tflite', 'tflite', threads=1)\n"
+        "x = np.load('/tmp/bitcheck/inputs.npy')\n"
+        f"out = np.concatenate([s.run({{{input_name!r}: x[i:i+1]}})[0] for i in range(len(x))])\n"
+        "np.save('/tmp/bitcheck/outputs.npy', out)\n"
+    )
+    ran = emu_lab.device.run([device_venv["python"], "-c", script], timeout=600)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    device_out = np.load(stage / "outputs.npy")
+
+    session = edgeq_runner.open_session(str(artifact / manifest["model_file"]), "tflite", threads=1)
+    host_out = np.concatenate([session.run({input_name: inputs[i:i + 1].astype(np.float32)})[0]
+                               for i in range(len(inputs))])
+    differing = int(np.sum(np.any(device_out != host_out, axis=tuple(range(1, host_out.ndim)))))
+    print(f"\n{differing} of {len(inputs)} samples differ; max abs diff {np.max(np.abs(device_out - host_out))}")
+    assert np.array_equal(device_out.argmax(axis=1), host_out.argmax(axis=1))
+    assert differing == 0, "INT8 outputs differ between arm64 (emulated) and x86 kernels"
+
+
+def test_restart_after_crash_cleans_stale_state(emu_lab, tmp_path):
+    """A device whose controller died (sshd still running, mounts still there) is cleaned up by the next
+    start, and stop leaves no mount and no process behind."""
+    device = rpi_emu.RpiEmu(tmp_path / "crashy")
+    first = device.start()
+    try:
+        mounts_running = rpi_emu.mounts_under(device.state_dir)
+        assert mounts_running, "the device should have mounts while running"
+        # "Crash": forget the object, start again on the same state dir.
+        second = rpi_emu.RpiEmu(tmp_path / "crashy").start(port=first.port)
+        assert second.pid != first.pid
+        assert not rpi_emu._pid_alive(first.pid)
+        assert second.port == first.port
+        assert sorted(rpi_emu.mounts_under(device.state_dir)) == sorted(mounts_running)  # nothing stacked twice
+    finally:
+        device.stop()
+    assert rpi_emu.mounts_under(device.state_dir) == []
+    assert rpi_emu._processes_rooted_at(device.root) == []
