@@ -84,13 +84,7 @@ class Inventory(StrictModel):
             _reject_control_chars(name, f"target name {name!r}")
             if not target.name:
                 target.name = name
-        for group, members in self.groups.items():
-            if group in self.targets:
-                raise ValueError(f"groups.{group}: a target has the same name")
-            for member in members:
-                if member not in self.targets and member != LOCAL_TARGET:
-                    hint = suggest(member, list(self.targets))
-                    raise ValueError(f"groups.{group}: unknown target '{member}'" + (f" ({hint})" if hint else ""))
+        # Group members are checked by load_inventory, after every file is merged (groups may span files).
         return self
 
 
@@ -121,10 +115,11 @@ def load_inventory(path: str | Path | None = None) -> Inventory:
                     raise InventoryError(f"{file}: {kind}.{name}: already defined in {merged.sources[name]}")
                 getattr(merged, kind)[name] = value
                 merged.sources[name] = str(file)
-    for name in merged.groups:
-        for member in merged.groups[name]:
+    for name, members in merged.groups.items():
+        for member in members:
             if member not in merged.targets and member != LOCAL_TARGET:
-                raise InventoryError(f"{merged.sources[name]}: groups.{name}: unknown target '{member}'")
+                raise InventoryError(f"{merged.sources[name]}: groups.{name}: unknown target '{member}'",
+                                     hint=suggest(member, list(merged.targets)))
     return merged
 
 

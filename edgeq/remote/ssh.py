@@ -309,7 +309,13 @@ class SSHTransport(Transport):
                 transport_factory=_transport_factory,
             )
         except (paramiko.SSHException, OSError, EOFError) as exc:
+            transport = client.get_transport()
+            silent = transport is not None and not transport.remote_version
             client.close()
+            if silent and type(exc) in (paramiko.SSHException, EOFError):
+                # paramiko reports a missing banner in several ways ("No existing session", EOF...)
+                raise ConnectError(f"{name or settings.alias} ({settings.where}): no SSH banner within "
+                                   f"{self.connect_timeout:g}s (not an SSH server, or frozen)") from exc
             raise translate_connect_error(exc, settings, name, self.connect_timeout) from exc
         return client
 

@@ -1,0 +1,196 @@
+"""Inventory loading and the ``targets`` commands (list, check, trust, setup) against real sshd devices."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edgeq.cli import cli
+from edgeq.errors import InventoryError
+from edgeq.targets import detect_local_profile, load_inventory, resolve_targets
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_inventory_fields_groups_and_defaults(tmp_path):
+    inv = write(tmp_path / "inv.yaml", """
+targets:
+  jetson-01: {host: 10.0.0.31, user: ubuntu, port: 2222, key: ~/.ssh/lab, profile: jetson-orin-nano}
+  rpi-01: {host: rpi-01.lab, profile: rpi4}
+groups:
+  lab: [jetson-01, rpi-01, local]
+""")
+    inventory = load_inventory(inv)
+    rpi = resolve_targets(inventory, "rpi-01")[0]
+    assert (rpi.name, rpi.workdir, rpi.python, rpi.port, rpi.user) == ("rpi-01", "~/.edgeq", "python3", None, None)
+    names = [t.name for t in resolve_targets(inventory, "lab")]
+    assert names == ["jetson-01", "rpi-01", "local"]
+    assert inventory.sources["jetson-01"] == str(inv)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("targets:\n  a: {host: h, profile: rpi4, hots: x}\n", "targets.a.hots: unknown field"),
+    ("targets:\n  a: {host: h}\n", "targets.a.profile: Field required"),
+    ("targets:\n  a: {host: h, profile: rpi4, port: 70000}\n", "targets.a.port"),
+    ("targets:\n  a: {host: h, profile: rpi4}\ngroups:\n  g: [a, b]\n", "groups.g: unknown target 'b'"),
+    ("targets: [1, 2]\n", "targets: Input should be a valid dictionary"),
+    ("targets:\n  a: {host: h, profile: rpi4\n", "not valid YAML"),
+])
+def test_inventory_errors_name_file_and_field(tmp_path, text, message):
+    inv = write(tmp_path / "bad.yaml", text)
+    with pytest.raises(InventoryError) as info:
+        load_inventory(inv)
+    assert str(inv) in info.value.message and message in info.value.message
+
+
+def test_inventory_discovery_merge_and_suggestions(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("EDGEQ_INVENTORY", raising=False)
+    write(tmp_path / "targets" / "a.yaml", "targets:\n  rpi-01: {host: a, profile: rpi4}\n")
+    write(tmp_path / "targets" / "b.yaml", "targets:\n  rpi-02: {host: b, profile: rpi4}\n"
+                                           "groups:\n  pis: [rpi-01, rpi-02]\n")
+    inventory = load_inventory()
+    assert [t.name for t in resolve_targets(inventory, "pis")] == ["rpi-01", "rpi-02"]
+    with pytest.raises(InventoryError) as info:
+        resolve_targets(inventory, "rpi-1")
+    assert "unknown target or group 'rpi-1'" in info.value.message and "rpi-01" in info.value.hint
+    write(tmp_path / "targets" / "c.yaml", "targets:\n  rpi-01: {host: c, profile: rpi4}\n")
+    with pytest.raises(InventoryError, match=r"c\.yaml: targets\.rpi-01: already defined in .*a\.yaml"):
+        load_inventory()
+    monkeypatch.setenv("EDGEQ_INVENTORY", str(write(tmp_path / "other.yaml", "targets: {}\n")))
+    assert load_inventory().targets == {}
+    with pytest.raises(InventoryError, match="file not found"):
+        load_inventory(tmp_path / "missing.yaml")
+
+
+def test_local_target(monkeypatch, tmp_path):
+    monkeypatch.setenv("EDGEQ_LOCAL_WORKDIR", str(tmp_path / "w"))
+    local = resolve_targets(load_inventory(write(tmp_path / "i.yaml", "{}\n")), "local")[0]
+    assert local.local and local.python == sys.executable and local.workdir == str(tmp_path / "w")
+    assert local.profile == detect_local_profile()
+    assert local.profile in {"x86-avx2", "x86-avx512-vnni", "rpi4", "rpi5"}
+
+
+def test_shipped_inventories_are_valid(monkeypatch):
+    repo = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(repo)
+    monkeypatch.delenv("EDGEQ_INVENTORY", raising=False)
+    inventory = load_inventory()
+    assert [t.name for t in resolve_targets(inventory, "demo")] == ["local"]
+    result = CliRunner().invoke(cli, ["targets", "list"])
+    assert result.exit_code == 0 and "local" in result.output
+
+
+@pytest.mark.sshd
+def test_targets_list_and_check_on_sshd_devices(trusted_inventory):
+    runner = CliRunner()
+    listed = runner.invoke(cli, ["targets", "list", "-i", str(trusted_inventory.path)])
+    assert listed.exit_code == 0 and "dev-2" in listed.output and "fleet" in listed.output
+    checked = runner.invoke(cli, ["targets", "check", "dev-0", "-i", str(trusted_inventory.path)])
+    assert checked.exit_code == 0, checked.output
+    out = checked.output
+    assert "reachable:        yes" in out and "host key trusted: yes" in out
+    assert "arch:             x86_64" in out and f"{sys.version_info.major}.{sys.version_info.minor}" in out
+    assert "onnx runtime:     imports (onnxruntime" in out
+    assert "power sensors:" in out and "free in workdir:" in out
+
+
+@pytest.mark.sshd
+def test_check_reports_untrusted_and_unreachable(ssh_home, sshd_device, tmp_path):
+    from tests.lab.sshd import free_port, write_inventory
+
+    inv = write_inventory(tmp_path / "inv.yaml", {"new": sshd_device})
+    result = CliRunner().invoke(cli, ["targets", "check", "new", "-i", str(inv)])
+    assert result.exit_code == 1
+    assert "reachable:        yes" in result.output and "host key trusted: NO" in result.output
+    assert "edgeq targets trust new" in result.output
+    text = inv.read_text().replace(str(sshd_device.port), str(free_port()))
+    inv.write_text(text)
+    result = CliRunner().invoke(cli, ["targets", "check", "new", "-i", str(inv)])
+    assert result.exit_code == 1 and "reachable:        no" in result.output
+
+
+@pytest.mark.sshd
+def test_trust_a_group(ssh_home, sshd_fleet, tmp_path):
+    from tests.lab.sshd import write_inventory
+
+    devices = {f"d{i}": dev for i, dev in enumerate(sshd_fleet)}
+    inv = write_inventory(tmp_path / "inv.yaml", devices, groups={"all": list(devices)})
+    result = CliRunner().invoke(cli, ["targets", "trust", "all", "-i", str(inv)])
+    assert result.exit_code == 0, result.output
+    lines = (ssh_home / ".ssh" / "known_hosts").read_text().splitlines()
+    assert lines == [dev.known_hosts_line() for dev in sshd_fleet]
+    assert result.output.count("SHA256:") == 3
+
+
+def build_wheel(directory: Path, name: str = "edgeq_tiny_runtime", version: str = "1.0") -> Path:
+    """A minimal pure-Python wheel, written by hand (a wheel is a zip with dist-info metadata)."""
+    files = {
+        f"{name}/__init__.py": b"__version__ = '1.0'\nRUNTIME = 'tiny'\n",
+        f"{name}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+        f"{name}-{version}.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: edgeq-tests\nRoot-Is-Purelib: true\n"
+                                             b"Tag: py3-none-any\n",
+    }
+    record = []
+    for path, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(data)}")
+    record.append(f"{name}-{version}.dist-info/RECORD,,")
+    files[f"{name}-{version}.dist-info/RECORD"] = ("\n".join(record) + "\n").encode()
+    wheel = directory / f"{name}-{version}-py3-none-any.whl"
+    directory.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for path, data in files.items():
+            archive.writestr(path, data)
+    return wheel
+
+
+@pytest.mark.sshd
+def test_setup_installs_from_a_wheelhouse(trusted_inventory, tmp_path):
+    """``targets setup --wheelhouse``: venv on the device, offline pip install, interpreter recorded."""
+    import yaml
+
+    from edgeq.deploy import device_python
+    from edgeq.remote import open_transport
+
+    profile = write(tmp_path / "tiny-profile.yaml", yaml.safe_dump({
+        "name": "tiny", "description": "test profile", "arch": "x86_64", "cpu": "any", "format": "tflite",
+        "precision": "int8", "threads": 1, "runtime_packages": {"tflite": ["edgeq_tiny_runtime"]}}))
+    data = yaml.safe_load(trusted_inventory.path.read_text())
+    data["targets"]["dev-0"]["profile"] = str(profile)
+    data["targets"]["dev-0"]["python"] = sys._base_executable  # a plain interpreter, as on a device
+    trusted_inventory.path.write_text(yaml.safe_dump(data))
+    wheelhouse = tmp_path / "wheels"
+    build_wheel(wheelhouse)
+    result = CliRunner().invoke(cli, ["targets", "setup", "dev-0", "-i", str(trusted_inventory.path),
+                                      "--wheelhouse", str(wheelhouse)])
+    assert result.exit_code == 0, result.output
+    workdir = trusted_inventory.workdirs["dev-0"]
+    venv_python = workdir / "venv" / "bin" / "python"
+    assert f"into {venv_python}" in result.output and "from wheelhouse" in result.output
+    target = resolve_targets(load_inventory(trusted_inventory.path), "dev-0")[0]
+    with open_transport(target) as transport:
+        assert device_python(transport, target) == str(venv_python)
+        probe = transport.run([str(venv_python), "-c", "import edgeq_tiny_runtime as m; print(m.RUNTIME)"])
+        assert probe.stdout.strip() == "tiny"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refused = CliRunner().invoke(cli, ["targets", "setup", "dev-0", "-i", str(trusted_inventory.path),
+                                       "--wheelhouse", str(empty)])
+    assert refused.exit_code == 1 and "no .whl files" in refused.output
+
+
+def test_rollback_cli_without_history(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEQ_LOCAL_WORKDIR", str(tmp_path / "w"))
+    result = CliRunner().invoke(cli, ["rollback", "--target", "local"])
+    assert result.exit_code == 1 and "nothing is deployed" in result.output

@@ -1,0 +1,149 @@
+"""Transports against a real sshd: commands, quoting, timeouts, files, ssh config, error translation."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+import time
+
+import pytest
+
+from edgeq.errors import ConnectError, RemoteCommandError
+from edgeq.remote import open_transport, shell_join
+from edgeq.targets import Target, load_inventory, resolve_targets
+
+pytestmark = pytest.mark.sshd
+
+
+def dev0(inv) -> Target:
+    return resolve_targets(load_inventory(inv.path), "dev-0")[0]
+
+
+def test_run_quotes_every_argument(trusted_inventory, tmp_path):
+    marker = tmp_path / "marker"
+    tricky = ["a b", "$(touch " + str(marker) + ")", "`touch " + str(marker) + "`", "; touch " + str(marker),
+              "'", '"', "*", "~", ""]
+    with open_transport(dev0(trusted_inventory)) as transport:
+        result = transport.run([sys.executable, "-c", "import sys, json; print(json.dumps(sys.argv[1:]))",
+                                *tricky])
+        assert result.stdout.strip() == __import__("json").dumps(tricky)
+        echoed = transport.run(["cat"], input=b"hello\x00bytes")
+        assert echoed.stdout == "hello\x00bytes"
+        failed = transport.run(["sh", "-c", "echo oops >&2; exit 7"], check=False)
+        assert (failed.exit_code, failed.stderr.strip()) == (7, "oops")
+        with pytest.raises(RemoteCommandError, match=r"dev-0 .*exit code 7: oops"):
+            transport.run(["sh", "-c", "echo oops >&2; exit 7"])
+        with pytest.raises(RemoteCommandError, match="NUL or newline"):
+            transport.run(["echo", "a\nb"])
+    assert not marker.exists()
+
+
+def test_shell_join_rejects_control_characters():
+    assert shell_join(["echo", "a b", "$x"]) == "echo 'a b' '$x'"
+    for bad in ("a\0b", "a\nb", "a\rb"):
+        with pytest.raises(RemoteCommandError):
+            shell_join(["echo", bad])
+
+
+def test_command_timeout_is_bounded(trusted_inventory):
+    with open_transport(dev0(trusted_inventory)) as transport:
+        started = time.monotonic()
+        with pytest.raises(RemoteCommandError, match="timed out after 1s"):
+            transport.run(["sleep", "30"], timeout=1)
+        assert time.monotonic() - started < 5
+        assert transport.run(["true"]).exit_code == 0  # the connection is still usable
+
+
+def test_blackholed_port_fails_within_the_timeout(tmp_path, ssh_home):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)  # accepts TCP connections but never says a word
+    port = listener.getsockname()[1]
+    target = Target(name="frozen", host="127.0.0.1", port=port, profile="x86-avx2")
+    try:
+        started = time.monotonic()
+        with pytest.raises(ConnectError, match=r"frozen .*no SSH banner within 2s"):
+            open_transport(target, connect_timeout=2)
+        assert time.monotonic() - started < 6
+    finally:
+        listener.close()
+
+
+def test_refused_and_unresolvable_hosts(ssh_home):
+    from tests.lab.sshd import free_port
+
+    with pytest.raises(ConnectError, match="connection refused"):
+        open_transport(Target(name="off", host="127.0.0.1", port=free_port(), profile="x86-avx2"))
+    with pytest.raises(ConnectError, match="cannot resolve host name 'no-such-host.invalid'"):
+        open_transport(Target(name="typo", host="no-such-host.invalid", profile="x86-avx2"))
+
+
+def test_wrong_key_is_an_authentication_failure(trusted_inventory, tmp_path):
+    from tests.lab.sshd import generate_key
+
+    target = dev0(trusted_inventory).model_copy(update={"key": str(generate_key(tmp_path / "stranger"))})
+    with pytest.raises(ConnectError, match=r"dev-0 .*authentication failed") as info:
+        open_transport(target)
+    assert "key" in info.value.hint
+    missing = dev0(trusted_inventory).model_copy(update={"key": str(tmp_path / "absent")})
+    with pytest.raises(ConnectError, match="key file not found"):
+        open_transport(missing)
+
+
+def test_put_get_and_progress(trusted_inventory, tmp_path):
+    source = tmp_path / "blob"
+    source.write_bytes(bytes(range(256)) * 8192)  # 2 MiB
+    calls = []
+    with open_transport(dev0(trusted_inventory)) as transport:
+        transport.put(source, str(tmp_path / "up"), progress=lambda d, t: calls.append((d, t)))
+        transport.get(str(tmp_path / "up"), tmp_path / "down")
+        with pytest.raises(RemoteCommandError, match="cannot read"):
+            transport.get(str(tmp_path / "missing"), tmp_path / "x")
+    assert (tmp_path / "down").read_bytes() == source.read_bytes()
+    assert calls[-1] == (source.stat().st_size, source.stat().st_size)
+
+
+def test_ssh_config_alias_and_proxy_jump(trusted_inventory, tmp_path):
+    """HostName/User/Port/IdentityFile from ~/.ssh/config; ProxyJump through another real sshd."""
+    jump = trusted_inventory.devices["dev-1"]
+    final = trusted_inventory.devices["dev-0"]
+    (trusted_inventory.home / ".ssh" / "config").write_text(
+        f"Host bastion\n  HostName {jump.host}\n  Port {jump.port}\n  User {jump.user}\n"
+        f"  IdentityFile {jump.client_key}\n"
+        f"Host lab-dev\n  HostName {final.host}\n  Port {final.port}\n  User {final.user}\n"
+        f"  IdentityFile {final.client_key}\n"
+        f"Host lab-dev-via-bastion\n  HostName {final.host}\n  Port {final.port}\n  User {final.user}\n"
+        f"  IdentityFile {final.client_key}\n  ProxyJump bastion\n"
+        f"Host lab-dev-via-command\n  HostName {final.host}\n  Port {final.port}\n"
+        f"  IdentityFile {final.client_key}\n  ProxyCommand {sys.executable} -c \"import socket,sys,threading;"
+        f"s=socket.create_connection(('%h',%p));"
+        f"threading.Thread(target=lambda:[sys.stdout.buffer.write(b) or sys.stdout.flush() for b in iter(lambda:s.recv(65536),b'')],daemon=True).start();"
+        f"[s.sendall(b) for b in iter(lambda:sys.stdin.buffer.read1(65536),b'')]\"\n"
+    )
+    for alias in ("lab-dev", "lab-dev-via-bastion", "lab-dev-via-command"):
+        with open_transport(Target(name=alias, host=alias, profile="x86-avx2")) as transport:
+            assert transport.run(["echo", alias]).stdout.strip() == alias
+    # inventory fields win over the config: a wrong port in the inventory is used (and refused)
+    from tests.lab.sshd import free_port
+
+    with pytest.raises(ConnectError, match="connection refused"):
+        open_transport(Target(name="override", host="lab-dev", port=free_port(), profile="x86-avx2"))
+
+
+def test_local_transport(tmp_path):
+    from edgeq.targets import local_target
+
+    with open_transport(local_target()) as transport:
+        assert transport.run(["echo", "$HOME"]).stdout.strip() == "$HOME"
+        with pytest.raises(RemoteCommandError, match="timed out"):
+            transport.run(["sleep", "5"], timeout=0.5)
+        (tmp_path / "a").write_bytes(b"x" * 10)
+        transport.put(tmp_path / "a", str(tmp_path / "b"))
+        assert (tmp_path / "b").read_bytes() == b"x" * 10
+        held = transport.start(["sh", "-c", "echo ready; cat >/dev/null"])
+        assert held.readline(5).strip() == "ready"
+        closer = threading.Thread(target=held.close)
+        closer.start()
+        closer.join(10)
+        assert not closer.is_alive()
