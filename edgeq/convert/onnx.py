@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -110,8 +111,8 @@ def _tf_to_onnx(request: BuildRequest, target: Path) -> None:
         return signature(**dict(zip(names, args, strict=True)))
 
     function = tf.function(call, input_signature=specs)
-    # tf2onnx names new nodes from a process-wide counter; reset it so the same conversion twice
-    # in one process gives byte-identical files (and so the same artifact id).
+    # tf2onnx names new nodes from a process-wide counter, and which of two identical constants
+    # survives deduplication depends on those names: start every conversion from the same count.
     tf2onnx.utils.INTERNAL_NAME = 1
     watcher = _UnsupportedOpsLog()
     tf2onnx_log = logging.getLogger("tf2onnx")
@@ -129,11 +130,52 @@ def _tf_to_onnx(request: BuildRequest, target: Path) -> None:
             "not supported by tf2onnx",
             hint="replace the op in the model, or try another --format",
         )
+    _renumber_generated_names(model.graph)
     try:
         onnx.checker.check_model(model)
     except Exception as exc:  # onnx.checker.ValidationError
         raise ConversionError(f"{source.path}: tf2onnx produced an invalid ONNX model ({_first_line(exc)})") from exc
     onnx.save(model, str(target))
+
+
+_GENERATED = re.compile(r"__(\d+)")
+
+
+def _renumber_generated_names(graph) -> None:
+    """Renumber tf2onnx's generated ``name__N`` / ``unk__N`` suffixes in order of first appearance.
+
+    tf2onnx numbers the nodes it creates from a process-wide counter, so converting the same
+    model twice in one process gives different names (and a different artifact id). Renumbering
+    makes the file depend on the model only.
+    """
+    numbers: dict[str, str] = {}
+
+    def rename(name: str) -> str:
+        return _GENERATED.sub(lambda m: "__" + numbers.setdefault(m.group(1), str(len(numbers) + 1)), name)
+
+    def walk(g) -> None:
+        for node in g.node:
+            node.name = rename(node.name)
+            node.input[:] = [rename(n) for n in node.input]
+            node.output[:] = [rename(n) for n in node.output]
+            for attribute in node.attribute:
+                if attribute.HasField("g"):
+                    walk(attribute.g)
+                for sub in attribute.graphs:
+                    walk(sub)
+        for collection in (g.initializer, g.value_info, g.input, g.output):
+            for item in collection:
+                item.name = rename(item.name)
+        for collection in (g.value_info, g.input, g.output):
+            for item in collection:
+                if item.type.HasField("tensor_type"):
+                    for dim in item.type.tensor_type.shape.dim:
+                        if dim.HasField("dim_param"):
+                            dim.dim_param = rename(dim.dim_param)
+
+    walk(graph)
+    # "converted from b'__inference_call_941'": TensorFlow's function counter, not the model.
+    graph.doc_string = ""
 
 
 def _to_fp16(fp32: Path, target: Path) -> None:

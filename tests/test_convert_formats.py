@@ -1,0 +1,157 @@
+"""Convert the tiny digits CNN in every format x precision and check each artifact by running it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgeq.convert import CAPABILITIES
+from edgeq.manifest import read_manifest, sha256_file, sha256_tree, verify_artifact
+from edgeq.profiles import load_profile
+
+pytestmark = pytest.mark.slow
+
+MATRIX = [(c.format, c.precision) for c in CAPABILITIES]
+MODEL_FILES = {"tflite": {"model.tflite"}, "onnx": {"model.onnx"}, "openvino": {"model.xml", "model.bin"}}
+
+
+def _run_artifact(directory, manifest, eval_x):
+    from edgeq.runner.edgeq_runner import open_session
+
+    session = open_session(directory / manifest.model_file, manifest.format)
+    name = session.inputs[0]["name"]
+    return session, np.concatenate([session.run({name: eval_x[i : i + 50]})[0] for i in range(0, len(eval_x), 50)])
+
+
+@pytest.mark.parametrize(("fmt", "precision"), MATRIX, ids=[f"{f}-{p}" for f, p in MATRIX])
+def test_every_format_and_precision(make_artifact, digits, fmt, precision):
+    directory = make_artifact(fmt, precision)
+    manifest = verify_artifact(directory)  # files exist with their size and sha256; id matches
+    assert (manifest.format, manifest.precision, manifest.status) == (fmt, precision, "ok")
+    assert {f.path for f in manifest.files} == MODEL_FILES[fmt]
+    assert manifest.model_file in MODEL_FILES[fmt]
+    assert all(f.size == (directory / f.path).stat().st_size > 0 for f in manifest.files)
+
+    # Source, profile, tools and options are all recorded.
+    assert manifest.source.kind == "keras"
+    assert manifest.source.sha256 == sha256_tree(digits["model"])
+    assert manifest.profile == load_profile("x86-avx2").model_dump(mode="json")
+    assert manifest.tool_versions["edgeq"]
+    expected_tools = {"tflite": {"tensorflow", "keras"}, "onnx": {"onnx", "onnxruntime", "tf2onnx"},
+                      "openvino": {"openvino"}}[fmt]
+    assert expected_tools <= set(manifest.tool_versions)
+    if fmt == "openvino" and precision == "int8":
+        assert "nncf" in manifest.tool_versions
+    if fmt == "onnx" and precision == "fp16":
+        assert "onnxconverter-common" in manifest.tool_versions
+    assert manifest.options["format"] == fmt and manifest.options["precision"] == precision
+    assert manifest.options["source_sha256"] == manifest.source.sha256
+
+    # I/O specs come from the runtime's view of the artifact.
+    (inp,), (out,) = manifest.inputs, manifest.outputs
+    assert inp.shape == [None, 8, 8, 1] and out.shape[-1] == 10
+    if fmt == "tflite":
+        assert inp.name == "serving_default_x:0" and inp.source_name == "x"
+    else:
+        assert inp.name == "x"
+    if (fmt, precision) == ("tflite", "int8"):
+        assert inp.dtype == out.dtype == "int8"  # the x86-avx2 profile's tflite_quantized_io
+        assert inp.scale == pytest.approx(1 / 255, rel=1e-3) and inp.zero_point == -128  # inputs are in [0, 1]
+        assert out.scale > 0 and isinstance(out.zero_point, int)
+    else:
+        assert inp.dtype == "float32" and inp.scale is None and inp.zero_point is None
+
+    # Calibration is recorded for int8 only.
+    if precision == "int8":
+        cal = manifest.calibration
+        assert cal.sha256 == sha256_file(digits["calib"])
+        assert cal.samples_available == cal.samples_used == 300
+        assert cal.method == "minmax"
+        assert manifest.options["calibration_sha256"] == cal.sha256
+    else:
+        assert manifest.calibration is None
+
+    # Validation against the FP32 Keras model on the held-out digits.
+    val = manifest.validation
+    assert val.status == "passed" and val.samples == 450
+    assert val.top1_reference > 0.85
+    assert val.top1_drop == pytest.approx(val.top1_reference - val.top1)
+    if precision == "fp32":
+        assert val.top1_agreement == 1.0 and val.max_abs_error < 1e-4
+    elif precision == "fp16":
+        assert val.top1_agreement >= 0.995 and abs(val.top1_drop) <= 0.002 and val.max_abs_error < 0.01
+    else:  # int8 and dynamic: the issue's budget is at most 1 point of top-1
+        assert val.top1_drop <= 0.01
+        assert val.top1_agreement >= 0.97 and val.cosine_similarity > 0.99
+
+    # Run the artifact with its runtime, independently of convert, and get the recorded accuracy back.
+    data = np.load(digits["eval"])
+    session, scores = _run_artifact(directory, manifest, data["x"])
+    assert float(np.mean(np.argmax(scores, axis=1) == data["labels"])) == pytest.approx(val.top1)
+    if (fmt, precision) == ("tflite", "int8"):
+        assert session.inputs[0]["quant"] == pytest.approx((inp.scale, inp.zero_point))
+
+
+@pytest.mark.parametrize(("fmt", "precision"), [("tflite", "int8"), ("onnx", "fp32"), ("onnx", "int8"),
+                                                ("tflite", "fp16")])
+def test_same_conversion_twice_gives_the_same_id(make_artifact, digits, tmp_path, fmt, precision):
+    from edgeq.convert import convert
+
+    first = read_manifest(make_artifact(fmt, precision))
+    again = convert(digits["model"], load_profile("x86-avx2"), tmp_path / "again", format=fmt, precision=precision,
+                    calibration=digits["calib"] if precision == "int8" else None)
+    assert again.id == first.id
+    assert [f.sha256 for f in again.files] == [f.sha256 for f in first.files]
+
+
+@pytest.mark.parametrize("io_type", ["uint8", "float32"])
+def test_tflite_int8_io_type_flag(digits, tmp_path, io_type):
+    from edgeq.convert import convert
+
+    manifest = convert(digits["model"], load_profile("rpi4"), tmp_path / "a", format="tflite", precision="int8",
+                       calibration=digits["calib"], calibration_samples=120, quantized_io=io_type,
+                       eval_path=digits["eval"])
+    (inp,) = manifest.inputs
+    assert inp.dtype == io_type
+    assert (inp.scale is None) == (io_type == "float32")
+    assert manifest.options["quantized_io"] == io_type
+    assert manifest.calibration.samples_used == 120 and manifest.calibration.samples_available == 300
+    assert manifest.profile["name"] == "rpi4"
+    assert manifest.validation.top1_drop <= 0.01
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_onnx_int8_calibration_methods(digits, tmp_path, method):
+    from edgeq.convert import convert
+
+    manifest = convert(digits["model"], load_profile("x86-avx2"), tmp_path / "a", format="onnx", precision="int8",
+                       calibration=digits["calib"], calibration_method=method, eval_path=digits["eval"])
+    assert manifest.calibration.method == method == manifest.options["calibration_method"]
+    assert manifest.options["quant_format"] == "QDQ" and manifest.options["per_channel"] is True
+    assert manifest.validation.top1_drop <= 0.01
+
+
+def test_from_onnx_source(make_artifact, digits, tmp_path):
+    """An ONNX model is a source too: onnx int8 and openvino int8 from it, validated against it in ORT."""
+    from edgeq.convert import convert
+
+    onnx_model = make_artifact("onnx", "fp32") / "model.onnx"
+    for fmt in ("onnx", "openvino"):
+        manifest = convert(onnx_model, load_profile("x86-avx2"), tmp_path / fmt, format=fmt, precision="int8",
+                           calibration=digits["calib"], eval_path=digits["eval"], max_accuracy_drop=0.01)
+        assert manifest.source.kind == "onnx" and manifest.status == "ok"
+        assert manifest.validation.reference.startswith("onnx source")
+        assert "tf2onnx" not in manifest.tool_versions
+
+
+def test_from_savedmodel_source(digits, tmp_path):
+    import keras
+
+    from edgeq.convert import convert
+
+    saved = tmp_path / "saved"
+    keras.models.load_model(digits["model"]).export(str(saved), verbose=False)
+    manifest = convert(saved, load_profile("rpi4"), tmp_path / "art", calibration=digits["calib"],
+                       eval_path=digits["eval"])  # rpi4: tflite int8 by default
+    assert (manifest.format, manifest.precision, manifest.source.kind) == ("tflite", "int8", "savedmodel")
+    assert manifest.validation.top1_drop <= 0.01
