@@ -1057,26 +1057,34 @@ def environment(runtime=None, runtime_version=None):
 # --------------------------------------------------------------------------------------------------
 
 def _proc_stat(pid):
-    """(ppid, start time in clock ticks) of ``pid`` from /proc, or None if it no longer exists."""
+    """(state, ppid, start time in clock ticks) of ``pid`` from /proc, or None if it no longer exists."""
     try:
         with open("/proc/%d/stat" % pid) as handle:
             text = handle.read()
     except OSError:
         return None
     fields = text[text.rindex(")") + 2:].split()
-    return int(fields[1]), int(fields[19])
+    return fields[0], int(fields[1]), int(fields[19])
 
 
 def _ancestors():
+    """[(pid, ppid, start time)] from our parent up to (not including) init."""
     chain = []
     pid = os.getppid()
     while pid > 1 and len(chain) < 64:
         stat = _proc_stat(pid)
         if stat is None:
             break
-        chain.append((pid, stat[1]))
-        pid = stat[0]
+        chain.append((pid, stat[1], stat[2]))
+        pid = stat[1]
     return chain
+
+
+def _gone(pid, ppid, started):
+    """True when ``pid`` exited (also as an unreaped zombie: containers' init may never reap it), was
+    replaced, or lost its parent (re-parented to init or a subreaper)."""
+    stat = _proc_stat(pid)
+    return stat is None or stat[0] in ("Z", "X") or stat[2] != started or stat[1] != ppid
 
 
 class OrphanWatchdog(object):
@@ -1102,11 +1110,14 @@ class OrphanWatchdog(object):
 
     def _loop(self):
         while not self._stop.wait(self.poll_s):
-            for pid, started in self.chain:
-                stat = _proc_stat(pid)
-                if stat is None or stat[1] != started:
-                    sys.stderr.write("edgeq_runner: parent process %d is gone (connection lost); stopping\n" % pid)
-                    sys.stderr.flush()
+            for pid, ppid, started in self.chain:
+                if _gone(pid, ppid, started):
+                    try:  # stderr may be the dropped connection itself: a write can fail with EPIPE
+                        sys.stderr.write("edgeq_runner: parent process %d is gone (connection lost); stopping\n"
+                                         % pid)
+                        sys.stderr.flush()
+                    except (OSError, ValueError):
+                        pass
                     try:
                         if _own_group():
                             os.killpg(os.getpgrp(), signal.SIGTERM)

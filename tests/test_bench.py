@@ -1,0 +1,191 @@
+"""``edgeq bench`` end to end: on ``local`` and over real sshd devices, with failing targets and a dropped
+connection; accuracy metrics against constructed outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from edgeq.bench import bench, bench_fleet, compute_accuracy
+from edgeq.cli import cli
+from edgeq.errors import DataError
+from edgeq.targets import load_inventory, local_target, resolve_targets
+from tests.test_bench_support import hand_artifacts  # noqa: F401 - fixture
+
+QUICK = ["--warmup", "2", "--runs", "20", "--min-seconds", "0", "--idle-seconds", "0"]
+QUICK_KW = {"warmup": 2, "runs": 20, "min_seconds": 0, "idle_seconds": 0}
+TOP_KEYS = {"schema_version", "target", "status", "error", "started_at", "duration_s", "artifact", "env", "runtime",
+            "settings", "load_ms", "first_inference_ms", "latency_ms", "throughput_ips", "accuracy", "memory_mb",
+            "power", "energy_j_per_inference"}
+
+
+def test_accuracy_known_answers():
+    scores = np.array([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.2, 0.3, 0.5], [0.6, 0.3, 0.1]], np.float32)
+    labels = np.array([1, 1, 2, 2])
+    reference = np.array([[0.1, 0.8, 0.1], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8], [0.1, 0.2, 0.7]], np.float32)
+    out = compute_accuracy(scores, labels, reference, "fp32")
+    assert out["samples"] == 4
+    assert out["top1"] == 0.5  # samples 0 and 2
+    assert out["top5"] == 1.0
+    assert out["top1_reference"] == 1.0 and out["top1_drop"] == 0.5
+    assert out["agreement"]["top1_agreement"] == 0.5
+    assert out["agreement"]["max_abs_error"] == pytest.approx(0.6)
+    no_labels = compute_accuracy(scores, None, None, None)
+    assert no_labels["top1"] is None and no_labels["agreement"] is None and no_labels["samples"] == 4
+
+
+@pytest.fixture
+def local_workdir(tmp_path, monkeypatch) -> Path:
+    workdir = tmp_path / "local-device"
+    monkeypatch.setenv("EDGEQ_LOCAL_WORKDIR", str(workdir))
+    return workdir
+
+
+@pytest.mark.parametrize("fmt", ["tflite", "onnx", "openvino"])
+def test_bench_local_with_eval(fmt, hand_artifacts, digits, tmp_path, local_workdir):  # noqa: F811
+    artifact = hand_artifacts[fmt]
+    result = bench(artifact, local_target(), eval_path=digits["eval"], output_dir=tmp_path / "results", **QUICK_KW)
+    assert result["status"] == "ok", result["error"]
+    manifest_id = json.loads((artifact / "manifest.json").read_text())["id"]
+    path = tmp_path / "results" / f"local__{manifest_id}.json"
+    written = json.loads(path.read_text())
+    assert set(written) >= TOP_KEYS and written["schema_version"] == 1
+    assert written["artifact"]["format"] == fmt and written["artifact"]["id"] == manifest_id
+    accuracy = written["accuracy"]
+    assert accuracy["samples"] == 450 and accuracy["top1"] > 0.7
+    # The FP32 keras source ran here on the same inputs: int8 agrees closely, fp32 exactly.
+    assert accuracy["top1_reference"] == pytest.approx(digits["accuracy"], abs=1e-6)
+    assert accuracy["top1_drop"] == pytest.approx(accuracy["top1_reference"] - accuracy["top1"])
+    assert accuracy["agreement"]["top1_agreement"] > (0.95 if fmt == "tflite" else 0.999)
+    assert written["latency_ms"]["count"] >= 20 and written["env"]["emulated"] is False
+    # Deployed on demand; the run's scratch directory (which held the eval inputs) is gone.
+    assert (local_workdir / "releases" / manifest_id / "edgeq_runner.py").is_file()
+    assert list((local_workdir / "runs").iterdir()) == []
+
+
+def test_labels_never_reach_the_device(hand_artifacts, digits, tmp_path, local_workdir, monkeypatch):  # noqa: F811
+    from edgeq.remote.local import LocalTransport
+
+    uploaded = []
+    original = LocalTransport.put
+
+    def spy(self, local_path, remote_path, progress=None):
+        if str(remote_path).endswith(".npz"):
+            with np.load(local_path) as npz:
+                uploaded.append(sorted(npz.files))
+        return original(self, local_path, remote_path, progress)
+
+    monkeypatch.setattr(LocalTransport, "put", spy)
+    result = bench(hand_artifacts["onnx"], local_target(), eval_path=digits["eval"], output_dir=tmp_path, **QUICK_KW)
+    assert result["status"] == "ok"
+    assert uploaded == [["x"]]
+
+
+def test_eval_data_that_does_not_fit_fails_before_anything_runs(hand_artifacts, tmp_path, local_workdir):  # noqa: F811
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.zeros((5, 28, 28, 1), np.float32), labels=np.zeros(5, np.int64))
+    with pytest.raises(DataError, match=r"bad.npz: array for input '.*' has shape \[5, 28, 28, 1\]"):
+        bench(hand_artifacts["onnx"], local_target(), eval_path=bad, output_dir=tmp_path / "r", **QUICK_KW)
+    labels = tmp_path / "labels.npz"
+    np.savez(labels, x=np.zeros((5, 8, 8, 1), np.float32), labels=np.array([0, 1, 2, 3, 12]))
+    result = CliRunner().invoke(cli, ["bench", str(hand_artifacts["onnx"]), "--target", "local", "--eval",
+                                      str(labels), "-o", str(tmp_path / "r"), *QUICK])
+    assert result.exit_code == 1
+    assert "error: " in result.output and "label 12 is out of range: the model has 10 classes" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "r").exists() and not local_workdir.exists()
+
+
+def _fleet_inventory(trusted_inventory, tmp_path: Path, overrides: dict[str, dict]) -> Path:
+    data = yaml.safe_load(trusted_inventory.path.read_text())
+    for name, fields in overrides.items():
+        data["targets"][name].update(fields)
+    path = tmp_path / "bench-inventory.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.sshd
+def test_bench_fleet_over_ssh_keeps_results_when_one_target_fails(hand_artifacts, trusted_inventory, tmp_path):  # noqa: F811
+    inventory = _fleet_inventory(trusted_inventory, tmp_path, {"dev-2": {"python": "/nonexistent/python3"}})
+    out = tmp_path / "results"
+    result = CliRunner().invoke(cli, ["bench", str(hand_artifacts["tflite"]), "--target", "fleet", "-i",
+                                      str(inventory), "-o", str(out), *QUICK])
+    assert result.exit_code == 1, result.output
+    manifest_id = json.loads((hand_artifacts["tflite"] / "manifest.json").read_text())["id"]
+    results = {name: json.loads((out / f"{name}__{manifest_id}.json").read_text()) for name in trusted_inventory.devices}
+    for name in ("dev-0", "dev-1"):
+        assert results[name]["status"] == "ok", results[name]["error"]
+        assert results[name]["latency_ms"]["count"] >= 20 and results[name]["runtime"]["name"] == "tflite"
+        assert (trusted_inventory.workdirs[name] / "releases" / manifest_id).is_dir()
+    failed = results["dev-2"]
+    assert failed["status"] == "failed" and failed["latency_ms"] is None
+    assert failed["error"].startswith("dev-2 (") and "no '/nonexistent/python3' interpreter" in failed["error"]
+    assert "\n" not in failed["error"]
+    assert "error: dev-2 (" in result.output
+
+
+@pytest.mark.sshd
+def test_runtime_missing_on_the_device(hand_artifacts, trusted_inventory, tmp_path):  # noqa: F811
+    shadow = tmp_path / "shadow" / "onnxruntime"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('No module named onnxruntime')\n")
+    python = tmp_path / "python-without-ort"
+    python.write_text(f"#!/bin/sh\nPYTHONPATH={tmp_path / 'shadow'} exec {sys.executable} \"$@\"\n")
+    python.chmod(0o755)
+    inventory = _fleet_inventory(trusted_inventory, tmp_path, {"dev-1": {"python": str(python)}})
+    targets = resolve_targets(load_inventory(inventory), "fleet")[:2]
+    results = bench_fleet(hand_artifacts["onnx"], targets, output_dir=tmp_path / "r", **QUICK_KW)
+    assert results[0]["status"] == "ok"
+    assert results[1]["status"] == "failed"
+    assert results[1]["error"].startswith("dev-1 (") and "runtime missing on the device: onnxruntime is not " \
+        "installed on this device" in results[1]["error"]
+
+
+def _runner_pids(marker: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "edgeq_runner.py" in cmdline and marker in cmdline and "edgeq-bench" not in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.sshd
+def test_dropped_connection_leaves_no_orphan(hand_artifacts, trusted_inventory, tmp_path):  # noqa: F811
+    device = trusted_inventory.devices["dev-0"]
+    workdir = str(trusted_inventory.workdirs["dev-0"])
+    target = resolve_targets(load_inventory(trusted_inventory.path), "dev-0")[0]
+    outcome = {}
+    worker = threading.Thread(target=lambda: outcome.update(bench(
+        hand_artifacts["onnx"], target, output_dir=tmp_path / "r", warmup=2, runs=20, min_seconds=120,
+        idle_seconds=0)))
+    worker.start()
+    deadline = time.monotonic() + 60
+    while not _runner_pids(workdir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    pids = _runner_pids(workdir)
+    assert pids, "the runner never started"
+    time.sleep(1.0)
+    assert device.kill_sessions() >= 1
+    worker.join(timeout=60)
+    assert not worker.is_alive()
+    assert outcome["status"] == "failed" and outcome["error"].startswith("dev-0 (")
+    deadline = time.monotonic() + 10
+    while any(os.path.exists(f"/proc/{pid}") and _runner_pids(workdir) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _runner_pids(workdir) == [], "the runner kept running after its connection dropped"
