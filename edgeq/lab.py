@@ -304,6 +304,10 @@ def build_artifact(spec: BuildSpec, config: LabConfig) -> BuildOutcome:
         return BuildOutcome(spec, "converted", out_dir, manifest, time.perf_counter() - started)
     except EdgeqError as exc:
         return BuildOutcome(spec, "failed", None, None, time.perf_counter() - started, error=exc.message)
+    except Exception as exc:  # a converter bug on one model must not lose the rest of the night's results
+        log.exception("converting %s failed unexpectedly", spec.label)
+        return BuildOutcome(spec, "failed", None, None, time.perf_counter() - started,
+                            error=f"unexpected {type(exc).__name__}: {_one_line(exc)}")
 
 
 def _stamp_dir(history: Path, now: _dt.datetime) -> Path:
@@ -392,7 +396,11 @@ def run_lab(config: LabConfig, *, inventory: Path | str | None = None, baseline:
 
     run_dir = _stamp_dir(history_dir, now or _dt.datetime.now(_dt.timezone.utc))
     results_dir = run_dir / RESULTS_SUBDIR
-    results_dir.mkdir(parents=True)
+    try:
+        results_dir.mkdir(parents=True)
+    except OSError as exc:
+        raise LabError(f"{results_dir}: cannot create the run folder ({exc.strerror or exc})",
+                       hint="check history.dir in the LAB.yaml or pass --history") from exc
     progress(LabEvent("plan", "info", f"{len(specs)} artifact(s) x {len(targets)} target(s) -> {run_dir}"))
     failures: list[str] = []
 
@@ -474,6 +482,9 @@ def _deploy(target, spec: BuildSpec, outcome: BuildOutcome, config: LabConfig, p
         deployed = deploy(outcome.artifact_dir, target, keep=config.run.keep_releases, allow_failed=True)
     except EdgeqError as exc:
         deployed_error = exc.message
+    except Exception as exc:  # a bug for one device must not lose the other devices' results
+        log.exception("deploying %s to %s failed unexpectedly", spec.label, target.name)
+        deployed_error = f"unexpected {type(exc).__name__}: {_one_line(exc)}"
     else:
         if deployed.ok:
             progress(LabEvent("deploy", "ok", f"{label}: {deployed.status} ({deployed.seconds:.1f} s)"))
@@ -501,10 +512,15 @@ def _bench(targets: list, spec: BuildSpec, outcome: BuildOutcome, config: LabCon
         results = bench_fleet(outcome.artifact_dir, targets, parallel=run.parallel, eval_path=spec.model.eval,
                               warmup=run.warmup, runs=run.runs, min_seconds=run.min_seconds, threads=run.threads,
                               power=run.power == "auto", idle_seconds=run.idle_seconds, output_dir=results_dir)
-    except EdgeqError as exc:  # the artifact or the eval data is unusable: every target fails alike
+    except Exception as exc:  # the artifact or the eval data is unusable: every target fails alike
+        if isinstance(exc, EdgeqError):
+            why = exc.message
+        else:
+            log.exception("benching %s failed unexpectedly", spec.label)
+            why = f"unexpected {type(exc).__name__}: {_one_line(exc)}"
         out = []
         for target in targets:
-            error = f"bench failed: {exc.message}"
+            error = f"bench failed: {why}"
             progress(LabEvent("bench", "failed", f"{target.name} {spec.label}: {error}"))
             _write_json(results_dir / _result_name(target.name, spec, outcome.manifest),
                         failed_result(target.name, spec, outcome.manifest, error, started,
@@ -533,6 +549,10 @@ def _bench(targets: list, spec: BuildSpec, outcome: BuildOutcome, config: LabCon
         progress(LabEvent("bench", "ok", f"{label}: {summary}"))
         out.append((target, None))
     return out
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
 
 
 def _looks_unreachable(error: str | None) -> bool:
