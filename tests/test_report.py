@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -173,9 +174,41 @@ def test_csv_and_json_round_trip(lab, tmp_path):
     assert len(load_results([lab["current"]]).records) == 6
 
 
+# The structure of the Jenkins xunit plugin's junit-10.xsd (the schema CI systems read): allowed attributes,
+# required attributes and allowed children per element.
+JUNIT_SCHEMA = {
+    "testsuites": ({"name", "time", "tests", "failures", "errors"}, set(), {"testsuite"}),
+    "testsuite": ({"name", "tests", "failures", "errors", "group", "time", "skipped", "timestamp", "hostname",
+                   "id", "package", "file", "log", "url"}, {"name", "tests", "failures", "errors"},
+                  {"testsuite", "properties", "testcase", "system-out", "system-err"}),
+    "properties": (set(), set(), {"property"}),
+    "property": ({"name", "value"}, {"name", "value"}, set()),
+    "testcase": ({"name", "time", "classname", "group"}, {"name"},
+                 {"skipped", "error", "failure", "system-out", "system-err"}),
+    "failure": ({"type", "message"}, set(), set()),
+    "error": ({"type", "message"}, set(), set()),
+    "skipped": ({"type", "message"}, set(), set()),
+    "system-out": (set(), set(), set()),
+    "system-err": (set(), set(), set()),
+}
+SUREFIRE_TIME = re.compile(r"^(([0-9]{0,3},)*[0-9]{3}|[0-9]{0,3})*(\.[0-9]*)?$")
+
+
+def check_junit_schema(element: ET.Element) -> None:
+    allowed, required, children = JUNIT_SCHEMA[element.tag]
+    assert set(element.attrib) <= allowed, (element.tag, set(element.attrib) - allowed)
+    assert required <= set(element.attrib), (element.tag, required - set(element.attrib))
+    if element.tag in ("testsuites", "testsuite") and "time" in element.attrib:
+        assert SUREFIRE_TIME.match(element.get("time")), element.get("time")
+    for child in element:
+        assert child.tag in children, (element.tag, child.tag)
+        check_junit_schema(child)
+
+
 def test_junit_is_valid_and_counts_match(lab):
     root = ET.fromstring(render(lab["report"], "junit").split("\n", 1)[1])
     assert root.tag == "testsuites"
+    check_junit_schema(root)
     suites = root.findall("testsuite")
     assert [s.get("name") for s in suites] == ["edgeq.dead", "edgeq.local", "edgeq.rpi"]
     for suite in suites:
@@ -262,6 +295,7 @@ def test_broken_result_file_is_one_line_and_a_failed_row(tmp_path, content, mess
     assert len(errors) == 1 and errors[0].startswith(f"error: {bad}: {message}")
     assert "Traceback" not in result.output
     junit = ET.parse(out).getroot()
+    check_junit_schema(junit)
     assert junit.get("tests") == "2" and junit.get("errors") == "1"
     assert junit.find(".//testcase/error").get("type") == "unreadable-result"
 
