@@ -163,6 +163,7 @@ def local_runs(digits, tmp_path_factory):
     return {"runs": runs, "history": history, "artifacts": artifacts, "first_copy": first_copy}
 
 
+@pytest.mark.slow
 def test_local_first_run_converts_benches_and_reports(local_runs):
     result, run_dir = local_runs["runs"][0][0], local_runs["first_copy"]
     assert result.exit_code == 0, result.stderr
@@ -181,6 +182,7 @@ def test_local_first_run_converts_benches_and_reports(local_runs):
     assert len([g for g in root.iter("g") if "latency-box" in (g.get("class") or "")]) == 1
 
 
+@pytest.mark.slow
 def test_local_second_run_reuses_the_artifact_and_compares_with_the_first(local_runs):
     (first, first_dir), (second, second_dir) = local_runs["runs"][:2]
     assert second.exit_code == 0, second.stderr
@@ -195,6 +197,7 @@ def test_local_second_run_reuses_the_artifact_and_compares_with_the_first(local_
     assert (local_runs["history"] / "latest").resolve() == local_runs["runs"][-1][1].resolve()
 
 
+@pytest.mark.slow
 def test_local_regression_and_failed_conversion_fail_the_run_but_keep_results(local_runs):
     result, run_dir = local_runs["runs"][2]
     assert result.exit_code == EXIT_REGRESSION, result.stderr
@@ -213,6 +216,7 @@ def test_local_regression_and_failed_conversion_fail_the_run_but_keep_results(lo
 
 
 # -- end to end on the sshd test devices ------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.sshd
 def test_lab_on_sshd_devices_with_one_dead_device(digits, trusted_inventory, tmp_path):
     from tests.lab.sshd import free_port
