@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import shutil
@@ -30,22 +31,26 @@ def build(request: BuildRequest) -> BuildResult:
     options: dict[str, object] = {"opset": OPSET} if request.source.kind != "onnx" else {}
     if request.precision == "fp32":
         _fp32_model(request, target)
+        _canonical_constants(target)
         return BuildResult(model_file=MODEL_FILE, options=options, tools=tools)
     fp32 = request.scratch / "fp32.onnx"
     _fp32_model(request, fp32)
     try:
         if request.precision == "fp16":
             _to_fp16(fp32, target)
+            _canonical_constants(target)
             return BuildResult(model_file=MODEL_FILE, options=options, tools=(*tools, "onnxconverter-common"))
         prepared = _pre_process(fp32, request.scratch / "preprocessed.onnx", options)
         if request.precision == "dynamic":
             _quantize_dynamic(prepared, target)
+            _canonical_constants(target)
             return BuildResult(model_file=MODEL_FILE, options=options, tools=tools)
         method = request.calibration_method or request.profile.calibration_method
         reduce_range = needs_reduce_range(request.profile)
         options.update({"quant_format": "QDQ", "per_channel": True, "activation_type": "int8",
                         "weight_type": "int8", "reduce_range": reduce_range})
         _quantize_static(request, prepared, target, method, reduce_range)
+        _canonical_constants(target)
         return BuildResult(model_file=MODEL_FILE, calibration_method=method, options=options, tools=tools)
     except ConversionError:
         raise
@@ -176,6 +181,44 @@ def _renumber_generated_names(graph) -> None:
     walk(graph)
     # "converted from b'__inference_call_941'": TensorFlow's function counter, not the model.
     graph.doc_string = ""
+
+
+def _canonical_constants(path: Path) -> None:
+    """Name generated constants by content and sort initializers, so equal models give equal files.
+
+    Which of two identical constants (``const_starts__8`` / ``const_axes__8``) survives
+    deduplication in tf2onnx and ONNX Runtime's optimizer depends on process state, not on the
+    model; naming them by content removes that. Hand-named weights keep their names.
+    """
+    onnx = require_backend("onnx", "onnx")
+    model = onnx.load(str(path))
+    graph = model.graph
+    renamed: dict[str, str] = {}
+    kept = []
+    for init in graph.initializer:
+        if _GENERATED.search(init.name):
+            anonymous = onnx.TensorProto()
+            anonymous.CopyFrom(init)
+            anonymous.name = ""
+            digest = hashlib.sha256(anonymous.SerializeToString(deterministic=True)).hexdigest()[:12]
+            renamed[init.name] = new = f"const__{digest}"
+            if any(k.name == new for k in kept):
+                continue  # same content under another generated name: one copy is enough
+            init.name = new
+        kept.append(init)
+    if not renamed:
+        return
+    for node in graph.node:
+        node.input[:] = [renamed.get(n, n) for n in node.input]
+    for item in graph.value_info:
+        item.name = renamed.get(item.name, item.name)
+    kept.sort(key=lambda init: init.name)
+    copies = [onnx.TensorProto() for _ in kept]
+    for copy, init in zip(copies, kept, strict=True):
+        copy.CopyFrom(init)
+    del graph.initializer[:]
+    graph.initializer.extend(copies)
+    onnx.save(model, str(path))
 
 
 def _to_fp16(fp32: Path, target: Path) -> None:
