@@ -195,6 +195,12 @@ def _parse_jump(spec: str) -> tuple[str, str | None, int | None]:
     return host, user, port
 
 
+def _close_quietly(channel: paramiko.Channel) -> None:
+    """Close a channel whose connection may already be dead (paramiko then raises EOFError/OSError)."""
+    with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+        channel.close()
+
+
 class _SSHRunning(RunningCommand):
     def __init__(self, channel: paramiko.Channel, label: str, argv: list[str]):
         self._channel = channel
@@ -230,7 +236,7 @@ class _SSHRunning(RunningCommand):
         except (OSError, EOFError, paramiko.SSHException):
             pass
         finally:
-            self._channel.close()
+            _close_quietly(self._channel)
 
 
 class SSHTransport(Transport):
@@ -363,7 +369,7 @@ class SSHTransport(Transport):
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise self._lost(exc, f"running '{describe_argv(argv)}'") from exc
         finally:
-            channel.close()
+            _close_quietly(channel)
         return CommandResult(argv, exit_code, stdout.decode("utf-8", "replace"), stderr.decode("utf-8", "replace"))
 
     def start(self, argv: Sequence[str]) -> RunningCommand:
