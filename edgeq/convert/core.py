@@ -165,11 +165,11 @@ def _check_calibration_request(capability, fmt, precision, calibration, method, 
 
 
 def _load_calibration(source: SourceModel, path, limit: int) -> Dataset:
-    dataset = load_dataset(path, source.inputs, role="calibration")
+    dataset = subsample(load_dataset(path, source.inputs, role="calibration"), limit)
     if dataset.samples < MIN_CALIBRATION_SAMPLES:
         log.warning("%s: only %d calibration samples; at least %d are needed to calibrate well",
                     dataset.path, dataset.samples, MIN_CALIBRATION_SAMPLES)
-    return subsample(dataset, limit)
+    return dataset
 
 
 def _open_artifact(model_file: Path, fmt: str, source: SourceModel):

@@ -202,8 +202,10 @@ def unsupported_ops(message: str) -> list[str]:
     found: list[str] = []
     for pattern in _OP_PATTERNS:
         for match in pattern.finditer(message):
-            for op in re.split(r"[,\s]+", match.group(1)):
-                op = op.split(":")[0].strip("'\" ")
+            text = match.group(1)
+            names = re.findall(r"'(\w+)'", text) if "'" in text else re.split(r"[,\s]+", text)
+            for op in names:
+                op = op.strip()
                 if op and op not in found:
                     found.append(op)
     return found
