@@ -215,3 +215,16 @@ def test_runner_file_is_self_contained():
     import ast
 
     ast.parse(text, feature_version=(3, 8))  # JetPack 5 ships Python 3.8
+
+
+def test_profile_threads_are_capped_to_usable_cpus_but_explicit_threads_are_not():
+    from edgeq.runner import edgeq_runner as runner
+
+    cpus = runner.usable_cpus()
+    from_profile = {"threads": cpus + 3}
+    runner._cap_profile_threads(from_profile, {"threads_from_profile": True})
+    assert from_profile["threads"] == cpus and from_profile["threads_requested"] == cpus + 3
+    assert "capped" in from_profile["threads_note"]
+    explicit = {"threads": cpus + 3}
+    runner._cap_profile_threads(explicit, {"threads_from_profile": False})
+    assert explicit == {"threads": cpus + 3}

@@ -183,6 +183,7 @@ def _request(release: str, run_dir: str, settings: BenchSettings, profile, eval_
         "request_version": 1, "release_dir": release, "warmup": settings.warmup, "runs": settings.runs,
         "min_seconds": settings.min_seconds,
         "threads": settings.threads or (profile.threads if profile is not None else None),
+        "threads_from_profile": settings.threads is None,
         "providers": profile.execution_providers if profile is not None else None,
         "openvino_device": profile.openvino_device if profile is not None else "CPU",
         "power": power, "eval_inputs": f"{run_dir}/eval_inputs.npz" if eval_on_device else None,
@@ -268,8 +269,9 @@ def _merge(result: dict, runner: dict) -> None:
         if key in runner:
             result[key] = runner[key]
     run_settings = runner.get("settings") or {}
-    result["settings"].update({k: run_settings[k] for k in ("threads", "idle_seconds", "interval_ms",
-                                                            "power_sensor") if k in run_settings})
+    result["settings"].update({k: run_settings[k] for k in ("threads", "threads_requested", "threads_note",
+                                                            "idle_seconds", "interval_ms", "power_sensor")
+                               if k in run_settings})
     if runner.get("timed_wall_s") is not None:
         result["timed_wall_s"] = runner["timed_wall_s"]
 

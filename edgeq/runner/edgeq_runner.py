@@ -1247,6 +1247,27 @@ def _resolve(path, base_dir):
     return path if os.path.isabs(path) else os.path.join(base_dir, path)
 
 
+def usable_cpus():
+    """CPUs this process may run on (affinity-aware where the OS tells)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _cap_profile_threads(settings, request):
+    """A profile's thread count is for its device class; on a device with fewer CPUs it would oversubscribe
+    the cores and distort latency, so cap it there (an explicit --threads is taken as asked) and say so."""
+    if not settings.get("threads") or not request.get("threads_from_profile"):
+        return
+    cpus = usable_cpus()
+    if int(settings["threads"]) > cpus:
+        settings["threads_requested"] = int(settings["threads"])
+        settings["threads"] = cpus
+        settings["threads_note"] = "profile asks for %d threads; capped to the %d usable CPUs" % (
+            settings["threads_requested"], cpus)
+
+
 def run_request(request, base_dir="."):
     """Execute one bench request; returns the result fields (raises RunnerError on problems)."""
     if int(request.get("request_version", REQUEST_VERSION)) != REQUEST_VERSION:
@@ -1266,6 +1287,7 @@ def run_request(request, base_dir="."):
     settings.update({"power": power_enabled, "power_sensor": sensor,
                      "idle_seconds": float(power_config.get("idle_seconds", 2.0)),
                      "interval_ms": float(power_config.get("interval_ms", 20.0))})
+    _cap_profile_threads(settings, request)
     result["settings"] = settings
     result["env"] = environment()
 
