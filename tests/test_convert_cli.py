@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -253,6 +254,7 @@ def test_existing_output_refused_then_replaced_with_force(tmp_path, digits):
 
 @pytest.mark.slow
 def test_cli_summary_with_validation(tmp_path, digits, caplog):
+    caplog.set_level(logging.WARNING, logger="edgeq.convert.core")
     result = run_cli(digits["model"], "--profile", "x86-avx2", "--calibration", digits["calib"],
                      "--calibration-samples", "50", "--eval", digits["eval"], "--max-accuracy-drop", "0.05",
                      "-o", tmp_path / "art")  # x86-avx2: onnx int8
