@@ -186,10 +186,10 @@ def _is_our_sshd(pid: int, device_dir: Path) -> bool:
 def _wait_gone(pid: int, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not Path(f"/proc/{pid}").exists():
-            return
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
+        if not rpi_emu.pid_alive(pid):  # gone, or a zombie waiting for its (re)parent to reap it
+            return
         time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)

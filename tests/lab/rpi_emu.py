@@ -60,6 +60,11 @@ BINFMT_MASK = r"\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff
 SSHD_CONFIG_IN_ROOT = "/etc/ssh/sshd_config_edgeq"
 HOST_KEY_IN_ROOT = "/etc/ssh/edgeq_host_ed25519_key"
 SSHD_START_TIMEOUT = 60.0  # sshd under qemu-user takes a few seconds to come up; allow for a busy 2-core box
+# The CPU qemu emulates: a Raspberry Pi 4's Cortex-A72 (ARMv8.0-A, NEON, no dot product), like the rpi4 profile.
+# qemu's default ("max") advertises dotprod/i8mm/SVE; with it, XNNPACK's kernels for those gave wrong INT8
+# outputs under qemu 7.2 (measured: the digits model's logits differ from the host's and from cortex-a72's).
+# qemu-user reads QEMU_CPU from the environment of every program it starts, so sshd passes it to sessions.
+QEMU_CPU = "cortex-a72"
 DEVICE_NODES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
 
 
@@ -318,7 +323,7 @@ def _wait_for_ssh_banner(port: int, timeout: float, alive) -> None:
                    f"({last_error})")
 
 
-def _processes_rooted_at(root: Path) -> list[int]:
+def processes_rooted_at(root: Path) -> list[int]:
     """PIDs whose root directory is ``root`` (everything we started inside the chroot)."""
     target = os.path.realpath(root)
     pids = []
@@ -333,7 +338,7 @@ def _processes_rooted_at(root: Path) -> list[int]:
     return pids
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -403,7 +408,7 @@ class RpiEmu:
             port = port if port and port_is_free(port) else free_loopback_port()
             self._write_keys_and_config(port)
             pid = self._start_sshd()
-            _wait_for_ssh_banner(port, SSHD_START_TIMEOUT, lambda: _pid_alive(pid))
+            _wait_for_ssh_banner(port, SSHD_START_TIMEOUT, lambda: pid_alive(pid))
         except BaseException:
             self.stop()
             raise
@@ -423,20 +428,20 @@ class RpiEmu:
         if self.pidfile.exists():
             with contextlib.suppress(ValueError, OSError):
                 pid = int(self.pidfile.read_text().strip())
-                if pid in _processes_rooted_at(self.root):
+                if pid in processes_rooted_at(self.root):
                     os.kill(pid, signal.SIGTERM)
                     done.append(f"stopped sshd (pid {pid})")
             self.pidfile.unlink(missing_ok=True)
         if self.root.exists():
-            pids = _processes_rooted_at(self.root)
+            pids = processes_rooted_at(self.root)
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and any(_pid_alive(p) for p in _processes_rooted_at(self.root)):
+            while time.monotonic() < deadline and any(pid_alive(p) for p in processes_rooted_at(self.root)):
                 time.sleep(0.2)
-            for pid in _processes_rooted_at(self.root):
-                if _pid_alive(pid):
+            for pid in processes_rooted_at(self.root):
+                if pid_alive(pid):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
             if pids:
@@ -458,7 +463,7 @@ class RpiEmu:
         if self.pidfile.exists():
             with contextlib.suppress(ValueError):
                 pid = int(self.pidfile.read_text().strip())
-        running = bool(pid) and pid in _processes_rooted_at(self.root) and _pid_alive(pid)
+        running = bool(pid) and pid in processes_rooted_at(self.root) and pid_alive(pid)
         return {
             "running": running, "pid": pid if running else None, "port": info.get("port"),
             "mode": info.get("mode"), "root_version": info.get("root_version"),
@@ -508,6 +513,19 @@ class RpiEmu:
     def _mount_kernel_filesystems(self) -> None:
         root = self.root
         _mount(["-t", "proc", "-o", "nosuid,nodev,noexec", "proc", str(root / "proc")])
+        # qemu 7.2 passes the host's x86 /proc/cpuinfo through to arm64 programs. LiteRT's cpuinfo library
+        # segfaults in Interpreter() when it sees that next to /sys, and it would describe the wrong CPU
+        # anyway: show the CPU that is emulated (QEMU_CPU), one entry per CPU in /sys, as a Pi 4 shows it.
+        cpuinfo = self.state_dir / "cpuinfo"
+        cpuinfo.write_text(emulated_cpuinfo(os.cpu_count() or 1))
+        _mount(["--bind", str(cpuinfo), str(root / "proc/cpuinfo")])
+        _mount(["-o", "remount,bind,ro", str(root / "proc/cpuinfo")])
+        # The host's binfmt_misc, read-only: a program inside can see that it runs under qemu-user (the
+        # runner's emulation check reads /proc/sys/fs/binfmt_misc/qemu-aarch64).
+        binfmt = root / "proc/sys/fs/binfmt_misc"
+        if binfmt.is_dir() and _binfmt_mounted():
+            _mount(["--bind", str(BINFMT_DIR), str(binfmt)])
+            _mount(["-o", "remount,bind,ro", str(binfmt)])
         _mount(["-t", "sysfs", "-o", "ro,nosuid,nodev,noexec", "sysfs", str(root / "sys")])
         dev = root / "dev"
         _mount(["-t", "tmpfs", "-o", "mode=755,nosuid,size=8m", "edgeq-lab-dev", str(dev)])
@@ -541,6 +559,20 @@ class RpiEmu:
         text = hosts.read_text() if hosts.exists() else "127.0.0.1\tlocalhost\n"
         if "rpi-emu" not in text:
             hosts.write_text(text.rstrip("\n") + "\n127.0.1.1\trpi-emu\n")
+        # Trust what the host trusts: where outbound HTTPS goes through a TLS-inspecting proxy, its CA is in
+        # the host's bundle, and a device on the same network needs it too (as a real Pi would). pip
+        # otherwise uses its own certifi bundle, so point it at the system store like the host's pip.
+        host_bundle = Path("/etc/ssl/certs/ca-certificates.crt")
+        if host_bundle.is_file():
+            device_bundle = self.root / "etc/ssl/certs/ca-certificates.crt"
+            device_bundle.parent.mkdir(parents=True, exist_ok=True)
+            if device_bundle.is_symlink():
+                device_bundle.unlink()
+            shutil.copyfile(host_bundle, device_bundle)
+            (self.root / "etc/pip.conf").write_text(
+                "# Written by tests/lab/rpi_emu.py: use the system CA store (a copy of the host's).\n"
+                "[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n"
+            )
 
     def _write_keys_and_config(self, port: int) -> None:
         client_keypair(self.client_key)
@@ -576,6 +608,7 @@ class RpiEmu:
             "LoginGraceTime 120\n"
             "ClientAliveInterval 30\n"
             "AcceptEnv LANG LC_*\n"
+            + _setenv_line()
         )
 
     def _start_sshd(self) -> int:
@@ -594,9 +627,27 @@ class RpiEmu:
         return f"{key_type} {key_body}"
 
 
+def _setenv_line() -> str:
+    """sshd's ``SetEnv`` for sessions: the emulated CPU, and the host's proxy variables so the device's pip
+    goes out the way the host's does."""
+    names = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
+    pairs = [f"QEMU_CPU={QEMU_CPU}"]
+    pairs += [f"{name}={os.environ[name]}" for name in names
+              if os.environ.get(name) and not any(c.isspace() or c == '"' for c in os.environ[name])]
+    return f"SetEnv {' '.join(pairs)}\n"
+
+
+def emulated_cpuinfo(count: int) -> str:
+    """/proc/cpuinfo of ``count`` Cortex-A72 cores as a Raspberry Pi 4's kernel shows it (no Hardware line)."""
+    block = ("processor\t: {index}\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\n"
+             "CPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: 0xd08\n"
+             "CPU revision\t: 3\n\n")
+    return "".join(block.format(index=index) for index in range(count))
+
+
 def _device_env() -> dict:
     return {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
-            "LANG": "C.UTF-8"}
+            "LANG": "C.UTF-8", "QEMU_CPU": QEMU_CPU}
 
 
 def client_keypair(path: Path) -> Path:
