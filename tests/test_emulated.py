@@ -42,9 +42,9 @@ class Lab:
 
 
 def _cli(*args: str):
-    from edgeq.cli import main as edgeq_main
+    from edgeq.cli import cli
 
-    result = CliRunner().invoke(edgeq_main, list(args), catch_exceptions=False)
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
     return result
 
 
@@ -81,7 +81,7 @@ def emu_lab(tmp_path_factory) -> Lab:
                               timeout=120)
         print(f"lab.py down:\n{down.stdout}{down.stderr}")
         left_mounts = rpi_emu.mounts_under(state_dir)
-        left_processes = rpi_emu._processes_rooted_at(device.root)
+        left_processes = rpi_emu.processes_rooted_at(device.root)
         if left_mounts or left_processes:  # never leave anything behind, even when the assertion fails
             device.stop()
         assert down.returncode == 0, down.stderr
@@ -168,11 +168,13 @@ def test_bench_int8_tflite_on_emulated_rpi_matches_host(emu_lab, device_venv, ma
     assert device["artifact"]["profile"] == "rpi4"
     assert device["runtime"]["name"] == host["runtime"]["name"]
     assert device["accuracy"]["samples"] == host["accuracy"]["samples"] == len(np.load(digits["eval"])["labels"])
-    # The same INT8 model on the same inputs: same top-1 accuracy, and the same agreement with the FP32
-    # source (equal floats here mean the device's outputs equal the host's; test_outputs_bit_identical
-    # checks that directly).
+    # The same INT8 model on the same inputs: the same top-1 accuracy and top-1 agreement with the FP32
+    # source. The raw outputs may differ by one quantization step on a few samples (arm64 vs x86 kernels
+    # round differently; test_raw_int8_outputs_on_device_and_host measures it), so cosine only nearly equal.
     assert device["accuracy"]["top1"] == host["accuracy"]["top1"]
-    assert device["accuracy"]["agreement"] == host["accuracy"]["agreement"]
+    device_agreement, host_agreement = device["accuracy"]["agreement"], host["accuracy"]["agreement"]
+    assert device_agreement["top1_agreement"] == host_agreement["top1_agreement"]
+    assert device_agreement["cosine_similarity"] == pytest.approx(host_agreement["cosine_similarity"], abs=1e-5)
     print(f"top-1 device {device['accuracy']['top1']:.4f} host {host['accuracy']['top1']:.4f}; "
           f"p50 under emulation {device['latency_ms']['p50']:.3f} ms (meaningless) vs host "
           f"{host['latency_ms']['p50']:.3f} ms")
@@ -187,41 +189,67 @@ def test_bench_int8_tflite_on_emulated_rpi_matches_host(emu_lab, device_venv, ma
     assert "rpi-emu" in markdown and "emulat" in markdown
 
 
-def test_outputs_bit_identical_on_device_and_host(emu_lab, device_venv, make_artifact, digits, tmp_path):
-    """Run the runner's session on the device's own interpreter (arm64, XNNPACK aarch64 kernels) and on the
-    host (x86 kernels) over the whole eval set, and compare the raw INT8 outputs."""
-    from edgeq.runner import edgeq_runner
+# Runs one TFLite model over every eval sample with one op resolver; identical on the device and the host.
+_RAW_OUTPUTS_SCRIPT = """
+import sys, numpy as np
+from ai_edge_litert import interpreter as litert
+model, inputs, output = sys.argv[1:4]
+x = np.load(inputs)
+results = {}
+for mode in ("AUTO", "BUILTIN_REF"):  # AUTO: XNNPACK + optimized kernels; BUILTIN_REF: reference kernels
+    it = litert.Interpreter(model_path=model, num_threads=1,
+                            experimental_op_resolver_type=getattr(litert.OpResolverType, mode))
+    it.allocate_tensors()
+    source, sink = it.get_input_details()[0], it.get_output_details()[0]
+    scale, zero_point = source["quantization"]
+    rows = []
+    for i in range(len(x)):
+        q = np.clip(np.round(x[i:i + 1] / scale) + zero_point, -128, 127).astype(source["dtype"])
+        it.set_tensor(source["index"], q.reshape(source["shape"]))
+        it.invoke()
+        rows.append(it.get_tensor(sink["index"]).copy())
+    results[mode] = np.concatenate(rows)
+np.savez(output, **results)
+"""
 
+
+def test_raw_int8_outputs_on_device_and_host(emu_lab, device_venv, make_artifact, digits, tmp_path):
+    """The raw INT8 outputs of the same model on every eval sample, on the device (arm64 kernels, emulated
+    Cortex-A72) and on the host (x86 kernels).
+
+    Measured here: TFLite's reference kernels give bit-identical outputs on both (so the emulation computes
+    exactly), and the optimized kernels (XNNPACK) differ by at most one quantization step on a few samples
+    (1 of 450 for the digits model): arm64 NEON and x86 kernels requantize with different rounding. The
+    class every sample gets is the same.
+    """
     artifact = make_artifact("tflite", "int8", profile="rpi4")
     manifest = json.loads((artifact / "manifest.json").read_text())
-    eval_data = np.load(digits["eval"])
-    inputs = eval_data[eval_data.files[0]] if "x" not in eval_data.files else eval_data["x"]
-    input_name = manifest["inputs"][0]["name"]
+    inputs = np.load(digits["eval"])["x"].astype(np.float32)
 
-    # Stage model, inputs and the self-contained runner inside the device's file system.
-    stage = emu_lab.device.root / "tmp" / "bitcheck"
+    stage = emu_lab.device.root / "tmp" / "rawcheck"  # inside the device's file system
     stage.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(artifact / manifest["model_file"], stage / "model.tflite")
-    shutil.copyfile(Path(edgeq_runner.__file__), stage / "edgeq_runner.py")
-    np.save(stage / "inputs.npy", inputs.astype(np.float32))
-    script = (
-        "import sys, numpy as np; sys.path.insert(0, '/tmp/bitcheck'); import edgeq_runner as r\n"
-        "s = r.open_session('/tmp/bitcheck/model.tflite', 'tflite', threads=1)\n"
-        "x = np.load('/tmp/bitcheck/inputs.npy')\n"
-        f"out = np.concatenate([s.run({{{input_name!r}: x[i:i+1]}})[0] for i in range(len(x))])\n"
-        "np.save('/tmp/bitcheck/outputs.npy', out)\n"
-    )
-    ran = emu_lab.device.run([device_venv["python"], "-c", script], timeout=600)
+    np.save(stage / "inputs.npy", inputs)
+    (stage / "raw.py").write_text(_RAW_OUTPUTS_SCRIPT)
+    ran = emu_lab.device.run([device_venv["python"], "/tmp/rawcheck/raw.py", "/tmp/rawcheck/model.tflite",
+                              "/tmp/rawcheck/inputs.npy", "/tmp/rawcheck/outputs.npz"], timeout=900)
     assert ran.returncode == 0, ran.stderr[-2000:]
-    device_out = np.load(stage / "outputs.npy")
+    (tmp_path / "raw.py").write_text(_RAW_OUTPUTS_SCRIPT)
+    np.save(tmp_path / "inputs.npy", inputs)
+    host_run = subprocess.run([sys.executable, str(tmp_path / "raw.py"), str(artifact / manifest["model_file"]),
+                               str(tmp_path / "inputs.npy"), str(tmp_path / "outputs.npz")],
+                              capture_output=True, text=True, timeout=300)
+    assert host_run.returncode == 0, host_run.stderr[-2000:]
 
-    session = edgeq_runner.open_session(str(artifact / manifest["model_file"]), "tflite", threads=1)
-    host_out = np.concatenate([session.run({input_name: inputs[i:i + 1].astype(np.float32)})[0]
-                               for i in range(len(inputs))])
-    differing = int(np.sum(np.any(device_out != host_out, axis=tuple(range(1, host_out.ndim)))))
-    print(f"\n{differing} of {len(inputs)} samples differ; max abs diff {np.max(np.abs(device_out - host_out))}")
-    assert np.array_equal(device_out.argmax(axis=1), host_out.argmax(axis=1))
-    assert differing == 0, "INT8 outputs differ between arm64 (emulated) and x86 kernels"
+    device, host = np.load(stage / "outputs.npz"), np.load(tmp_path / "outputs.npz")
+    assert np.array_equal(device["BUILTIN_REF"], host["BUILTIN_REF"]), "reference kernels differ: emulation bug?"
+    steps = np.abs(device["AUTO"].astype(np.int32) - host["AUTO"].astype(np.int32))
+    differing = int(np.any(steps > 0, axis=1).sum())
+    print(f"\noptimized kernels: {differing} of {len(inputs)} samples differ, at most {steps.max()} "
+          "quantization step(s); reference kernels: bit-identical")
+    assert steps.max() <= 1
+    assert differing <= len(inputs) // 50
+    assert np.array_equal(device["AUTO"].argmax(axis=1), host["AUTO"].argmax(axis=1))
 
 
 def test_restart_after_crash_cleans_stale_state(emu_lab, tmp_path):
@@ -235,10 +263,10 @@ def test_restart_after_crash_cleans_stale_state(emu_lab, tmp_path):
         # "Crash": forget the object, start again on the same state dir.
         second = rpi_emu.RpiEmu(tmp_path / "crashy").start(port=first.port)
         assert second.pid != first.pid
-        assert not rpi_emu._pid_alive(first.pid)
+        assert not rpi_emu.pid_alive(first.pid)
         assert second.port == first.port
         assert sorted(rpi_emu.mounts_under(device.state_dir)) == sorted(mounts_running)  # nothing stacked twice
     finally:
         device.stop()
     assert rpi_emu.mounts_under(device.state_dir) == []
-    assert rpi_emu._processes_rooted_at(device.root) == []
+    assert rpi_emu.processes_rooted_at(device.root) == []
