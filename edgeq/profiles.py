@@ -60,6 +60,11 @@ class DeviceProfile(StrictModel):
         default="int8", description="input/output type of full-integer TFLite models"
     )
     calibration_method: CalibrationMethod = "minmax"
+    onnx_reduce_range: bool = Field(
+        default=False,
+        description="7-bit INT8 weights for ONNX Runtime: x86 CPUs without VNNI, whose U8S8 kernels (vpmaddubsw) "
+        "saturate int16 pair sums with full 8-bit weights",
+    )
     execution_providers: list[str] = Field(
         default_factory=lambda: ["CPUExecutionProvider"],
         description="ONNX Runtime providers in order of preference; the runner falls back in order",
