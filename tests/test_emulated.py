@@ -87,6 +87,7 @@ def emu_lab(tmp_path_factory) -> Lab:
         assert down.returncode == 0, down.stderr
         assert not left_mounts, f"lab.py down left mounts: {left_mounts}"
         assert not left_processes, f"lab.py down left processes in the device: {left_processes}"
+        device.destroy()  # the overlay's upper layer holds the device's venv (~200 MB): don't keep it
 
 
 @pytest.fixture(scope="module")

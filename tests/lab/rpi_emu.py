@@ -61,8 +61,8 @@ SSHD_CONFIG_IN_ROOT = "/etc/ssh/sshd_config_edgeq"
 HOST_KEY_IN_ROOT = "/etc/ssh/edgeq_host_ed25519_key"
 SSHD_START_TIMEOUT = 60.0  # sshd under qemu-user takes a few seconds to come up; allow for a busy 2-core box
 # The CPU qemu emulates: a Raspberry Pi 4's Cortex-A72 (ARMv8.0-A, NEON, no dot product), like the rpi4 profile.
-# qemu's default ("max") advertises dotprod/i8mm/SVE; with it, XNNPACK's kernels for those gave wrong INT8
-# outputs under qemu 7.2 (measured: the digits model's logits differ from the host's and from cortex-a72's).
+# qemu's default ("max") advertises dotprod/i8mm/SVE; with it, LiteRT's optimized kernels gave different INT8
+# outputs under qemu 7.2 (measured: the digits model's outputs differ from the host's and from cortex-a72's).
 # qemu-user reads QEMU_CPU from the environment of every program it starts, so sshd passes it to sessions.
 QEMU_CPU = "cortex-a72"
 DEVICE_NODES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
