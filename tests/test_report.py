@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -255,11 +256,28 @@ def test_cli_prints_markdown_to_stdout_without_outputs(lab):
     assert "(no baseline)" in result.stdout
 
 
-def test_min_effect_option_changes_the_verdict(lab):
+def test_min_effect_option_changes_the_verdict(lab, tmp_path):
     result = CliRunner().invoke(cli, ["report", str(lab["current"] / "local__tfliteint8000000.json"),
                                       "--baseline", str(lab["baseline"]), "--min-effect", "0.5",
-                                      "--json", "/dev/null"])
+                                      "--json", str(tmp_path / "report.json")])
     assert result.exit_code == 0, result.stderr
+
+
+def test_writing_to_a_device_node_writes_through_it(tmp_path):
+    """``--json /dev/stdout`` style outputs: the node must stay a node (an atomic rename would replace it)."""
+    import stat
+
+    from edgeq.report import _write_atomic
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        _write_atomic(fifo, '{"ok": true}')
+        assert os.read(reader, 100) == b'{"ok": true}'
+    finally:
+        os.close(reader)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
 
 
 def test_missing_path_is_a_one_line_error(tmp_path):

@@ -58,6 +58,12 @@ def render(report: Report, fmt: str) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> None:
+    if path.exists() and not path.is_file():
+        # A device or pipe (/dev/stdout, /dev/null, a FIFO): write through it. Renaming a temp file
+        # over it would replace the device node itself (as root, /dev/null became a regular file).
+        with open(path, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
