@@ -1371,6 +1371,11 @@ def _on_sigterm(signum, frame):
 
 
 def _write_json(path, data):
+    if os.path.exists(path) and not os.path.isfile(path):
+        # --result /dev/stdout: write through the node; a rename would replace the node itself.
+        with open(path, "w") as handle:
+            json.dump(data, handle, indent=1, allow_nan=False, default=str)
+        return
     tmp = path + ".tmp"
     with open(tmp, "w") as handle:
         json.dump(data, handle, indent=1, allow_nan=False, default=str)
