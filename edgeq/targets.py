@@ -47,8 +47,13 @@ class Target(StrictModel):
     workdir: str = Field(default="~/.edgeq", min_length=1, description="edgeq's directory on the device")
     python: str = Field(default="python3", min_length=1, description="interpreter on the device")
     local: bool = Field(default=False, description="run on this machine without SSH (built-in 'local')")
+    known_hosts: str | None = Field(
+        default=None,
+        description="a known_hosts file read besides ~/.ssh/known_hosts, where 'targets trust' records this "
+        "target's key (a relative path is relative to the inventory file)",
+    )
 
-    @field_validator("name", "host", "user", "key", "profile", "workdir", "python")
+    @field_validator("name", "host", "user", "key", "profile", "workdir", "python", "known_hosts")
     @classmethod
     def _no_control_chars(cls, value: str | None, info) -> str | None:
         return None if value is None else _reject_control_chars(value, info.field_name)
@@ -71,6 +76,9 @@ class Inventory(StrictModel):
 
     targets: dict[str, Target] = Field(default_factory=dict)
     groups: dict[str, list[str]] = Field(default_factory=dict)
+    known_hosts: str | None = Field(
+        default=None, description="default 'known_hosts' for every target of this file (e.g. a lab's own)"
+    )
     _sources: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @property
@@ -109,6 +117,11 @@ def load_inventory(path: str | Path | None = None) -> Inventory:
         if data is None:
             data = {}
         inventory = validate_model(Inventory, data, str(file), InventoryError)
+        for target in inventory.targets.values():
+            known_hosts = target.known_hosts or inventory.known_hosts
+            if known_hosts:
+                path = Path(known_hosts).expanduser()
+                target.known_hosts = str(path if path.is_absolute() else (file.parent / path).resolve())
         for kind, items in (("targets", inventory.targets), ("groups", inventory.groups)):
             for name, value in items.items():
                 if name in merged.targets or name in merged.groups:

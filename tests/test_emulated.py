@@ -52,8 +52,8 @@ def _cli(*args: str):
 def emu_lab(tmp_path_factory) -> Lab:
     """`lab.py up` in a temporary state dir (the real CLI, detached like `make lab-up`), `lab.py down` after.
 
-    HOME points at a temporary directory whose ~/.ssh/known_hosts holds the lab's host keys, so the real
-    ~/.ssh is never read or written.
+    HOME points at a temporary directory with an empty ~/.ssh, so the real ~/.ssh is never read or written:
+    the lab's host keys are trusted only through the inventory's own ``known_hosts`` file.
     """
     reason = rpi_emu.unavailable_reason()
     if reason:
@@ -70,7 +70,6 @@ def emu_lab(tmp_path_factory) -> Lab:
     try:
         assert up.returncode == 0, up.stderr
         (home / ".ssh").mkdir(mode=0o700)
-        shutil.copyfile(state_dir / "known_hosts", home / ".ssh" / "known_hosts")
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("HOME", str(home))
             patch.delenv("SSH_AUTH_SOCK", raising=False)
@@ -141,6 +140,7 @@ def test_unknown_host_key_of_emulated_device_is_refused(emu_lab, tmp_path, monke
     (empty_home / ".ssh").mkdir(parents=True)
     monkeypatch.setenv("HOME", str(empty_home))
     target = load_inventory(emu_lab.inventory).targets["rpi-emu"]
+    target.known_hosts = None  # without the lab's own known_hosts file
     with pytest.raises(ConnectError, match="not trusted"), open_transport(target) as transport:
         transport.run(["true"], timeout=60)
 

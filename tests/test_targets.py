@@ -133,6 +133,32 @@ def test_trust_a_group(ssh_home, sshd_fleet, tmp_path):
     assert result.output.count("SHA256:") == 3
 
 
+def test_inventory_known_hosts_file_is_used_for_trust_and_connect(ssh_home, sshd_fleet, tmp_path):
+    """A lab keeps its own known_hosts beside its inventory: trust writes there, connects read it, and the
+    user's ~/.ssh/known_hosts is left alone."""
+    import yaml
+
+    from edgeq.remote import open_transport
+    from edgeq.targets import load_inventory, resolve_targets
+    from tests.lab.sshd import write_inventory
+
+    device = sshd_fleet[0]
+    (tmp_path / "lab").mkdir()
+    inv = write_inventory(tmp_path / "lab" / "inv.yaml", {"d0": device})
+    data = yaml.safe_load(inv.read_text())
+    data["known_hosts"] = "lab_known_hosts"
+    inv.write_text(yaml.safe_dump(data))
+    (target,) = resolve_targets(load_inventory(inv), "d0")
+    assert target.known_hosts == str((tmp_path / "lab" / "lab_known_hosts").resolve())
+
+    result = CliRunner().invoke(cli, ["targets", "trust", "d0", "-i", str(inv)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "lab" / "lab_known_hosts").read_text().splitlines() == [device.known_hosts_line()]
+    assert not (ssh_home / ".ssh" / "known_hosts").exists()
+    with open_transport(target) as transport:
+        assert transport.run(["echo", "hello"], timeout=30).stdout.strip() == "hello"
+
+
 def build_wheel(directory: Path, name: str = "edgeq_tiny_runtime", version: str = "1.0") -> Path:
     """A minimal pure-Python wheel, written by hand (a wheel is a zip with dist-info metadata)."""
     files = {

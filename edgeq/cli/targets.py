@@ -95,7 +95,7 @@ def check_command(name, inventory) -> None:
 @click.argument("name")
 @inventory_option
 def trust_command(name, inventory) -> None:
-    """Record NAME's SSH host key(s) in ~/.ssh/known_hosts after showing the fingerprint."""
+    """Record NAME's SSH host key(s) after showing the fingerprint (in the target's known_hosts file, else ~/.ssh/known_hosts)."""
     from edgeq.errors import EdgeqError
     from edgeq.remote.hostkeys import trust_target
 

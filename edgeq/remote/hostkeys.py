@@ -83,7 +83,8 @@ def fetch_host_key(settings: SSHSettings, name: str, preferred_types: list[str] 
 
 
 def trust_target(target: Target, known_hosts: Path | None = None) -> TrustResult:
-    """Fetch ``target``'s host key and append it to ``~/.ssh/known_hosts`` unless already there.
+    """Fetch ``target``'s host key and append it to its known_hosts (the target's own file, else
+    ``~/.ssh/known_hosts``) unless already there.
 
     Raises ConnectError when a *different* key of the same type is already recorded (it may be an attack,
     or a reinstalled device: the user decides and removes the old entry with ``ssh-keygen -R``).
@@ -91,7 +92,7 @@ def trust_target(target: Target, known_hosts: Path | None = None) -> TrustResult
     if target.local:
         raise ConnectError("the built-in 'local' target does not use SSH; there is no host key to trust")
     settings = resolve_settings(target)
-    known_hosts = known_hosts or user_known_hosts()
+    known_hosts = known_hosts or (Path(target.known_hosts) if target.known_hosts else user_known_hosts())
     known = _known_keys(settings)
     key = fetch_host_key(settings, target.name, preferred_types=list(known))
     name = settings.known_hosts_name

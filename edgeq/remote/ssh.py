@@ -89,10 +89,11 @@ def _ssh_config() -> paramiko.SSHConfig:
 
 def resolve_settings(target: Target) -> SSHSettings:
     """Combine ``~/.ssh/config`` for ``target.host`` with the inventory (inventory wins)."""
-    return _resolve(target.host, target.user, target.port, target.key)
+    return _resolve(target.host, target.user, target.port, target.key, target.known_hosts)
 
 
-def _resolve(host: str, user: str | None, port: int | None, key: str | None) -> SSHSettings:
+def _resolve(host: str, user: str | None, port: int | None, key: str | None,
+             extra_known_hosts: str | None = None) -> SSHSettings:
     config = _ssh_config().lookup(host)
     hostname = config.get("hostname", host)
     try:
@@ -110,6 +111,8 @@ def _resolve(host: str, user: str | None, port: int | None, key: str | None) -> 
     known = [SYSTEM_KNOWN_HOSTS, str(user_known_hosts())]
     for extra in str(config.get("userknownhostsfile", "")).split():
         known.append(os.path.expanduser(extra))
+    if extra_known_hosts:
+        known.append(extra_known_hosts)
     return SSHSettings(alias=host, hostname=hostname, port=resolved_port, user=resolved_user, key_files=key_files,
                        proxy_jump=proxy_jump, proxy_command=proxy_command, known_hosts_files=known)
 
