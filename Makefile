@@ -24,8 +24,9 @@ lint: $(STAMP)
 lab-up: $(STAMP)
 	$(PY) tests/lab/lab.py up
 
-lab-down: $(STAMP)
-	$(PY) tests/lab/lab.py down
+# Stopping needs no (re)install: use the venv's python when there is one.
+lab-down:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) tests/lab/lab.py down
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
