@@ -336,10 +336,17 @@ def previous_results(history: Path, before: Path) -> Path | None:
     return None
 
 
-def prune_history(history: Path, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` runs; return what was deleted."""
+def prune_history(history: Path, keep: int, protect: list[Path] | None = None) -> list[Path]:
+    """Delete all but the newest ``keep`` runs, never a run holding one of ``protect`` (a pinned baseline);
+    return what was deleted."""
+    protected = [Path(p).resolve() for p in protect or []]
+
+    def holds_protected(run: Path) -> bool:
+        run = run.resolve()
+        return any(p == run or run in p.parents for p in protected)
+
     runs = history_runs(history)
-    doomed = runs[:-keep] if len(runs) > keep else []
+    doomed = [run for run in (runs[:-keep] if len(runs) > keep else []) if not holds_protected(run)]
     for run in doomed:
         shutil.rmtree(run, ignore_errors=True)
     return doomed
@@ -466,7 +473,7 @@ def run_lab(config: LabConfig, *, inventory: Path | str | None = None, baseline:
         latest.symlink_to(run_dir.name)
     except OSError as exc:  # e.g. a filesystem without symlinks: the history still works without it
         log.info("cannot point %s at %s: %s", latest, run_dir.name, exc)
-    for old in prune_history(history_dir, config.history.keep):
+    for old in prune_history(history_dir, config.history.keep, protect=list(pinned or [])):
         progress(LabEvent("report", "info", f"deleted old run {old.name} (history.keep={config.history.keep})"))
     progress(LabEvent("report", "ok" if report.passed else "failed", report.headline()))
     return LabOutcome(run_dir, results_dir, [builds[id(s)] for s in specs], report, files, baseline_paths, failures)

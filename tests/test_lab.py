@@ -119,8 +119,11 @@ def test_history_helpers(tmp_path):
     assert runs == ["2024-01-01T00-00-00", "2024-01-02T00-00-00", "2024-01-02T00-00-00-2", "2024-01-03T00-00-00"]
     # The newest earlier run with results (empty runs, e.g. one that crashed, are passed over).
     assert previous_results(tmp_path, tmp_path / "2024-01-03T00-00-00").parent.name == "2024-01-02T00-00-00"
-    deleted = prune_history(tmp_path, keep=2)
-    assert [p.name for p in deleted] == ["2024-01-01T00-00-00", "2024-01-02T00-00-00"]
+    pinned = tmp_path / "2024-01-01T00-00-00" / "results"
+    deleted = prune_history(tmp_path, keep=1, protect=[pinned])
+    # A pinned baseline inside the history survives pruning; everything else old goes.
+    assert [p.name for p in deleted] == ["2024-01-02T00-00-00", "2024-01-02T00-00-00-2"]
+    assert pinned.is_dir() and (tmp_path / "2024-01-03T00-00-00").is_dir()
     assert (tmp_path / "notes").is_dir()
 
 

@@ -112,6 +112,17 @@ def test_missing_energy_is_not_compared_rather_than_treated_as_zero():
     assert verdicts["energy"].status == "not-compared"
 
 
+def test_emulated_latency_and_energy_are_never_compared_but_accuracy_is():
+    rng = np.random.default_rng(7)
+    baseline = record(samples=synthetic_latency_run(rng, 300), top1=0.95, energy_j=0.010, emulated=True)
+    slower = record(samples=synthetic_latency_run(rng, 300, slowdown=0.5), top1=0.90, energy_j=0.020,
+                    emulated=True)
+    verdicts = {v.metric: v for v in compare_results(slower, baseline, Thresholds())}
+    assert verdicts["latency"].status == "not-compared" and "emulat" in verdicts["latency"].detail
+    assert verdicts["energy"].status == "not-compared"
+    assert verdicts["accuracy"].status == "regressed"
+
+
 def test_baselines_match_by_artifact_id_then_by_model_format_precision():
     current = [record("a", artifact_id="aaaa"), record("b", artifact_id="new-id", fmt="onnx"),
                record("c", target="other", artifact_id="cccc")]

@@ -336,3 +336,14 @@ def test_results_without_samples_still_compare_by_median(tmp_path):
     verdict = report.rows[0].verdict("latency")
     assert verdict.status == "regressed" and "no samples" in verdict.detail
     assert io.StringIO(render(report, "html")).read().count('class="latency-box regressed"') == 1
+
+
+def test_report_files_are_readable_by_others_like_any_file_written_under_the_umask(tmp_path):
+    from edgeq.report import _write_atomic
+
+    old = os.umask(0o022)
+    try:
+        _write_atomic(tmp_path / "report.html", "<html/>")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "report.html").stat().st_mode & 0o777 == 0o644

@@ -22,8 +22,9 @@ import click
               help="Latency margin: slower by more than this share (0.05 = 5 %) to count as a regression.")
 @click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05,
               show_default=True, help="Significance level of the latency test.")
-@click.option("--max-top1-drop", type=click.FloatRange(0, 100), default=0.5, show_default=True,
-              help="Largest acceptable top-1 drop against the baseline, in percentage points.")
+@click.option("--max-top1-drop", type=click.FloatRange(0, 1), default=0.005, show_default=True,
+              help="Largest acceptable top-1 drop against the baseline, as a fraction (0.005 = 0.5 point), "
+              "like convert's --max-accuracy-drop.")
 @click.option("--max-energy-increase", type=click.FloatRange(0, 100), default=0.10, show_default=True,
               help="Largest acceptable relative increase of energy per inference (0.10 = 10 %).")
 @click.option("--title", default="edgeq report", show_default=True, help="Title of the report.")
@@ -37,7 +38,7 @@ def report(results, baselines, html_path, markdown_path, csv_path, json_path, ju
     """
     from edgeq.report import Thresholds, create_report, render, write_reports
 
-    thresholds = Thresholds(min_effect=min_effect, alpha=alpha, max_top1_drop=max_top1_drop / 100.0,
+    thresholds = Thresholds(min_effect=min_effect, alpha=alpha, max_top1_drop=max_top1_drop,
                             max_energy_increase=max_energy_increase)
     result = create_report(list(results), list(baselines) or None, thresholds, title=title)
     to_stdout = markdown_path == Path("-") or not any((html_path, markdown_path, csv_path, json_path, junit_path))
