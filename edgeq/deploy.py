@@ -227,8 +227,15 @@ def check_artifact(artifact_dir: str | Path, allow_failed: bool = False) -> tupl
 
 # -- deploy --------------------------------------------------------------------------------------------
 def deploy(artifact_dir: str | Path, target: Target, keep: int = 3, *, progress: DeployProgress | None = None,
-           allow_failed: bool = False, _after_upload: Callable[[Transport, str], None] | None = None) -> DeployOutcome:
-    """Deploy one artifact to one target and activate it.
+           allow_failed: bool = False, activate: bool = True,
+           _after_upload: Callable[[Transport, str], None] | None = None) -> DeployOutcome:
+    """Deploy one artifact to one target and (unless ``activate=False``) make it the active release.
+
+    With ``activate=False`` the release is uploaded into ``releases/<id>/`` and verified on the device
+    exactly the same way, but ``current`` and the deploy history stay as they were (bench uses this, so
+    benchmarking an artifact never makes it the device's active release); a release already complete on
+    the device is ``unchanged`` and nothing is uploaded. Pruning never removes the current release, the
+    one before it, or the release just deployed.
 
     Problems with the local artifact raise (ManifestError / DeployError); anything that goes wrong on or
     on the way to the device is returned as a ``failed`` outcome with a one-line error naming the host.
@@ -237,18 +244,18 @@ def deploy(artifact_dir: str | Path, target: Target, keep: int = 3, *, progress:
     if keep < 1:
         raise DeployError(f"keep must be at least 1, got {keep}")
     manifest, plan = check_artifact(artifact_dir, allow_failed)
-    return _deploy_planned(manifest, plan, target, keep, progress, _after_upload)
+    return _deploy_planned(manifest, plan, target, keep, progress, _after_upload, activate)
 
 
 def _deploy_planned(manifest: Manifest, plan: list[ReleaseFile], target: Target, keep: int,
-                    progress: DeployProgress | None, after_upload) -> DeployOutcome:
+                    progress: DeployProgress | None, after_upload, activate: bool = True) -> DeployOutcome:
     started = time.monotonic()
     try:
         with open_transport(target) as transport:
             workdir = device_workdir(transport, target)
             with device_lock(transport, target, workdir):
                 status, message, uploaded = _deploy_locked(transport, target, workdir, manifest, plan, keep,
-                                                           progress, after_upload)
+                                                           progress, after_upload, activate)
     except EdgeqError as exc:
         log.info("deploy to %s failed: %s", target.name, exc)
         return DeployOutcome(target, "failed", manifest.id, time.monotonic() - started, error=exc.message,
@@ -263,7 +270,7 @@ def _mb(size: int) -> str:
 
 def _deploy_locked(transport: Transport, target: Target, workdir: str, manifest: Manifest,
                    plan: list[ReleaseFile], keep: int, progress: DeployProgress | None,
-                   after_upload) -> tuple[str, str, int]:
+                   after_upload, activate: bool = True) -> tuple[str, str, int]:
     python = target.python
     release_id = manifest.id
     expected = {f.rel: f.sha256 for f in plan}
@@ -277,6 +284,9 @@ def _deploy_locked(transport: Transport, target: Target, workdir: str, manifest:
         if not bad:
             if current == release_id:
                 return "unchanged", "already deployed and current; nothing uploaded", 0
+            if not activate:
+                return "unchanged", f"already on the device and verified; not activated (current is " \
+                                    f"{current or 'unset'}); nothing uploaded", 0
             _activate(transport, target, workdir, release_id, expected, keep, current)
             return "deployed", f"release already on the device, verified and activated (was {current}); " \
                                "nothing uploaded", 0
@@ -313,7 +323,7 @@ def _deploy_locked(transport: Transport, target: Target, workdir: str, manifest:
     if after_upload is not None:
         after_upload(transport, tmp)
     params = {"workdir": workdir, "release_id": release_id, "tmp": tmp, "expected": expected, "keep": keep,
-              "replace": replace}
+              "replace": replace, "activate": activate}
     if replace is not None:
         params["tmp_expected"] = {rel: expected[rel] for rel in replace}
     answer = device_op(transport, python, "activate", params)
@@ -321,9 +331,14 @@ def _deploy_locked(transport: Transport, target: Target, workdir: str, manifest:
         raise _activation_error(target, answer, current)
     if replace is not None:
         what = " and ".join(replace)
-        if current != release_id:
-            return "deployed", f"release was on the device; refreshed {what} and activated it", done
-        return "deployed", f"release already current; refreshed {what}", done
+        if current == release_id:
+            return "deployed", f"release already current; refreshed {what}", done
+        if not activate:
+            return "deployed", f"release was on the device; refreshed {what}; not activated", done
+        return "deployed", f"release was on the device; refreshed {what} and activated it", done
+    if not activate and current != release_id:
+        return "deployed", f"uploaded {len(upload)} files ({_mb(done)}), verified; not activated " \
+                           f"(current is {current or 'unset'})", done
     return "deployed", f"uploaded {len(upload)} files ({_mb(done)}), verified, activated", done
 
 

@@ -75,6 +75,58 @@ def test_first_deploy_redeploy_and_rollback(trusted_inventory, artifact, artifac
     assert current_of(workdir) == second.release_id
 
 
+def history_of(workdir: Path) -> list[str]:
+    import json
+
+    path = workdir / "releases" / ".history"
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def test_deploy_without_activate_stores_a_verified_release_but_leaves_current(trusted_inventory, artifact, artifact2,
+                                                                              tmp_path):
+    t = target(trusted_inventory)
+    workdir = trusted_inventory.workdirs["dev-0"]
+    first = deploy(artifact, t)
+    assert first.status == "deployed", first.error
+
+    stored = deploy(artifact2, t, activate=False)
+    assert stored.status == "deployed", stored.error
+    assert stored.uploaded_bytes > 0 and "not activated" in stored.message
+    release = workdir / "releases" / stored.release_id
+    assert (release / "model.tflite").read_bytes() == (artifact2 / "model.tflite").read_bytes()
+    assert (release / "edgeq_runner.py").read_bytes() == RUNNER_PATH.read_bytes()
+    assert current_of(workdir) == first.release_id
+    assert history_of(workdir) == [first.release_id]
+
+    before = mtimes(release)
+    again = deploy(artifact2, t, activate=False)
+    assert again.status == "unchanged" and again.uploaded_bytes == 0, again.message
+    assert mtimes(release) == before
+    assert current_of(workdir) == first.release_id
+
+    # A corrupted upload is refused the same way as for an activating deploy.
+    def corrupt(transport, tmp_dir):
+        path = Path(tmp_dir) / "model.tflite"
+        path.write_bytes(b"x" + path.read_bytes()[1:])
+
+    third_art = make_synthetic_artifact(tmp_path / "a3", {"model.tflite": os.urandom(512)})
+    refused = deploy(third_art, t, activate=False, _after_upload=corrupt)
+    assert refused.status == "failed" and "sha256 mismatch" in refused.error
+    assert not (workdir / "releases" / refused.release_id).exists()
+
+    # keep=1: pruning keeps the current release and the one just stored (an older stored-only one goes).
+    stored_again = deploy(third_art, t, keep=1, activate=False)
+    assert stored_again.status == "deployed", stored_again.error
+    remaining = {p.name for p in (workdir / "releases").iterdir() if not p.name.startswith(".")}
+    assert {first.release_id, stored_again.release_id} <= remaining
+    assert current_of(workdir) == first.release_id
+
+    activated = deploy(third_art, t)
+    assert activated.status == "deployed" and activated.uploaded_bytes == 0
+    assert current_of(workdir) == activated.release_id
+    assert history_of(workdir) == [first.release_id, activated.release_id]
+
+
 def test_half_present_release_is_not_counted_and_changed_runner_is_refreshed(trusted_inventory, artifact):
     t = target(trusted_inventory)
     workdir = trusted_inventory.workdirs["dev-0"]

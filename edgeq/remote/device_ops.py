@@ -125,8 +125,8 @@ def fsync_dir(path):
         os.close(fd)
 
 
-def prune(workdir, keep):
-    """Delete old releases beyond the newest ``keep``, never the current or the previous one."""
+def prune(workdir, keep, also_keep=()):
+    """Delete old releases beyond the newest ``keep``, never the current, the previous one or ``also_keep``."""
     releases, _ = release_listing(workdir)
     history = read_history(workdir)
     current = current_id(workdir)
@@ -142,7 +142,7 @@ def prune(workdir, keep):
         if name in order:
             order[name] = (1, position)
     newest_first = sorted(releases, key=lambda n: order[n], reverse=True)
-    protected = set(newest_first[:keep]) | {current, previous}
+    protected = set(newest_first[:keep]) | {current, previous} | set(also_keep)
     removed = []
     for name in newest_first:
         if name not in protected:
@@ -222,7 +222,11 @@ def op_prepare(params):
 
 
 def op_activate(params):
-    """Verify the upload (or the existing release), move it into place, swap ``current``, prune."""
+    """Verify the upload (or the existing release), move it into place, swap ``current``, prune.
+
+    With ``activate`` false the release is verified and moved into place but ``current`` and the history
+    are left alone (a release stored for bench only); pruning still never removes it.
+    """
     workdir = params["workdir"]
     release_id = params["release_id"]
     root = releases_dir(workdir)
@@ -252,13 +256,14 @@ def op_activate(params):
         emit({"ok": False, "error": "verify", "problems": problems})
         return
     previous = current_id(workdir)
-    if previous != release_id:
-        swap_current(workdir, release_id)
-    history = read_history(workdir)
-    if not history or history[-1] != release_id:
-        history.append(release_id)
-        write_history(workdir, history)
-    removed = prune(workdir, int(params.get("keep", 3)))
+    if params.get("activate", True):
+        if previous != release_id:
+            swap_current(workdir, release_id)
+        history = read_history(workdir)
+        if not history or history[-1] != release_id:
+            history.append(release_id)
+            write_history(workdir, history)
+    removed = prune(workdir, int(params.get("keep", 3)), also_keep=[release_id])
     emit({"ok": True, "previous": previous, "pruned": removed})
 
 
