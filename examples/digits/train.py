@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Train a small Keras CNN on scikit-learn's bundled 8x8 digits in seconds.
 
-Writes ``model.keras``, ``calib.npz`` (300 training samples, key ``x``) and
+Writes ``digits.keras``, ``calib.npz`` (300 training samples, key ``x``) and
 ``eval.npz`` (held-out ``x`` and ``labels``) into the output directory. No
 download: the data ships inside scikit-learn.
 """
@@ -57,7 +57,7 @@ def train(output: Path, epochs: int = 15, filters: int = 16, calibration_samples
     model.fit(x_train, y_train, epochs=epochs, batch_size=32, verbose=0)
     _, accuracy = model.evaluate(x_eval, y_eval, verbose=0)
     output.mkdir(parents=True, exist_ok=True)
-    model_path = output / "model.keras"
+    model_path = output / "digits.keras"
     model.save(model_path)
     np.savez(output / "calib.npz", x=x_train[:calibration_samples])
     np.savez(output / "eval.npz", x=x_eval, labels=y_eval)
