@@ -196,6 +196,33 @@ def test_orphaned_runner_stops_itself(hand_artifacts, tmp_path):  # noqa: F811
     assert read(tmp_path / "r.json")["error_kind"] == "terminated"
 
 
+def test_far_ancestor_exiting_does_not_stop_the_runner(hand_artifacts, tmp_path):  # noqa: F811
+    """A shell that started the controller in the background and then exited (``nohup ... &``, logout)
+    re-parents the controller; the controller is alive, so the run goes on to its end."""
+    release = release_dir(hand_artifacts["onnx"], tmp_path)
+    request = write_request(tmp_path, release, min_seconds=5, stop_when_orphaned=True)
+    pid_file, go_file = tmp_path / "pid", tmp_path / "go"
+    # The controller: starts the runner the way bench does (setsid + timeout) and waits for it.
+    controller = ("import subprocess,sys; p = subprocess.Popen(['setsid', 'timeout', '300', sys.executable, "
+                  f"{str(release / 'edgeq_runner.py')!r}, '--request', {str(request)!r}, '--result', "
+                  f"{str(tmp_path / 'r.json')!r}]); open({str(pid_file)!r}, 'w').write(str(p.pid)); "
+                  "sys.exit(p.wait())")
+    # The shell that started it: leaves it running and exits once told to (after the runner started).
+    shell = (f"import os,subprocess,sys,time; subprocess.Popen([sys.executable, '-c', {controller!r}]); "
+             f"[time.sleep(0.05) for _ in iter(lambda: os.path.exists({str(go_file)!r}), True)]")
+    far_ancestor = subprocess.Popen([sys.executable, "-c", shell])
+    assert _wait_for(pid_file.exists)
+    wrapper_pid = int(pid_file.read_text())
+    time.sleep(1.5)  # the runner has recorded its parents and is loading the model by now
+    go_file.touch()
+    assert far_ancestor.wait(timeout=10) == 0
+    assert _alive(wrapper_pid)
+    assert _wait_for((tmp_path / "r.json").exists, timeout=60)
+    result = read(tmp_path / "r.json")
+    assert result["status"] == "ok", result["error"]
+    assert result["timed_wall_s"] >= 5
+
+
 def test_emulation_detection(tmp_path):
     x86 = "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R)\nflags\t\t: fpu sse sse2\n"
     arm = "processor\t: 0\nBogoMIPS\t: 108.00\nCPU implementer\t: 0x41\nCPU part\t: 0xd0b\n"
