@@ -44,6 +44,7 @@ from pydantic import Field, field_validator, model_validator
 from edgeq import __version__
 from edgeq.config import StrictModel, load_yaml_file, validate_model
 from edgeq.errors import EdgeqError, ValidationError
+from edgeq.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -366,9 +367,11 @@ def failed_result(target: str, spec: BuildSpec, manifest, error: str, started_at
             "accuracy": None, "memory_mb": None, "power": None, "energy_j_per_inference": None}
 
 
-def _result_name(target: str, spec: BuildSpec, manifest) -> str:
+def _result_file(results_dir: Path, target: str, spec: BuildSpec, manifest) -> Path:
+    from edgeq.bench import result_path
+
     ident = manifest.id if manifest is not None else f"unbuilt-{spec.model.name}-{spec.format}-{spec.precision}"
-    return f"{target}__{ident}.json"
+    return result_path(results_dir, target, ident)
 
 
 def _now() -> str:
@@ -376,9 +379,7 @@ def _now() -> str:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def run_lab(config: LabConfig, *, inventory: Path | str | None = None, baseline: list[Path] | None = None,
@@ -446,7 +447,7 @@ def run_lab(config: LabConfig, *, inventory: Path | str | None = None, baseline:
                 if _looks_unreachable(error):
                     unreachable[target.name] = f"{target.name} was unreachable earlier in this run"
             failures.append(f"{target.name} {spec.label}: {error}")
-            _write_json(results_dir / _result_name(target.name, spec, outcome.manifest),
+            _write_json(_result_file(results_dir, target.name, spec, outcome.manifest),
                         failed_result(target.name, spec, outcome.manifest, error, started,
                                       time.perf_counter() - clock))
         if ready:
@@ -529,14 +530,14 @@ def _bench(targets: list, spec: BuildSpec, outcome: BuildOutcome, config: LabCon
         for target in targets:
             error = f"bench failed: {why}"
             progress(LabEvent("bench", "failed", f"{target.name} {spec.label}: {error}"))
-            _write_json(results_dir / _result_name(target.name, spec, outcome.manifest),
+            _write_json(_result_file(results_dir, target.name, spec, outcome.manifest),
                         failed_result(target.name, spec, outcome.manifest, error, started,
                                       time.perf_counter() - clock))
             out.append((target, error))
         return out
     out = []
     for target, result in zip(targets, results, strict=True):
-        path = Path(result.get("result_file") or results_dir / _result_name(target.name, spec, outcome.manifest))
+        path = Path(result.get("result_file") or _result_file(results_dir, target.name, spec, outcome.manifest))
         result.pop("result_file", None)
         result["artifact"]["model"] = spec.model.name
         _write_json(path, result)

@@ -267,13 +267,13 @@ def test_writing_to_a_device_node_writes_through_it(tmp_path):
     """``--json /dev/stdout`` style outputs: the node must stay a node (an atomic rename would replace it)."""
     import stat
 
-    from edgeq.report import _write_atomic
+    from edgeq.files import write_text_atomic
 
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        _write_atomic(fifo, '{"ok": true}')
+        write_text_atomic(fifo, '{"ok": true}')
         assert os.read(reader, 100) == b'{"ok": true}'
     finally:
         os.close(reader)
@@ -339,11 +339,11 @@ def test_results_without_samples_still_compare_by_median(tmp_path):
 
 
 def test_report_files_are_readable_by_others_like_any_file_written_under_the_umask(tmp_path):
-    from edgeq.report import _write_atomic
+    from edgeq.files import write_text_atomic
 
     old = os.umask(0o022)
     try:
-        _write_atomic(tmp_path / "report.html", "<html/>")
+        write_text_atomic(tmp_path / "report.html", "<html/>")
     finally:
         os.umask(old)
     assert (tmp_path / "report.html").stat().st_mode & 0o777 == 0o644

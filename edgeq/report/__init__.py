@@ -10,11 +10,10 @@ Typical use::
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from edgeq.errors import ReportError
+from edgeq.files import write_text_atomic
 from edgeq.report.model import COLUMNS, EXIT_REGRESSION, Report, Row, build_report
 from edgeq.report.regression import Thresholds, Verdict, compare_latency_samples, compare_results
 from edgeq.report.results import BrokenInput, LoadedResults, ResultFile, ResultRecord, load_results
@@ -57,28 +56,6 @@ def render(report: Report, fmt: str) -> str:
     raise ValueError(f"unknown report format {fmt!r} (one of {', '.join(FORMATS)})")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    if path.exists() and not path.is_file():
-        # A device or pipe (/dev/stdout, /dev/null, a FIFO): write through it. Renaming a temp file
-        # over it would replace the device node itself (as root, /dev/null became a regular file).
-        with open(path, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        # mkstemp makes 0600 files; a report is for reading (a web server, a CI artifact): honour the umask.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_reports(report: Report, **outputs: Path | str | None) -> dict[str, Path]:
     """Write the report in each requested format, e.g. ``write_reports(r, html="r.html", junit="j.xml")``.
 
@@ -92,7 +69,7 @@ def write_reports(report: Report, **outputs: Path | str | None) -> dict[str, Pat
             continue
         path = Path(target)
         try:
-            _write_atomic(path, render(report, fmt))
+            write_text_atomic(path, render(report, fmt))
         except OSError as exc:
             raise ReportError(f"{path}: cannot write the {fmt} report ({exc.strerror or exc})") from exc
         written[fmt] = path
