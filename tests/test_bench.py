@@ -189,3 +189,14 @@ def test_dropped_connection_leaves_no_orphan(hand_artifacts, trusted_inventory, 
     while any(os.path.exists(f"/proc/{pid}") and _runner_pids(workdir) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _runner_pids(workdir) == [], "the runner kept running after its connection dropped"
+
+
+def test_unusable_results_dir_fails_before_the_device_run(hand_artifacts, tmp_path, local_workdir):  # noqa: F811
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a regular file\n")
+    result = CliRunner().invoke(cli, ["bench", str(hand_artifacts["onnx"]), "--target", "local",
+                                      "-o", str(blocker / "results"), *QUICK])
+    assert result.exit_code == 1
+    assert result.output.startswith(f"error: {blocker / 'results'}: cannot create the results directory (")
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert not local_workdir.exists(), "the device run went ahead though its result could not be written"

@@ -7,6 +7,7 @@ timing; accuracy is computed here, so labels never leave the controller.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import secrets
@@ -83,6 +84,28 @@ class EvalData:
 def result_path(output_dir: str | Path, target_name: str, artifact_id: str) -> Path:
     """``RESULTS_DIR/<target>__<artifact-id>.json``."""
     return Path(output_dir) / f"{target_name}__{artifact_id}.json"
+
+
+def _make_results_dir(output_dir: str | Path) -> Path:
+    """Create RESULTS_DIR before anything runs, so a bad ``--output`` does not cost a device run."""
+    path = Path(output_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BenchError(f"{output_dir}: cannot create the results directory ({exc.strerror})") from exc
+    return path
+
+
+def _write_result(path: Path, result: dict) -> None:
+    tmp_path = path.with_suffix(".json.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_path.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+        tmp_path.replace(path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp_path.unlink(missing_ok=True)
+        raise BenchError(f"{path}: cannot write the result ({exc.strerror})") from exc
 
 
 def _num_classes(manifest: Manifest) -> int | None:
@@ -290,6 +313,7 @@ def bench(artifact_dir: str | Path, target: Target, *, eval_path: str | Path | N
     if _prepared is None:
         prepared = prepare(artifact_dir, eval_path)
         try:
+            _make_results_dir(output_dir)
             return bench(artifact_dir, target, warmup=warmup, runs=runs, min_seconds=min_seconds, threads=threads,
                          power=power, output_dir=output_dir, idle_seconds=idle_seconds, timeout_s=timeout_s,
                          _prepared=prepared)
@@ -321,10 +345,7 @@ def bench(artifact_dir: str | Path, target: Target, *, eval_path: str | Path | N
         result["error"] = " ".join(str(result["error"]).split())
     result["duration_s"] = time.monotonic() - started
     path = result_path(output_dir, target.name, manifest.id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.with_suffix(".json.tmp")
-    tmp_path.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
-    tmp_path.replace(path)
+    _write_result(path, result)
     result["result_file"] = str(path)
     return result
 
@@ -350,14 +371,17 @@ def _discard(prepared: tuple) -> None:
         prepared[1].device_file.unlink(missing_ok=True)
 
 
-def bench_fleet(artifact_dir: str | Path, targets: list[Target], *, parallel: int = 8, **kwargs) -> list[dict]:
+def bench_fleet(artifact_dir: str | Path, targets: list[Target], *, output_dir: str | Path, parallel: int = 8,
+                **kwargs) -> list[dict]:
     """``bench`` on every target in parallel (bounded pool); one result per target, in ``targets`` order."""
     if parallel < 1:
         raise BenchError(f"parallel must be at least 1, got {parallel}")
     prepared = prepare(artifact_dir, kwargs.pop("eval_path", None))
     try:
+        _make_results_dir(output_dir)
         with ThreadPoolExecutor(max_workers=min(parallel, max(len(targets), 1))) as pool:
-            futures = [pool.submit(bench, artifact_dir, target, _prepared=prepared, **kwargs) for target in targets]
+            futures = [pool.submit(bench, artifact_dir, target, output_dir=output_dir, _prepared=prepared, **kwargs)
+                       for target in targets]
             return [future.result() for future in futures]
     finally:
         _discard(prepared)
