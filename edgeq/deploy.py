@@ -162,13 +162,13 @@ def current_release(transport: Transport, target: Target) -> str | None:
 
 
 @contextmanager
-def device_lock(transport: Transport, target: Target, workdir: str) -> Iterator[None]:
+def device_lock(transport: Transport, target: Target, workdir: str, purpose: str = "deploy") -> Iterator[None]:
     """Hold the device's deploy lock for the duration; fail fast when another deploy holds it.
 
     The lock is a flock held by a process whose stdin is this connection: if the controller dies, the
     channel closes, the process sees EOF and the kernel releases the lock.
     """
-    holder = f"edgeq on {socket.gethostname()} pid {os.getpid()} since " \
+    holder = f"edgeq {purpose} on {socket.gethostname()} pid {os.getpid()} since " \
              f"{datetime.now(timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')}"
     process = transport.start(device_ops_argv(target.python, "lock", json.dumps({"workdir": workdir,
                                                                                 "holder": holder})))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import secrets
 import time
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgeq.deploy import device_op, device_python, device_workdir
-from edgeq.errors import ConnectError, DeployError, EdgeqError
+from edgeq.deploy import device_lock, device_op, device_python, device_workdir
+from edgeq.errors import ConnectError, DeployError, EdgeqError, RemoteCommandError
 from edgeq.profiles import load_profile
 from edgeq.remote import open_transport
 from edgeq.targets import Target
@@ -109,6 +111,10 @@ def setup_target(target: Target, wheelhouse: str | Path | None = None, system_si
 
     Packages come from the device's package index, or, with ``wheelhouse``, from the ``.whl`` files of
     that local directory, uploaded and installed with ``--no-index`` (devices without internet).
+
+    The new venv is built beside the old one (``workdir/venv-<token>``, under the device's deploy lock) and
+    becomes ``workdir/venv`` (a symlink swapped by rename) only after pip succeeded; a failed setup removes
+    its build and leaves the previous venv and the recorded interpreter as they were.
     """
     started = time.monotonic()
     profile = load_profile(target.profile)
@@ -128,22 +134,45 @@ def setup_target(target: Target, wheelhouse: str | Path | None = None, system_si
                                    + " ".join(packages) + " (with --platform/--python-version for the device)")
     with open_transport(target) as transport:
         workdir = device_workdir(transport, target)
-        venv = f"{workdir}/venv"
-        transport.run(["mkdir", "-p", workdir], timeout=60)
-        venv_argv = [target.python, "-m", "venv", "--clear"]
-        if system_site_packages:
-            venv_argv.append("--system-site-packages")
-        transport.run([*venv_argv, venv], timeout=600)
-        python = f"{venv}/bin/python"
-        pip = [python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
-        if wheels:
-            remote_wheels = f"{workdir}/wheelhouse"
-            transport.run(["mkdir", "-p", remote_wheels], timeout=60)
+        with device_lock(transport, target, workdir, purpose="targets setup"):
+            device_op(transport, target.python, "venv_prepare", {"workdir": workdir}, timeout=300)
+            name = f"venv-{secrets.token_hex(4)}"
+            build = f"{workdir}/{name}"
+            try:
+                _build_venv(transport, target, workdir, build, packages, wheels, system_site_packages, timeout)
+                switched = device_op(transport, target.python, "venv_switch", {"workdir": workdir, "name": name},
+                                     timeout=300)
+            except BaseException as exc:
+                with suppress(EdgeqError):
+                    device_op(transport, target.python, "venv_discard", {"workdir": workdir, "name": name},
+                              timeout=300)
+                if isinstance(exc, RemoteCommandError):
+                    raise RemoteCommandError(f"{exc.message}; the device's previous venv and recorded "
+                                             "interpreter are unchanged", hint=exc.hint) from exc
+                raise
+    return SetupResult(target, switched["python"], list(packages), "wheelhouse" if wheels else "index",
+                       time.monotonic() - started)
+
+
+def _build_venv(transport, target: Target, workdir: str, build: str, packages: list[str], wheels: list[Path],
+                system_site_packages: bool, timeout: float) -> None:
+    """Make a venv at ``build`` on the device and pip install ``packages`` into it (raises on failure)."""
+    venv_argv = [target.python, "-m", "venv"]
+    if system_site_packages:
+        venv_argv.append("--system-site-packages")
+    transport.run([*venv_argv, build], timeout=600)
+    pip = [f"{build}/bin/python", "-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
+    if wheels:
+        # Only this setup's wheels: a directory of its own, removed afterwards (a shared one would let pip
+        # pick up wheels an earlier setup left there).
+        remote_wheels = f"{build}.wheelhouse"
+        transport.run(["mkdir", "-p", remote_wheels], timeout=60)
+        try:
             for wheel in wheels:
                 transport.put(wheel, f"{remote_wheels}/{wheel.name}")
             transport.run([*pip, "--no-index", "--find-links", remote_wheels, *packages], timeout=timeout)
-        else:
-            transport.run([*pip, *packages], timeout=timeout)
-        device_op(transport, target.python, "record_python", {"workdir": workdir, "python": python}, timeout=60)
-    return SetupResult(target, python, list(packages), "wheelhouse" if wheels else "index",
-                       time.monotonic() - started)
+        finally:
+            with suppress(EdgeqError):
+                transport.run(["rm", "-rf", "--", remote_wheels], timeout=300)
+    else:
+        transport.run([*pip, *packages], timeout=timeout)

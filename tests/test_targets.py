@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import sys
 import zipfile
 from pathlib import Path
@@ -162,7 +163,7 @@ def test_inventory_known_hosts_file_is_used_for_trust_and_connect(ssh_home, sshd
 def build_wheel(directory: Path, name: str = "edgeq_tiny_runtime", version: str = "1.0") -> Path:
     """A minimal pure-Python wheel, written by hand (a wheel is a zip with dist-info metadata)."""
     files = {
-        f"{name}/__init__.py": b"__version__ = '1.0'\nRUNTIME = 'tiny'\n",
+        f"{name}/__init__.py": f"__version__ = '{version}'\nRUNTIME = 'tiny'\n".encode(),
         f"{name}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
         f"{name}-{version}.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: edgeq-tests\nRoot-Is-Purelib: true\n"
                                              b"Tag: py3-none-any\n",
@@ -181,13 +182,9 @@ def build_wheel(directory: Path, name: str = "edgeq_tiny_runtime", version: str 
     return wheel
 
 
-@pytest.mark.sshd
-def test_setup_installs_from_a_wheelhouse(trusted_inventory, tmp_path):
-    """``targets setup --wheelhouse``: venv on the device, offline pip install, interpreter recorded."""
+def tiny_runtime_setup(trusted_inventory, tmp_path):
+    """dev-0 with a profile whose runtime is the hand-made ``edgeq_tiny_runtime`` wheel, plain interpreter."""
     import yaml
-
-    from edgeq.deploy import device_python
-    from edgeq.remote import open_transport
 
     profile = write(tmp_path / "tiny-profile.yaml", yaml.safe_dump({
         "name": "tiny", "description": "test profile", "arch": "x86_64", "cpu": "any", "format": "tflite",
@@ -196,24 +193,52 @@ def test_setup_installs_from_a_wheelhouse(trusted_inventory, tmp_path):
     data["targets"]["dev-0"]["profile"] = str(profile)
     data["targets"]["dev-0"]["python"] = sys._base_executable  # a plain interpreter, as on a device
     trusted_inventory.path.write_text(yaml.safe_dump(data))
-    wheelhouse = tmp_path / "wheels"
-    build_wheel(wheelhouse)
-    result = CliRunner().invoke(cli, ["targets", "setup", "dev-0", "-i", str(trusted_inventory.path),
-                                      "--wheelhouse", str(wheelhouse)])
-    assert result.exit_code == 0, result.output
+    return resolve_targets(load_inventory(trusted_inventory.path), "dev-0")[0]
+
+
+@pytest.mark.sshd
+def test_setup_from_a_wheelhouse_and_a_failed_setup_keeps_the_venv(trusted_inventory, tmp_path):
+    """``targets setup --wheelhouse``: venv on the device, offline pip install, interpreter recorded.
+
+    A setup whose pip fails leaves the previous venv and the recorded interpreter working and removes its
+    build; a venv directory from an older edgeq is replaced."""
+    from edgeq.deploy import device_python
+    from edgeq.remote import open_transport
+
+    target = tiny_runtime_setup(trusted_inventory, tmp_path)
     workdir = trusted_inventory.workdirs["dev-0"]
-    venv_python = workdir / "venv" / "bin" / "python"
-    assert f"into {venv_python}" in result.output and "from wheelhouse" in result.output
-    target = resolve_targets(load_inventory(trusted_inventory.path), "dev-0")[0]
-    with open_transport(target) as transport:
-        assert device_python(transport, target) == str(venv_python)
-        probe = transport.run([str(venv_python), "-c", "import edgeq_tiny_runtime as m; print(m.RUNTIME)"])
-        assert probe.stdout.strip() == "tiny"
+    (workdir / "venv").mkdir(parents=True)  # as an older edgeq left it: a plain directory
+    (workdir / "venv" / "marker").write_text("old")
+    good = tmp_path / "good"
+    build_wheel(good)
+    args = ["targets", "setup", "dev-0", "-i", str(trusted_inventory.path), "--wheelhouse"]
+    first = CliRunner().invoke(cli, [*args, str(good)])
+    assert first.exit_code == 0, first.output
+    assert f"into {workdir / 'venv' / 'bin' / 'python'}" in first.output and "from wheelhouse" in first.output
+
+    def probe() -> str:
+        with open_transport(target) as transport:
+            python = device_python(transport, target)
+            assert python == str(workdir / "venv" / "bin" / "python")
+            return transport.run([python, "-c", "import edgeq_tiny_runtime as m; print(m.__version__)"],
+                                 timeout=60).stdout.strip()
+
+    assert probe() == "1.0"
+    live = os.readlink(workdir / "venv")
+    assert not (workdir / "venv" / "marker").exists()
     empty = tmp_path / "empty"
     empty.mkdir()
-    refused = CliRunner().invoke(cli, ["targets", "setup", "dev-0", "-i", str(trusted_inventory.path),
-                                       "--wheelhouse", str(empty)])
+    refused = CliRunner().invoke(cli, [*args, str(empty)])
     assert refused.exit_code == 1 and "no .whl files" in refused.output
+
+    other = tmp_path / "other"
+    build_wheel(other, name="edgeq_other_runtime")  # lacks the profile's package: pip fails
+    failed = CliRunner().invoke(cli, [*args, str(other)])
+    assert failed.exit_code == 1
+    assert "edgeq_tiny_runtime" in failed.output and "previous venv" in failed.output
+    assert probe() == "1.0"
+    assert os.readlink(workdir / "venv") == live
+    assert sorted(p.name for p in workdir.iterdir() if "venv" in p.name) == sorted(["venv", live])
 
 
 def test_rollback_cli_without_history(tmp_path, monkeypatch):

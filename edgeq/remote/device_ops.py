@@ -8,8 +8,10 @@ argument, and names travel as JSON on stdin, so no name is ever interpolated int
     releases/.tmp-<id>-*    uploads in progress (removed by the next deploy under the lock)
     releases/.history       JSON list of activated ids, oldest first (rollback walks it back)
     current -> releases/<id>
-    .deploy.lock            flock(2) held by the deploy in progress
-    python                  the interpreter recorded by ``edgeq targets setup``
+    .deploy.lock            flock(2) held by the deploy (or ``targets setup``) in progress
+    venv -> venv-<token>    the venv made by ``edgeq targets setup`` (a new one is built beside it and the
+                            link swapped only once pip succeeded)
+    python                  the interpreter recorded by ``edgeq targets setup`` (WORKDIR/venv/bin/python)
 """
 
 import errno
@@ -23,6 +25,8 @@ import sys
 
 TMP_PREFIX = ".tmp-"
 HISTORY = ".history"
+VENV_LINK = "venv"
+VENV_PREFIX = "venv-"
 
 
 def emit(obj):
@@ -306,14 +310,91 @@ def op_rollback(params):
     emit({"ok": False, "error": "no previous release", "current": current, "skipped": skipped})
 
 
-def op_record_python(params):
-    """Record the interpreter ``targets setup`` made (WORKDIR/python), atomically."""
-    path = os.path.join(params["workdir"], "python")
+def record_python(workdir, python):
+    """Record the interpreter edgeq runs the runner with (WORKDIR/python), atomically; returns the file."""
+    path = os.path.join(workdir, "python")
     tmp = path + f".tmp-{os.getpid()}"
     with open(tmp, "w") as handle:
-        handle.write(params["python"] + "\n")
+        handle.write(python + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
-    emit({"ok": True, "path": path})
+    return path
+
+
+def op_record_python(params):
+    """Record the interpreter ``targets setup`` made (WORKDIR/python), atomically."""
+    emit({"ok": True, "path": record_python(params["workdir"], params["python"])})
+
+
+def _venv_name(name):
+    if os.path.basename(name) != name or not name.startswith(VENV_PREFIX) or name.endswith(".wheelhouse"):
+        raise OSError(errno.EINVAL, "not a venv build directory name", name)
+    return name
+
+
+def live_venv(workdir):
+    """The name of the WORKDIR entry WORKDIR/venv links to (None when it is missing, a plain directory, or a
+    link made by hand to somewhere else)."""
+    try:
+        name = os.readlink(os.path.join(workdir, VENV_LINK)).rstrip("/")
+    except OSError:
+        return None
+    return name if name and "/" not in name else None
+
+
+def op_venv_prepare(params):
+    """Before a setup builds WORKDIR/<name>: remove venv builds (and their wheelhouses) a failed or killed
+    setup left behind."""
+    workdir = params["workdir"]
+    os.makedirs(workdir, exist_ok=True)
+    live = live_venv(workdir)
+    removed = []
+    for entry in sorted(os.listdir(workdir)):
+        stale = (entry.startswith(VENV_PREFIX) and entry != live) or entry.startswith(".venv.old-")
+        path = os.path.join(workdir, entry)
+        if stale and os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(entry)
+    emit({"ok": True, "removed": removed})
+
+
+def op_venv_switch(params):
+    """Make the freshly built WORKDIR/<name> the venv: record it, swap the WORKDIR/venv link, drop the old one.
+
+    The recorded interpreter is valid at every moment: first the build's own python is recorded, then the
+    link moves by one rename(2), then the stable WORKDIR/venv/bin/python is recorded again.
+    """
+    workdir = params["workdir"]
+    name = _venv_name(params["name"])
+    record_python(workdir, os.path.join(workdir, name, "bin", "python"))
+    link = os.path.join(workdir, VENV_LINK)
+    old = live_venv(workdir)
+    if os.path.lexists(link) and not os.path.islink(link):  # a plain venv dir from an older edgeq
+        old = f".venv.old-{os.getpid()}"
+        os.rename(link, os.path.join(workdir, old))
+    tmp_link = os.path.join(workdir, f".venv.tmp-{os.getpid()}")
+    if os.path.lexists(tmp_link):
+        os.unlink(tmp_link)
+    os.symlink(name, tmp_link)
+    os.replace(tmp_link, link)
+    fsync_dir(workdir)
+    python = os.path.join(link, "bin", "python")
+    record_python(workdir, python)
+    ours = old and (old.startswith(VENV_PREFIX) or old.startswith(".venv.old-"))  # never a venv set up by hand
+    if ours and old != name and os.path.isdir(os.path.join(workdir, old)):
+        shutil.rmtree(os.path.join(workdir, old), ignore_errors=True)
+    emit({"ok": True, "python": python, "removed": old if ours else None})
+
+
+def op_venv_discard(params):
+    """Remove a venv build that failed (never the live one)."""
+    workdir = params["workdir"]
+    name = _venv_name(params["name"])
+    removed = name != live_venv(workdir) and os.path.isdir(os.path.join(workdir, name))
+    if removed:
+        shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
+    emit({"ok": True, "removed": removed})
 
 
 def op_read_python(params):
@@ -394,6 +475,7 @@ def op_facts(params):
 
 OPS = {"lock": op_lock, "inspect": op_inspect, "prepare": op_prepare, "cleanup": op_cleanup, "activate": op_activate,
        "rollback": op_rollback, "record_python": op_record_python, "read_python": op_read_python,
+       "venv_prepare": op_venv_prepare, "venv_switch": op_venv_switch, "venv_discard": op_venv_discard,
        "facts": op_facts}
 
 
