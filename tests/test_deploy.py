@@ -209,6 +209,33 @@ def test_changed_host_key_is_refused(ssh_home, sshd_device, tmp_path, artifact):
     assert (ssh_home / ".ssh" / "known_hosts").read_text() == fake_line + "\n"
 
 
+def test_key_of_another_type_is_refused(ssh_home, sshd_device, tmp_path, artifact):
+    """known_hosts holds only an ecdsa key for the device, which now offers only ed25519: trust refuses to
+    add it silently and connecting says which type is missing (OpenSSH warns loudly here too)."""
+    from tests.lab.sshd import generate_key, write_inventory
+
+    other = generate_key(tmp_path / "other_ecdsa_key", key_type="ecdsa")
+    hk = f"[{sshd_device.host}]:{sshd_device.port}"
+    ecdsa_line = f"{hk} " + " ".join(other.with_suffix(".pub").read_text().split()[:2])
+    known_hosts = ssh_home / ".ssh" / "known_hosts"
+    known_hosts.write_text(ecdsa_line + "\n")
+    inv = write_inventory(tmp_path / "inv.yaml", {"rekeyed": sshd_device}, workdir_root=tmp_path / "wd")
+    runner = CliRunner()
+    refused = runner.invoke(cli, ["targets", "trust", "rekeyed", "-i", str(inv)])
+    assert refused.exit_code == 1
+    assert f"known_hosts has a ecdsa-sha2-nistp256 key for {hk}, but the device now offers only ssh-ed25519 " \
+           "(SHA256:" in refused.output and "refusing" in refused.output
+    assert f"ssh-keygen -R '{hk}'" in refused.output
+    assert known_hosts.read_text() == ecdsa_line + "\n"
+
+    result = runner.invoke(cli, ["deploy", str(artifact), "--target", "rekeyed", "-i", str(inv)])
+    assert result.exit_code == 1
+    assert f"known_hosts has no key of the offered type ssh-ed25519 for {hk}, only ecdsa-sha2-nistp256" \
+        in result.output
+    assert "no entry" not in result.output and f"ssh-keygen -R '{hk}'" in result.output
+    assert not (tmp_path / "wd").exists()
+
+
 def test_fleet_with_one_unreachable_device(trusted_inventory, artifact, tmp_path):
     import yaml
 

@@ -6,8 +6,6 @@ trust the same thing. A key that differs from the one already recorded is never 
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import os
 import socket
 from dataclasses import dataclass
@@ -16,16 +14,17 @@ from pathlib import Path
 import paramiko
 
 from edgeq.errors import ConnectError
-from edgeq.remote.ssh import SSHSettings, resolve_settings, translate_connect_error, user_known_hosts
+from edgeq.remote.ssh import (
+    SSHSettings,
+    fingerprint,
+    known_host_keys,
+    resolve_settings,
+    translate_connect_error,
+    user_known_hosts,
+)
 from edgeq.targets import Target
 
 TRUST_TIMEOUT = 10.0
-
-
-def fingerprint(key: paramiko.PKey) -> str:
-    """OpenSSH's ``SHA256:base64`` fingerprint of a public key."""
-    digest = hashlib.sha256(key.asbytes()).digest()
-    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
 
 
 @dataclass
@@ -40,21 +39,9 @@ class TrustResult:
     known_hosts: Path
 
 
-def _known_keys(settings: SSHSettings) -> dict[str, paramiko.PKey]:
-    keys: dict[str, paramiko.PKey] = {}
-    for path in settings.known_hosts_files:
-        if not os.path.isfile(path):
-            continue
-        host_keys = paramiko.HostKeys()
-        try:
-            host_keys.load(path)
-        except (OSError, paramiko.SSHException) as exc:
-            raise ConnectError(f"{path}: cannot read known_hosts: {exc}") from exc
-        found = host_keys.lookup(settings.known_hosts_name)
-        if found:
-            for key_type in found:
-                keys.setdefault(key_type, found[key_type])
-    return keys
+# A known_hosts "ssh-rsa" key is negotiated as one of these signature algorithms (OpenSSH servers refuse the
+# SHA-1 "ssh-rsa" one by default).
+_ALGORITHMS_FOR_KEY_TYPE = {"ssh-rsa": ["rsa-sha2-512", "rsa-sha2-256", "ssh-rsa"]}
 
 
 def fetch_host_key(settings: SSHSettings, name: str, preferred_types: list[str] | None = None,
@@ -72,7 +59,8 @@ def fetch_host_key(settings: SSHSettings, name: str, preferred_types: list[str] 
         transport.banner_timeout = timeout
         if preferred_types:
             options = transport.get_security_options()
-            known = [t for t in preferred_types if t in options.key_types]
+            wanted = [a for t in preferred_types for a in _ALGORITHMS_FOR_KEY_TYPE.get(t, [t])]
+            known = [t for t in wanted if t in options.key_types]
             options.key_types = tuple(known + [t for t in options.key_types if t not in known])
         transport.start_client(timeout=timeout)
         return transport.get_remote_server_key()
@@ -86,17 +74,24 @@ def trust_target(target: Target, known_hosts: Path | None = None) -> TrustResult
     """Fetch ``target``'s host key and append it to its known_hosts (the target's own file, else
     ``~/.ssh/known_hosts``) unless already there.
 
-    Raises ConnectError when a *different* key of the same type is already recorded (it may be an attack,
-    or a reinstalled device: the user decides and removes the old entry with ``ssh-keygen -R``).
+    Raises ConnectError when a *different* key of the same type is already recorded, or when keys are
+    recorded for the host but none of the type the device now offers (either may be an attack, or a
+    reinstalled device: the user decides and removes the old entries with ``ssh-keygen -R``).
     """
     if target.local:
         raise ConnectError("the built-in 'local' target does not use SSH; there is no host key to trust")
     settings = resolve_settings(target)
     known_hosts = known_hosts or (Path(target.known_hosts) if target.known_hosts else user_known_hosts())
-    known = _known_keys(settings)
+    known = known_host_keys(settings)
     key = fetch_host_key(settings, target.name, preferred_types=list(known))
     name = settings.known_hosts_name
     recorded = known.get(key.get_name())
+    if known and recorded is None:
+        raise ConnectError(
+            f"{target.label}: known_hosts has a {', '.join(sorted(known))} key for {name}, but the device now "
+            f"offers only {key.get_name()} ({fingerprint(key)}); refusing",
+            hint=f"if this is expected: ssh-keygen -R '{name}' then edgeq targets trust {target.name} again",
+        )
     if recorded is not None:
         if recorded.asbytes() == key.asbytes():
             return TrustResult(target, name, key.get_name(), fingerprint(key), "already-trusted", known_hosts)

@@ -8,8 +8,10 @@ and ``/etc/ssh/ssh_known_hosts``; an unknown key is refused with a hint to ``edg
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import getpass
+import hashlib
 import logging
 import os
 import select
@@ -117,6 +119,30 @@ def _resolve(host: str, user: str | None, port: int | None, key: str | None,
                        proxy_jump=proxy_jump, proxy_command=proxy_command, known_hosts_files=known)
 
 
+def fingerprint(key: paramiko.PKey) -> str:
+    """OpenSSH's ``SHA256:base64`` fingerprint of a public key."""
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def known_host_keys(settings: SSHSettings) -> dict[str, paramiko.PKey]:
+    """The keys the known_hosts files record for this host, by key type (the first file that has a type wins)."""
+    keys: dict[str, paramiko.PKey] = {}
+    for path in settings.known_hosts_files:
+        if not os.path.isfile(path):
+            continue
+        host_keys = paramiko.HostKeys()
+        try:
+            host_keys.load(path)
+        except (OSError, paramiko.SSHException) as exc:
+            raise ConnectError(f"{path}: cannot read known_hosts: {exc}") from exc
+        found = host_keys.lookup(settings.known_hosts_name)
+        if found:
+            for key_type in found:
+                keys.setdefault(key_type, found[key_type])
+    return keys
+
+
 class UnknownHostKey(paramiko.SSHException):
     """Raised by the host key policy: the server's key is in no known_hosts file."""
 
@@ -150,6 +176,19 @@ def translate_connect_error(exc: BaseException, settings: SSHSettings, name: str
         return ConnectError(f"{where}: host key is not trusted (no entry for {hk} in known_hosts)",
                             hint=f"check the fingerprint, then run: edgeq targets trust {name or settings.alias}")
     if isinstance(exc, paramiko.BadHostKeyException):
+        offered = exc.key.get_name()
+        if exc.expected_key.get_name() != offered:
+            # paramiko reports "keys recorded, none of the offered type" as a bad key; OpenSSH warns loudly
+            # here too: the device's keys may have been replaced.
+            try:
+                recorded = ", ".join(sorted(known_host_keys(settings))) or exc.expected_key.get_name()
+            except ConnectError:
+                recorded = exc.expected_key.get_name()
+            return ConnectError(
+                f"{where}: host key is not trusted (known_hosts has no key of the offered type {offered} for "
+                f"{hk}, only {recorded}); refusing to connect",
+                hint=f"the device offers {offered} {fingerprint(exc.key)}; if its keys were expected to change: "
+                     f"ssh-keygen -R '{hk}' then edgeq targets trust {name or settings.alias}")
         return ConnectError(
             f"{where}: host key has CHANGED (known_hosts has a different {exc.expected_key.get_name()} key "
             f"for {hk}); refusing to connect",

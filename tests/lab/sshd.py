@@ -43,10 +43,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def generate_key(path: Path, comment: str = "edgeq-test") -> Path:
-    """An unencrypted ed25519 key pair at ``path`` / ``path.pub``."""
+def generate_key(path: Path, comment: str = "edgeq-test", key_type: str = "ed25519") -> Path:
+    """An unencrypted key pair (ed25519 unless ``key_type`` says e.g. "ecdsa") at ``path`` / ``path.pub``."""
     if not path.exists():
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+        subprocess.run(["ssh-keygen", "-q", "-t", key_type, "-N", "", "-C", comment, "-f", str(path)],
                        check=True, capture_output=True)
     path.chmod(0o600)
     return path
