@@ -35,6 +35,19 @@ def _reject_control_chars(value: str, what: str) -> str:
     return value
 
 
+def check_name(name: str, what: str) -> str:
+    """A target or group name is used in file names (``RESULTS_DIR/<target>__<id>.json``) and on command
+    lines: no path separators, not ``.``/``..``, no leading ``-``, no control characters."""
+    _reject_control_chars(name, what)
+    if not name or name in (".", ".."):
+        raise ValueError(f"{what} must not be empty, '.' or '..'")
+    if "/" in name or "\\" in name:
+        raise ValueError(f"{what} must not contain '/' or '\\' (it becomes part of file names)")
+    if name.startswith("-"):
+        raise ValueError(f"{what} must not start with '-'")
+    return name
+
+
 class Target(StrictModel):
     """One device. ``name`` is filled in from the inventory key."""
 
@@ -86,10 +99,18 @@ class Inventory(StrictModel):
         """Target or group name -> the inventory file that defines it."""
         return self._sources
 
+    @field_validator("targets", "groups", mode="before")
+    @classmethod
+    def _safe_names(cls, value, info):
+        if isinstance(value, dict):
+            what = "target" if info.field_name == "targets" else "group"
+            for name in value:
+                check_name(str(name), f"{what} name {name!r}")
+        return value
+
     @model_validator(mode="after")
     def _names(self) -> Inventory:
         for name, target in self.targets.items():
-            _reject_control_chars(name, f"target name {name!r}")
             if not target.name:
                 target.name = name
         # Group members are checked by load_inventory, after every file is merged (groups may span files).

@@ -394,11 +394,13 @@ def test_shell_metacharacters_run_nothing(ssh_home, sshd_device, tmp_path):
     art = make_synthetic_artifact(tmp_path / f"art {evil}", {f"model {evil}.tflite": os.urandom(256)},
                                   model_file=f"model {evil}.tflite")
     inv = tmp_path / "inv.yaml"
-    inv.write_text(yaml.safe_dump({"targets": {f"t {evil}": {
+    # Target names may not hold '/' (they become file names), so the name gets the path-free part.
+    evil_name = "t x; touch pwned; $(touch pwned) `touch pwned` 'q\" a"
+    inv.write_text(yaml.safe_dump({"targets": {evil_name: {
         "host": sshd_device.host, "port": sshd_device.port, "user": sshd_device.user,
         "key": str(sshd_device.client_key), "profile": "x86-avx2", "workdir": str(workdir),
         "python": "python3"}}}))
-    t = resolve_targets(load_inventory(inv), f"t {evil}")[0]
+    t = resolve_targets(load_inventory(inv), evil_name)[0]
     outcome = deploy(art, t)
     assert outcome.status == "deployed", outcome.error
     release = workdir / "releases" / outcome.release_id

@@ -46,6 +46,13 @@ groups:
     ("targets:\n  a: {host: h, profile: rpi4}\ngroups:\n  g: [a, b]\n", "groups.g: unknown target 'b'"),
     ("targets: [1, 2]\n", "targets: Input should be a valid dictionary"),
     ("targets:\n  a: {host: h, profile: rpi4\n", "not valid YAML"),
+    ("targets:\n  ../evil: {host: h, profile: rpi4}\n", "targets: Value error, target name '../evil' must not contain '/'"),
+    ("targets:\n  'a\\b': {host: h, profile: rpi4}\n", "target name 'a\\\\b' must not contain '/' or '\\'"),
+    ("targets:\n  '..': {host: h, profile: rpi4}\n", "target name '..' must not be empty, '.' or '..'"),
+    ("targets:\n  .: {host: h, profile: rpi4}\n", "target name '.' must not be empty"),
+    ("targets:\n  -rf: {host: h, profile: rpi4}\n", "target name '-rf' must not start with '-'"),
+    ("targets:\n  a: {host: h, profile: rpi4}\ngroups:\n  x/y: [a]\n", "groups: Value error, group name 'x/y'"),
+    ("targets:\n  a: {host: h, profile: rpi4}\ngroups:\n  ..: [a]\n", "group name '..' must not be empty"),
 ])
 def test_inventory_errors_name_file_and_field(tmp_path, text, message):
     inv = write(tmp_path / "bad.yaml", text)
