@@ -186,12 +186,13 @@ def local_target() -> Target:
 
 
 def resolve_targets(inventory: Inventory, name: str) -> list[Target]:
-    """The targets a ``--target`` value names: one target, a group's members, or the built-in ``local``."""
+    """The targets a ``--target`` value names: one target, a group's members (each once, in the group's
+    order), or the built-in ``local``."""
     if name in inventory.targets:
         return [inventory.targets[name]]
     if name in inventory.groups:
         return [inventory.targets[member] if member in inventory.targets else local_target()
-                for member in inventory.groups[name]]
+                for member in dict.fromkeys(inventory.groups[name])]
     if name == LOCAL_TARGET:
         return [local_target()]
     known = [*inventory.targets, *inventory.groups, LOCAL_TARGET]

@@ -36,6 +36,10 @@ groups:
     assert (rpi.name, rpi.workdir, rpi.python, rpi.port, rpi.user) == ("rpi-01", "~/.edgeq", "python3", None, None)
     names = [t.name for t in resolve_targets(inventory, "lab")]
     assert names == ["jetson-01", "rpi-01", "local"]
+    # A member listed twice is one device: benching or deploying it twice at once would collide.
+    inv.write_text(inv.read_text().replace("[jetson-01, rpi-01, local]", "[rpi-01, jetson-01, rpi-01, local, local]"))
+    names = [t.name for t in resolve_targets(load_inventory(inv), "lab")]
+    assert names == ["rpi-01", "jetson-01", "local"]
     assert inventory.sources["jetson-01"] == str(inv)
 
 
