@@ -200,3 +200,27 @@ def test_unusable_results_dir_fails_before_the_device_run(hand_artifacts, tmp_pa
     assert result.output.startswith(f"error: {blocker / 'results'}: cannot create the results directory (")
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
     assert not local_workdir.exists(), "the device run went ahead though its result could not be written"
+
+
+def test_reordered_outputs_are_matched_by_source_name(digits, tmp_path, local_workdir):
+    """The artifact's outputs come out as [aux, scores] while the source's are [scores, aux]: accuracy and
+    agreement use the artifact output whose source_name is the source's first output."""
+    from tests.test_bench_support import build_two_head_artifact
+
+    artifact = build_two_head_artifact(digits, tmp_path / "two-head")
+    result = bench(artifact, local_target(), eval_path=digits["eval"], output_dir=tmp_path / "r", **QUICK_KW)
+    assert result["status"] == "ok", result["error"]
+    accuracy = result["accuracy"]
+    assert accuracy["samples"] == 450 and accuracy["top1"] is not None
+    # Same FP32 model on both sides: the compared outputs are the same tensor.
+    assert accuracy["agreement"]["top1_agreement"] == 1.0 and accuracy["agreement"]["max_abs_error"] < 1e-4
+    assert accuracy["top1_drop"] == pytest.approx(0.0, abs=1e-9)
+
+    # Without the source names there is no telling which output is the scores: a one-line error, not a crash.
+    unmapped = build_two_head_artifact(digits, tmp_path / "unmapped", with_source_names=False)
+    no_labels = tmp_path / "inputs-only.npz"
+    np.savez(no_labels, x=np.load(digits["eval"])["x"][:40])
+    result = bench(unmapped, local_target(), eval_path=no_labels, output_dir=tmp_path / "r", **QUICK_KW)
+    assert result["status"] == "failed"
+    assert result["error"].startswith("local") and "has shape [40, 3] but the source's first output has [40, 10]" \
+        in result["error"]

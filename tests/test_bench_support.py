@@ -108,3 +108,53 @@ def hand_artifacts(digits, tmp_path_factory) -> dict[str, Path]:
 
 def runner_python() -> str:
     return sys.executable
+
+
+def build_two_head_artifact(digits: dict, out: Path, *, with_source_names: bool = True) -> Path:
+    """An ONNX artifact of a two-output Keras model ([scores (10), aux (3)]) whose outputs come out in the
+    other order ([aux, scores]), as a converter may reorder them; the manifest maps them back to the
+    source's output names (``source_name``) unless ``with_source_names`` is False."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+    import tensorflow as tf
+    import tf2onnx
+
+    from edgeq.runner.edgeq_runner import open_session
+
+    out.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1), name="x")
+    features = keras.layers.Flatten()(inputs)
+    scores = keras.layers.Dense(10, activation="softmax", name="scores")(features)
+    aux = keras.layers.Dense(3, name="aux")(features)
+    source = out.parent / f"{out.name}-source.keras"
+    keras.Model(inputs, [scores, aux]).save(source)
+    model = keras.models.load_model(source)
+
+    @tf.function(input_signature=(tf.TensorSpec((None, 8, 8, 1), tf.float32, name="x"),))
+    def forward(x):
+        head_scores, head_aux = model(x)
+        return head_aux, head_scores
+
+    tf2onnx.convert.from_function(forward, input_signature=forward.input_signature, opset=17,
+                                  output_path=str(out / "model.onnx"))
+    session = open_session(out / "model.onnx", "onnx")
+    assert [t["shape"][1] for t in session.outputs] == [3, 10]
+    # load_source names a Keras model's outputs output_0, output_1... in the model's order: [scores, aux].
+    source_names = {session.outputs[0]["name"]: "output_1", session.outputs[1]["name"]: "output_0"}
+
+    def specs(tensors):
+        return [TensorSpec(name=t["name"], shape=t["shape"], dtype=t["dtype"],
+                           source_name=source_names.get(t["name"]) if with_source_names else None)
+                for t in tensors]
+
+    files = file_entries(out)
+    manifest = Manifest(
+        id=artifact_id(files), format="onnx", precision="fp32", model_file="model.onnx", files=files,
+        source=SourceInfo(path=str(source), sha256=sha256_tree(source), kind="keras"),
+        inputs=specs(session.inputs), outputs=specs(session.outputs),
+        profile=load_profile("x86-avx2").model_dump(mode="json"), tool_versions={},
+        created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(), conversion_seconds=0.0,
+    )
+    write_manifest(out, manifest)
+    return out

@@ -17,12 +17,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
 from edgeq.data import Dataset, InputSpec, check_labels_range, load_dataset
 from edgeq.errors import BenchError, EdgeqError
-from edgeq.manifest import Manifest, verify_artifact
+from edgeq.manifest import Manifest, TensorSpec, verify_artifact
 from edgeq.metrics import agreement, top_k_accuracy
 from edgeq.targets import Target
 
@@ -78,6 +79,7 @@ class EvalData:
     labels: np.ndarray | None
     reference: np.ndarray | None = None
     reference_note: str | None = None
+    scores_output: str | None = None  # the artifact output compared (the scores)
     device_file: Path | None = field(default=None, repr=False)
 
 
@@ -108,36 +110,72 @@ def _write_result(path: Path, result: dict) -> None:
         raise BenchError(f"{path}: cannot write the result ({exc.strerror})") from exc
 
 
-def _num_classes(manifest: Manifest) -> int | None:
-    if not manifest.outputs:
+def _num_classes(spec: TensorSpec | None) -> int | None:
+    if spec is None:
         return None
-    dims = manifest.outputs[0].shape[1:]
+    dims = spec.shape[1:]
     if not dims or any(d is None for d in dims):
         return None
     return int(np.prod(dims))
 
 
-def load_eval(eval_path: str | Path, manifest: Manifest) -> EvalData:
-    """Read eval data and check it against the artifact's inputs and classes (DataError naming the file)."""
+def _read_eval(eval_path: str | Path, manifest: Manifest) -> Dataset:
     # Quantized artifacts take float data too: the runner quantizes with the artifact's own parameters.
     specs = [InputSpec(name=t.name, shape=list(t.shape), dtype="float32") for t in manifest.inputs]
-    dataset = load_dataset(eval_path, specs, role="eval")
-    classes = _num_classes(manifest)
+    return load_dataset(eval_path, specs, role="eval")
+
+
+def _checked_eval(dataset: Dataset, manifest: Manifest, scores_output: str | None) -> EvalData:
+    scores = next((t for t in manifest.outputs if t.name == scores_output), None) if scores_output else None
+    scores = scores or (manifest.outputs[0] if manifest.outputs else None)
+    classes = _num_classes(scores)
     if classes:
         check_labels_range(dataset, classes)
-    return EvalData(dataset=dataset, inputs=dict(dataset.inputs), labels=dataset.labels)
+    return EvalData(dataset=dataset, inputs=dict(dataset.inputs), labels=dataset.labels,
+                    scores_output=scores.name if scores is not None else None)
 
 
-def _reference_outputs(manifest: Manifest, data: EvalData) -> tuple[np.ndarray | None, str]:
-    """FP32 outputs of the manifest's source model on the eval inputs, with the converter's source runner;
-    (None, why) when the source cannot be run here."""
+def load_eval(eval_path: str | Path, manifest: Manifest, scores_output: str | None = None) -> EvalData:
+    """Read eval data and check it against the artifact's inputs and the classes of ``scores_output`` (the
+    artifact output that holds the scores; default its first output); DataError naming the file."""
+    return _checked_eval(_read_eval(eval_path, manifest), manifest, scores_output)
+
+
+def _load_source(manifest: Manifest):
+    """(the manifest's source model loaded with the converter's source runner, None) or (None, why not)."""
     source_path = Path(manifest.source.path)
     if not source_path.exists():
         return None, f"source model {source_path} is not on this machine"
     try:
         from edgeq.convert.source import load_source
 
-        source = load_source(source_path)
+        return load_source(source_path), None
+    except EdgeqError as exc:
+        return None, f"source model {source_path} cannot be run here: {exc.message}"
+    except Exception as exc:  # a third-party failure in a reference run must not lose the bench result
+        log.warning("loading %s for the reference failed", source_path, exc_info=True)
+        return None, f"source model {source_path} failed to load: {type(exc).__name__}: {exc}"
+
+
+def _compared_output(manifest: Manifest, source) -> str | None:
+    """The artifact output compared with the source's first output: the one whose ``source_name`` is that
+    output's name (a converter may reorder outputs), as host validation picks it
+    (``edgeq.convert.validate.primary_output_index``); the artifact's first output without a source."""
+    if not manifest.outputs:
+        return None
+    if source is None:
+        return manifest.outputs[0].name
+    from edgeq.convert.validate import primary_output_index
+
+    artifact = SimpleNamespace(outputs=[{"name": t.name} for t in manifest.outputs])
+    source_names = {t.name: t.source_name for t in manifest.outputs if t.source_name}
+    return manifest.outputs[primary_output_index(artifact, source, source_names)].name
+
+
+def _reference_outputs(manifest: Manifest, source, data: EvalData) -> tuple[np.ndarray | None, str]:
+    """FP32 first output of the manifest's source model on the eval inputs; (None, why) when it fails."""
+    source_path = Path(manifest.source.path)
+    try:
         feed = {}
         for spec in manifest.inputs:
             name = spec.source_name or spec.name
@@ -170,11 +208,17 @@ def compute_accuracy(scores: np.ndarray, labels: np.ndarray | None, reference: n
     return out
 
 
-def _primary_output(manifest: Manifest, output_names: list[str]) -> str:
-    """The runner's key for the artifact's first manifest output (the scores)."""
-    if manifest.outputs and manifest.outputs[0].name in output_names:
-        return f"output_{output_names.index(manifest.outputs[0].name)}"
-    return "output_0"
+def _device_scores(target: Target, data: EvalData, outputs: Path, output_names: list[str]) -> np.ndarray:
+    """The runner's outputs of ``data.scores_output``, checked against the FP32 reference's shape."""
+    name = data.scores_output
+    key = f"output_{output_names.index(name)}" if name in output_names else "output_0"
+    with np.load(outputs) as npz:
+        scores = npz[key]
+    if data.reference is not None and data.reference.shape != scores.shape:
+        raise BenchError(f"{target.label}: artifact output '{name}' has shape {list(scores.shape)} but the "
+                         f"source's first output has {list(data.reference.shape)}: they cannot be compared",
+                         hint="the manifest's outputs need the source tensor names (source_name); reconvert")
+    return scores
 
 
 def _artifact_block(manifest: Manifest, artifact_dir: Path) -> dict:
@@ -332,8 +376,7 @@ def bench(artifact_dir: str | Path, target: Target, *, eval_path: str | Path | N
                 result["runner_traceback"] = runner.get("traceback")
             else:
                 if data is not None and outputs is not None:
-                    with np.load(outputs) as npz:
-                        scores = npz[_primary_output(manifest, runner["eval"]["output_names"])]
+                    scores = _device_scores(target, data, outputs, runner["eval"]["output_names"])
                     result["accuracy"] = compute_accuracy(scores, data.labels, data.reference, data.reference_note)
                 result["status"] = "ok"
         except EdgeqError as exc:
@@ -356,8 +399,13 @@ def prepare(artifact_dir: str | Path, eval_path: str | Path | None) -> tuple[Man
     manifest = verify_artifact(artifact_dir)
     if eval_path is None:
         return manifest, None
-    data = load_eval(eval_path, manifest)
-    data.reference, data.reference_note = _reference_outputs(manifest, data)
+    dataset = _read_eval(eval_path, manifest)  # shapes first: no model load for a file that does not fit
+    source, why_not = _load_source(manifest)
+    data = _checked_eval(dataset, manifest, _compared_output(manifest, source))
+    if source is None:
+        data.reference, data.reference_note = None, why_not
+    else:
+        data.reference, data.reference_note = _reference_outputs(manifest, source, data)
     # Labels stay here: the file that travels holds inputs only.
     fd, name = tempfile.mkstemp(prefix="edgeq-eval-", suffix=".npz")
     with open(fd, "wb") as handle:
