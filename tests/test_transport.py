@@ -131,6 +131,29 @@ def test_ssh_config_alias_and_proxy_jump(trusted_inventory, tmp_path):
         open_transport(Target(name="override", host="lab-dev", port=free_port(), profile="x86-avx2"))
 
 
+def test_bad_proxy_jump_port_is_one_line(ssh_home, tmp_path):
+    """A ProxyJump with a non-numeric port is a clear error from the library and from ``targets check``."""
+    from click.testing import CliRunner
+
+    from edgeq.cli import cli
+    from edgeq.remote.ssh import _parse_jump
+
+    (ssh_home / ".ssh" / "config").write_text("Host behind\n  HostName 127.0.0.1\n  ProxyJump host:abc\n")
+    with pytest.raises(ConnectError) as info:
+        open_transport(Target(name="behind", host="behind", profile="x86-avx2"))
+    assert info.value.message == "~/.ssh/config: ProxyJump 'host:abc': port is not a number"
+    inv = tmp_path / "inv.yaml"
+    inv.write_text("targets:\n  behind: {host: behind, profile: x86-avx2}\n")
+    result = CliRunner().invoke(cli, ["targets", "check", "behind", "-i", str(inv)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception  # no traceback
+    assert "error: ~/.ssh/config: ProxyJump 'host:abc': port is not a number" in result.output
+    assert "reachable:        no" in result.output
+    assert _parse_jump("ssh://me@[::1]:2222") == ("::1", "me", 2222)
+    assert _parse_jump("[fe80::1]") == ("fe80::1", None, None)
+    with pytest.raises(ConnectError, match="port must be from 1 to 65535"):
+        _parse_jump("gw:70000")
+
+
 def test_local_transport(tmp_path):
     from edgeq.targets import local_target
 

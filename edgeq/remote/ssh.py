@@ -222,18 +222,29 @@ def translate_connect_error(exc: BaseException, settings: SSHSettings, name: str
 
 
 def _parse_jump(spec: str) -> tuple[str, str | None, int | None]:
+    """One ProxyJump hop, ``[user@]host[:port]`` (``[v6]:port``, ``ssh://`` URIs too) -> host, user, port."""
+    text = spec[len("ssh://"):] if spec.startswith("ssh://") else spec
     user = None
-    if "@" in spec:
-        user, spec = spec.rsplit("@", 1)
-    port = None
-    if spec.startswith("[") and "]:" in spec:
-        host, port_text = spec[1:].split("]:", 1)
-        port = int(port_text)
-    elif spec.count(":") == 1:
-        host, port_text = spec.split(":")
-        port = int(port_text)
+    if "@" in text:
+        user, text = text.rsplit("@", 1)
+    port_text = None
+    if text.startswith("[") and "]:" in text:
+        host, port_text = text[1:].split("]:", 1)
+    elif text.startswith("[") and text.endswith("]"):
+        host = text[1:-1]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
     else:
-        host = spec
+        host = text
+    port = None
+    if port_text is not None:
+        if not port_text.isdigit():
+            raise ConnectError(f"~/.ssh/config: ProxyJump {spec!r}: port is not a number")
+        port = int(port_text)
+        if not 1 <= port <= 65535:
+            raise ConnectError(f"~/.ssh/config: ProxyJump {spec!r}: port must be from 1 to 65535")
+    if not host:
+        raise ConnectError(f"~/.ssh/config: ProxyJump {spec!r}: no host name")
     return host, user, port
 
 
