@@ -118,6 +118,7 @@ def _fleet_inventory(trusted_inventory, tmp_path: Path, overrides: dict[str, dic
 def test_bench_fleet_over_ssh_keeps_results_when_one_target_fails(hand_artifacts, trusted_inventory, tmp_path):  # noqa: F811
     inventory = _fleet_inventory(trusted_inventory, tmp_path, {"dev-2": {"python": "/nonexistent/python3"}})
     out = tmp_path / "results"
+    stale = _aged(trusted_inventory.workdirs["dev-0"] / "runs" / f"20250101T000000-{os.getpid():08x}-L60", 500)
     result = CliRunner().invoke(cli, ["bench", str(hand_artifacts["tflite"]), "--target", "fleet", "-i",
                                       str(inventory), "-o", str(out), *QUICK])
     assert result.exit_code == 1, result.output
@@ -127,6 +128,7 @@ def test_bench_fleet_over_ssh_keeps_results_when_one_target_fails(hand_artifacts
         assert results[name]["status"] == "ok", results[name]["error"]
         assert results[name]["latency_ms"]["count"] >= 20 and results[name]["runtime"]["name"] == "tflite"
         assert (trusted_inventory.workdirs[name] / "releases" / manifest_id).is_dir()
+    assert not stale.exists(), "a stale run directory survived a run over SSH"
     failed = results["dev-2"]
     assert failed["status"] == "failed" and failed["latency_ms"] is None
     assert failed["error"].startswith("dev-2 (") and "no '/nonexistent/python3' interpreter" in failed["error"]
@@ -224,3 +226,23 @@ def test_reordered_outputs_are_matched_by_source_name(digits, tmp_path, local_wo
     assert result["status"] == "failed"
     assert result["error"].startswith("local") and "has shape [40, 3] but the source's first output has [40, 10]" \
         in result["error"]
+
+
+def _aged(path: Path, seconds: float) -> Path:
+    path.mkdir(parents=True)
+    (path / "eval_inputs.npz").write_bytes(b"left behind by a dropped run")
+    stamp = time.time() - seconds
+    os.utime(path, (stamp, stamp))
+    return path
+
+
+def test_a_run_removes_what_dropped_runs_left_but_not_live_ones(hand_artifacts, tmp_path, local_workdir):  # noqa: F811
+    runs = local_workdir / "runs"
+    stale = _aged(runs / "20250101T000000-0badc0de-L60", 121)  # over twice its 60 s limit: surely over
+    live = _aged(runs / "20250101T000000-feedf00d-L60", 100)  # within twice its limit: may still run
+    old_style = _aged(runs / "20240101T000000-00c0ffee", 2 * 24 * 3600)  # no limit in the name: a day
+    recent_old_style = _aged(runs / "20240101T000000-0decafe0", 3600)
+    result = bench(hand_artifacts["onnx"], local_target(), output_dir=tmp_path / "r", **QUICK_KW)
+    assert result["status"] == "ok", result["error"]
+    assert not stale.exists() and not old_style.exists()
+    assert sorted(p.name for p in runs.iterdir()) == sorted([live.name, recent_old_style.name])

@@ -39,6 +39,29 @@ _LAUNCH = ('limit=$1; shift; '
            f'exec setsid -w timeout -k {KILL_AFTER_S} "$limit" "$@"; fi; exec "$@"')
 
 
+# Run directories a dropped run left behind (its cleanup needs the connection) are removed by a later run
+# once they are older than twice their own time limit, which the name carries ("...-L<seconds>"); older
+# runs' names without one are kept this long.
+STALE_RUN_DEFAULT_S = 24 * 3600
+# Stdlib only (Python 3.6+), read on stdin (``python -``), argv: runs dir, default age; prints how many it removed.
+_CLEAN_RUNS = r"""
+import os, re, shutil, sys, time
+runs, default_age, removed = sys.argv[1], float(sys.argv[2]), 0
+for name in (os.listdir(runs) if os.path.isdir(runs) else []):
+    path, limit = os.path.join(runs, name), re.search(r"-L([0-9]+)$", name)
+    try:
+        if time.time() - os.lstat(path).st_mtime > (2 * int(limit.group(1)) if limit else default_age):
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+            removed += 1
+    except OSError:
+        pass
+print(removed)
+"""
+
+
 @dataclass
 class BenchSettings:
     """How to measure: the runner's loop and the power sampling (None = the target profile's value)."""
@@ -282,6 +305,20 @@ def _runner_error(target: Target, runner: dict) -> str:
     return f"{target.label}: runner failed: {message}"
 
 
+def _remove_stale_runs(transport, target: Target, runs_dir: str) -> None:
+    """Remove run directories that dropped runs left on the device (never one that may still be running)."""
+    try:
+        done = transport.run([target.python, "-I", "-S", "-", runs_dir, str(STALE_RUN_DEFAULT_S)], timeout=60,
+                             check=False, input=_CLEAN_RUNS.encode())
+    except EdgeqError as exc:
+        log.info("%s: could not clean %s: %s", target.name, runs_dir, exc.message)
+        return
+    if done.exit_code != 0:
+        log.info("%s: could not clean %s (exit code %d)", target.name, runs_dir, done.exit_code)
+    elif done.stdout.strip() not in ("", "0"):
+        log.info("%s: removed %s stale run directories from %s", target.name, done.stdout.strip(), runs_dir)
+
+
 def _run_on_device(target: Target, artifact_dir: Path, manifest: Manifest, settings: BenchSettings,
                    data: EvalData | None, scratch: Path) -> tuple[dict, Path | None]:
     """Upload, run the runner under a time limit in its own session, download; (runner result, outputs)."""
@@ -294,8 +331,12 @@ def _run_on_device(target: Target, artifact_dir: Path, manifest: Manifest, setti
     with open_transport(target) as transport:
         python = device_python(transport, target)
         release = _ensure_release(transport, target, target.python, artifact_dir, manifest)
-        run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(4)
-        run_dir = f"{device_workdir(transport, target)}/runs/{run_id}"
+        limit = settings.time_limit(data.dataset.samples if data else 0)
+        runs_dir = f"{device_workdir(transport, target)}/runs"
+        _remove_stale_runs(transport, target, runs_dir)
+        # The name carries how long the run may take, so a later run can tell when it is surely over.
+        run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(4)}-L{int(limit) + KILL_AFTER_S}"
+        run_dir = f"{runs_dir}/{run_id}"
         transport.run(["mkdir", "-p", run_dir], timeout=30)
         try:
             request = _request(release, run_dir, settings, profile, data is not None)
@@ -303,7 +344,6 @@ def _run_on_device(target: Target, artifact_dir: Path, manifest: Manifest, setti
             transport.put(scratch / "request.json", f"{run_dir}/request.json")
             if data is not None:
                 transport.put(data.device_file, f"{run_dir}/eval_inputs.npz")
-            limit = settings.time_limit(data.dataset.samples if data else 0)
             argv = ["sh", "-c", _LAUNCH, "edgeq-bench", str(int(limit)), python, f"{release}/{RUNNER_NAME}",
                     "--request", f"{run_dir}/request.json", "--result", f"{run_dir}/result.json"]
             done = transport.run(argv, timeout=limit + KILL_AFTER_S + 30, check=False)
