@@ -256,3 +256,28 @@ def test_rollback_cli_without_history(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGEQ_LOCAL_WORKDIR", str(tmp_path / "w"))
     result = CliRunner().invoke(cli, ["rollback", "--target", "local"])
     assert result.exit_code == 1 and "nothing is deployed" in result.output
+
+
+def test_run_per_target_one_raises_many_report_each(capsys):
+    """The CLI's per-target loop (trust, setup, rollback): one target's error propagates to the CLI's single
+    handler; with several, each failure is printed with its hint, the rest still run, and the exit is 1."""
+    from edgeq.cli.deploy import run_per_target
+    from edgeq.errors import DeployError
+
+    def action(name):
+        if name.startswith("bad"):
+            raise DeployError(f"{name}: broke", hint=f"fix {name}")
+        return name.upper()
+
+    done = []
+    with pytest.raises(DeployError, match="bad-1: broke"):
+        run_per_target(["bad-1"], action, lambda t, r: done.append(r))
+    run_per_target(["ok-1"], action, lambda t, r: done.append((t, r)))
+    assert done == [("ok-1", "OK-1")]
+    with pytest.raises(SystemExit) as info:
+        run_per_target(["bad-1", "ok-2", "bad-2", "ok-3"], action, lambda t, r: done.append((t, r)))
+    assert info.value.code == 1
+    assert done[1:] == [("ok-2", "OK-2"), ("ok-3", "OK-3")]
+    assert capsys.readouterr().err.splitlines() == ["error: bad-1: broke", "hint: fix bad-1",
+                                                    "error: bad-2: broke", "hint: fix bad-2"]
+

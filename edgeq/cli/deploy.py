@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import click
 
 inventory_option = click.option("-i", "--inventory", type=click.Path(dir_okay=False),
@@ -14,6 +17,36 @@ PROGRESS_MIN_BYTES = 8 * 1024 * 1024
 
 def _seconds(value: float) -> str:
     return f"{value:.1f}"
+
+
+def print_error(message: str, hint: str | None = None) -> None:
+    """``error: ...`` (+ ``hint: ...``) on stderr, as the CLI prints an EdgeqError."""
+    click.secho(f"error: {message}", fg="red", err=True)
+    if hint:
+        click.echo(f"hint: {hint}", err=True)
+
+
+def run_per_target(targets: list, action: Callable[[Any], Any], report: Callable[[Any, Any], None]) -> None:
+    """``report(target, action(target))`` for each target, in order.
+
+    With one target its EdgeqError propagates (the CLI prints it once and exits 1). With several, a failing
+    target's error and hint are printed and the others still run; then exit 1 if any failed.
+    """
+    from edgeq.errors import EdgeqError
+
+    failed = 0
+    for target in targets:
+        try:
+            result = action(target)
+        except EdgeqError as exc:
+            if len(targets) == 1:
+                raise
+            failed += 1
+            print_error(exc.message, exc.hint)
+            continue
+        report(target, result)
+    if failed:
+        raise SystemExit(1)
 
 
 def print_outcomes(outcomes) -> None:
@@ -29,9 +62,7 @@ def print_outcomes(outcomes) -> None:
     Console(width=max(Console().width, 140)).print(table)
     for o in outcomes:
         if o.status == "failed":
-            click.secho(f"error: {o.error}", fg="red", err=True)
-            if o.hint:
-                click.echo(f"hint: {o.hint}", err=True)
+            print_error(o.error, o.hint)
 
 
 @click.command()
@@ -83,22 +114,7 @@ def deploy(artifact_dir, target_name, inventory, parallel, canary, max_fail_perc
 def rollback(target_name, inventory) -> None:
     """Point each target's ``current`` back at its previous release."""
     from edgeq.deploy import rollback as rollback_target
-    from edgeq.errors import EdgeqError
     from edgeq.targets import load_inventory, resolve_targets
 
-    targets = resolve_targets(load_inventory(inventory), target_name)
-    failed = 0
-    for target in targets:
-        try:
-            result = rollback_target(target)
-        except EdgeqError as exc:
-            if len(targets) == 1:
-                raise
-            failed += 1
-            click.secho(f"error: {exc.message}", fg="red", err=True)
-            if exc.hint:
-                click.echo(f"hint: {exc.hint}", err=True)
-            continue
-        click.echo(f"{target.name}: current {result.from_id} -> {result.to_id}")
-    if failed:
-        raise SystemExit(1)
+    run_per_target(resolve_targets(load_inventory(inventory), target_name), rollback_target,
+                   lambda target, result: click.echo(f"{target.name}: current {result.from_id} -> {result.to_id}"))

@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import click
 
-from edgeq.cli.deploy import inventory_option
+from edgeq.cli.deploy import inventory_option, print_error, run_per_target
 
 
 def _targets(inventory, name):
     from edgeq.targets import load_inventory, resolve_targets
 
     return resolve_targets(load_inventory(inventory), name)
-
-
-def _report_failure(label: str, message: str, hint: str | None) -> None:
-    click.secho(f"error: {message}", fg="red", err=True)
-    if hint:
-        click.echo(f"hint: {hint}", err=True)
 
 
 @click.group()
@@ -84,7 +78,7 @@ def check_command(name, inventory) -> None:
             ) or "none found"
             click.echo(f"  power sensors:    {sensors}")
         if check.error:
-            _report_failure(target.name, check.error, check.hint)
+            print_error(check.error, check.hint)
         if not check.ok:
             failed = True
     if failed:
@@ -96,25 +90,14 @@ def check_command(name, inventory) -> None:
 @inventory_option
 def trust_command(name, inventory) -> None:
     """Record NAME's SSH host key(s) after showing the fingerprint (in the target's known_hosts file, else ~/.ssh/known_hosts)."""
-    from edgeq.errors import EdgeqError
     from edgeq.remote.hostkeys import trust_target
 
-    chosen = _targets(inventory, name)
-    failed = 0
-    for target in chosen:
-        try:
-            result = trust_target(target)
-        except EdgeqError as exc:
-            if len(chosen) == 1:
-                raise
-            failed += 1
-            _report_failure(target.name, exc.message, exc.hint)
-            continue
+    def report(target, result) -> None:
         verb = "added to" if result.status == "added" else "already in"
         click.echo(f"{target.name}: {result.known_hosts_name} {result.key_type} {result.fingerprint} "
                    f"({verb} {result.known_hosts})")
-    if failed:
-        raise SystemExit(1)
+
+    run_per_target(_targets(inventory, name), trust_target, report)
 
 
 @targets.command("setup")
@@ -128,21 +111,12 @@ def trust_command(name, inventory) -> None:
 def setup_command(name, inventory, wheelhouse, system_site_packages, fmt) -> None:
     """Create a venv in the workdir of NAME and install its profile's runtime packages."""
     from edgeq.devicecheck import setup_target
-    from edgeq.errors import EdgeqError
 
-    chosen = _targets(inventory, name)
-    failed = 0
-    for target in chosen:
-        try:
-            result = setup_target(target, wheelhouse=wheelhouse, system_site_packages=system_site_packages,
-                                  format=fmt)
-        except EdgeqError as exc:
-            if len(chosen) == 1:
-                raise
-            failed += 1
-            _report_failure(target.name, exc.message, exc.hint)
-            continue
+    def setup(target):
+        return setup_target(target, wheelhouse=wheelhouse, system_site_packages=system_site_packages, format=fmt)
+
+    def report(target, result) -> None:
         click.echo(f"{target.name}: installed {' '.join(result.packages)} from {result.source} "
                    f"into {result.python} ({result.seconds:.0f}s)")
-    if failed:
-        raise SystemExit(1)
+
+    run_per_target(_targets(inventory, name), setup, report)
