@@ -80,6 +80,9 @@ def check_against_schedule(result: dict, schedule: Schedule, tolerance: float = 
     power = result["power"]
     assert power["available"] is True, power
     idle_window, timed_window = power["clock_windows"]["idle"], power["clock_windows"]["timed"]
+    # Idle is read before the first inference and the warm-up, whose raised clocks would count as idle.
+    warmup_window = power["clock_windows"]["warmup"]
+    assert idle_window[1] <= warmup_window[0] <= warmup_window[1] <= timed_window[0]
     expected = schedule.energy(*timed_window)
     expected_idle_w = schedule.energy(*idle_window) / (idle_window[1] - idle_window[0])
     expected_avg_w = expected / (timed_window[1] - timed_window[0])

@@ -1332,12 +1332,8 @@ def run_request(request, base_dir="."):
     eval_feed = _load_eval(eval_path, session, manifest) if eval_path else None
     call = session.bind(session.prepare(_latency_feed(session, eval_feed, int(settings["seed"]))))
 
-    started = time.perf_counter_ns()
-    call()
-    result["first_inference_ms"] = (time.perf_counter_ns() - started) / 1e6
-    for _ in range(int(settings["warmup"])):
-        call()
-
+    # Idle power first: right after the first inference and the warm-up the clocks and rails are still up,
+    # which would read as idle what the model's runs cost.
     source = sampler = idle = None
     if not power_enabled:
         result["power"] = {"available": False, "sensor": sensor, "reason": "power measurement turned off (--no-power)"}
@@ -1354,8 +1350,21 @@ def run_request(request, base_dir="."):
             source = sampler = None
             result["power"] = {"available": False, "sensor": sensor, "reason": str(exc)}
 
-    timed_start = sampler.mark() if sampler else None
-    samples, wall_ns = timed_loop(call, settings["runs"], settings["min_seconds"])
+    try:
+        warmup_window = [time.monotonic()]
+        started = time.perf_counter_ns()
+        call()
+        result["first_inference_ms"] = (time.perf_counter_ns() - started) / 1e6
+        for _ in range(int(settings["warmup"])):
+            call()
+        warmup_window.append(time.monotonic())
+        timed_start = sampler.mark() if sampler else None
+        samples, wall_ns = timed_loop(call, settings["runs"], settings["min_seconds"])
+    except BaseException:  # a failing model or a SIGTERM: no sampler thread left reading the sensor
+        if sampler:
+            sampler.stop()
+            source.close()
+        raise
     if sampler:
         try:
             timed = sampler.window(timed_start, sampler.mark())
@@ -1363,6 +1372,7 @@ def run_request(request, base_dir="."):
             result["power"], result["energy_j_per_inference"] = summarize_power(
                 sensor, source, sampler, idle, timed, len(samples))
             result["power"]["clock_windows"] = {"idle": [idle_start, idle_start + idle["duration_s"]] if idle else None,
+                                                "warmup": warmup_window,
                                                 "timed": [timed_start, timed_start + timed["duration_s"]]}
         except PowerUnavailable as exc:
             sampler.stop()
