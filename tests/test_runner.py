@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -169,8 +170,16 @@ def test_sigterm_still_writes_a_result(hand_artifacts, tmp_path):  # noqa: F811
     proc = subprocess.Popen([sys.executable, str(release / "edgeq_runner.py"), "--request", str(request),
                              "--result", str(tmp_path / "r.json")])
     time.sleep(3)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 1
+    # A burst, as a stop really arrives: the watchdog's group signal, then timeout passing it on twice.
+    # A signal that lands while the runner is writing its result must not lose the result.
+    for _ in range(40):
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        sent = time.perf_counter()
+        while time.perf_counter() - sent < 0.0002:  # closer together than time.sleep can wait
+            pass
+    # 1, or killed by one of the burst's last signals once the result was written and the handler restored
+    assert proc.wait(timeout=30) in (1, -signal.SIGTERM)
     result = read(tmp_path / "r.json")
     assert result["error_kind"] == "terminated" and "signal 15" in result["error"]
 

@@ -1399,7 +1399,16 @@ class _Terminated(Exception):
     pass
 
 
+# A stop comes as a burst of SIGTERMs (the watchdog signals the group, ``timeout`` passes it on to the
+# runner and to its group again): only the first one interrupts the run; the others must not interrupt
+# the writing of the result.
+_stopping = {"now": False}
+
+
 def _on_sigterm(signum, frame):
+    if _stopping["now"]:
+        return
+    _stopping["now"] = True
     raise _Terminated("terminated by signal %d (time limit reached or connection lost)" % signum)
 
 
@@ -1439,6 +1448,7 @@ def main(argv=None):
     watchdog = None
     previous = None
     in_main_thread = threading.current_thread() is threading.main_thread()
+    _stopping["now"] = False
     if in_main_thread:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
@@ -1462,12 +1472,15 @@ def main(argv=None):
         result["error_kind"] = kind
         result["traceback"] = traceback.format_exc().splitlines()[-15:]
     finally:
+        _stopping["now"] = True  # from here on a SIGTERM waits for the result to be written
         if watchdog:
             watchdog.stop()
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)
         result["duration_s"] = time.time() - wall_start
-        _write_json(args.result, _json_safe(result))
+        try:
+            _write_json(args.result, _json_safe(result))
+        finally:
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)
     return 0 if result["status"] == "ok" else 1
 
 
