@@ -6,9 +6,15 @@ import numpy as np
 
 
 def top_k_accuracy(scores: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
-    """Share of samples whose label is among the ``k`` highest scores. ``scores`` is (N, classes)."""
+    """Share of samples whose label is among the ``k`` highest scores. ``scores`` is (N, classes).
+
+    With ``k`` equal to the number of classes every label is among the top ``k`` and the result is 1.0
+    whatever the model did: it measures nothing, and callers should not report it (bench reports None).
+    A ``k`` above the number of classes is a ValueError rather than silently fewer than ``k``.
+    """
     scores = np.asarray(scores).reshape(len(labels), -1)
-    k = min(k, scores.shape[1])
+    if not 1 <= k <= scores.shape[1]:
+        raise ValueError(f"top-{k} accuracy of scores with {scores.shape[1]} classes")
     top = np.argpartition(-scores, kth=k - 1, axis=1)[:, :k]
     return float(np.mean(np.any(top == labels[:, None], axis=1)))
 

@@ -35,7 +35,11 @@ def test_accuracy_known_answers():
     out = compute_accuracy(scores, labels, reference, "fp32")
     assert out["samples"] == 4
     assert out["top1"] == 0.5  # samples 0 and 2
-    assert out["top5"] == 1.0
+    assert out["top5"] is None  # 3 classes: every label is in the top 5, which measures nothing
+    ten_classes = np.eye(10, dtype=np.float32)[[3, 1, 2, 0, 4, 5]] + np.linspace(0, 0.5, 10, dtype=np.float32)
+    # Scores favour the labelled class (ranked 1st), then the highest-numbered classes: top-5 = {c, 9, 8, 7, 6}.
+    assert compute_accuracy(ten_classes, np.array([3, 1, 2, 0, 4, 5]), None)["top5"] == 1.0
+    assert compute_accuracy(ten_classes, np.array([9, 8, 7, 6, 0, 1]), None)["top5"] == pytest.approx(4 / 6)
     assert out["top1_reference"] == 1.0 and out["top1_drop"] == 0.5
     assert out["agreement"]["top1_agreement"] == 0.5
     assert out["agreement"]["max_abs_error"] == pytest.approx(0.6)

@@ -120,6 +120,9 @@ def test_metrics_known_answers():
     labels = np.array([1, 1, 2, 1])
     assert top_k_accuracy(scores, labels, 1) == 0.5
     assert top_k_accuracy(scores, labels, 2) == 1.0
+    assert top_k_accuracy(scores, labels, 3) == 1.0  # k = classes: trivially 1.0, documented
+    with pytest.raises(ValueError, match="top-5 accuracy of scores with 3 classes"):
+        top_k_accuracy(scores, labels, 5)
     same = agreement(scores, scores)
     assert same == {"top1_agreement": 1.0, "cosine_similarity": pytest.approx(1.0), "max_abs_error": 0.0}
     flipped = agreement(scores, scores[:, ::-1])

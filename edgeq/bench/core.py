@@ -222,7 +222,8 @@ def compute_accuracy(scores: np.ndarray, labels: np.ndarray | None, reference: n
                  "top1_drop": None, "agreement": None, "reference": reference_note}
     if labels is not None:
         out["top1"] = top_k_accuracy(scores, labels, 1)
-        out["top5"] = top_k_accuracy(scores, labels, 5)
+        # With 5 classes or fewer every label is in the top 5: the figure would be 1.0 and mean nothing.
+        out["top5"] = top_k_accuracy(scores, labels, 5) if scores.reshape(len(scores), -1).shape[1] > 5 else None
     if reference is not None:
         out["agreement"] = agreement(reference, scores)
         if labels is not None:
