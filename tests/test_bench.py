@@ -250,3 +250,25 @@ def test_a_run_removes_what_dropped_runs_left_but_not_live_ones(hand_artifacts, 
     assert result["status"] == "ok", result["error"]
     assert not stale.exists() and not old_style.exists()
     assert sorted(p.name for p in runs.iterdir()) == sorted([live.name, recent_old_style.name])
+
+
+def test_failed_result_for_a_built_and_an_unbuilt_artifact(hand_artifacts, tmp_path):  # noqa: F811
+    from edgeq.bench import BenchSettings, failed_result
+    from edgeq.manifest import read_manifest
+    from edgeq.report import load_results
+
+    manifest = read_manifest(hand_artifacts["onnx"])
+    built = failed_result("dev-1", manifest, hand_artifacts["onnx"], BenchSettings(warmup=3, runs=7),
+                          "dev-1: deploy failed", duration_s=1.5)
+    assert set(built) >= TOP_KEYS and built["status"] == "failed" and built["error"] == "dev-1: deploy failed"
+    assert built["artifact"]["id"] == manifest.id and built["artifact"]["format"] == "onnx"
+    assert built["settings"]["warmup"] == 3 and built["settings"]["runs"] == 7 and built["duration_s"] == 1.5
+    assert built["latency_ms"] is None and built["accuracy"] is None and built["power"] is None
+    unbuilt = failed_result("dev-2", None, None, None, "conversion failed",
+                            artifact={"model": "digits", "format": "tflite", "precision": "int8"})
+    assert unbuilt["artifact"]["id"] is None and unbuilt["artifact"]["format"] == "tflite"
+    assert unbuilt["settings"]["runs"] == BenchSettings().runs and unbuilt["started_at"].endswith("Z")
+    for name, result in (("built", built), ("unbuilt", unbuilt)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(result))
+    loaded = load_results([tmp_path])
+    assert not loaded.broken and sorted(r.result.target for r in loaded.records) == ["dev-1", "dev-2"]

@@ -2,7 +2,8 @@
 
 ``bench(artifact_dir, target, ...)`` benchmarks one artifact on one target and writes
 ``RESULTS_DIR/<target>__<artifact-id>.json`` (schema in docs/ARCHITECTURE.md, "Results");
-``bench_fleet`` does the same for many targets in parallel, keeping every target's result.
+``bench_fleet`` does the same for many targets in parallel, keeping every target's result;
+``failed_result`` builds the result of a (target, artifact) that measured nothing.
 """
 
 from edgeq.bench.core import (
@@ -12,9 +13,10 @@ from edgeq.bench.core import (
     bench,
     bench_fleet,
     compute_accuracy,
+    failed_result,
     load_eval,
     result_path,
 )
 
 __all__ = ["RESULT_SCHEMA_VERSION", "BenchSettings", "EvalData", "bench", "bench_fleet", "compute_accuracy",
-           "load_eval", "result_path"]
+           "failed_result", "load_eval", "result_path"]

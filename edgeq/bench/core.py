@@ -25,12 +25,12 @@ from edgeq.data import Dataset, InputSpec, check_labels_range, load_dataset
 from edgeq.errors import BenchError, EdgeqError
 from edgeq.manifest import Manifest, TensorSpec, verify_artifact
 from edgeq.metrics import agreement, top_k_accuracy
+from edgeq.runner import RUNNER_NAME
 from edgeq.targets import Target
 
 log = logging.getLogger(__name__)
 
 RESULT_SCHEMA_VERSION = 1
-RUNNER_NAME = "edgeq_runner.py"
 # The runner is killed this long after its time limit if SIGTERM did not stop it.
 KILL_AFTER_S = 10
 # What a setsid/timeout-less device (BusyBox) still runs: the runner alone, its own watchdog bounding it.
@@ -245,19 +245,35 @@ def _device_scores(target: Target, data: EvalData, outputs: Path, output_names: 
     return scores
 
 
-def _artifact_block(manifest: Manifest, artifact_dir: Path) -> dict:
-    return {"id": manifest.id, "model": manifest.source.path, "format": manifest.format,
-            "precision": manifest.precision, "profile": manifest.profile.get("name"),
-            "size_bytes": sum(f.size for f in manifest.files), "source_sha256": manifest.source.sha256,
-            "validation_status": manifest.validation.status, "path": str(artifact_dir)}
+def _artifact_block(manifest: Manifest | None, artifact_dir: str | Path | None) -> dict:
+    block = {"id": None, "model": None, "format": None, "precision": None, "profile": None, "size_bytes": None,
+             "source_sha256": None, "validation_status": None,
+             "path": str(artifact_dir) if artifact_dir is not None else None}
+    if manifest is not None:
+        block.update(id=manifest.id, model=manifest.source.path, format=manifest.format,
+                     precision=manifest.precision, profile=manifest.profile.get("name"),
+                     size_bytes=sum(f.size for f in manifest.files), source_sha256=manifest.source.sha256,
+                     validation_status=manifest.validation.status)
+    return block
 
 
-def _empty_result(target: Target, manifest: Manifest, artifact_dir: Path, settings: BenchSettings) -> dict:
+def failed_result(target_name: str, manifest: Manifest | None, artifact_dir: str | Path | None,
+                  settings: BenchSettings | None, error: str | None, *, artifact: dict | None = None,
+                  started_at: str | None = None, duration_s: float | None = None) -> dict:
+    """A schema-1 result with ``status: failed`` and nothing measured, for a (target, artifact) that produced
+    no measurement, so reports still show it.
+
+    ``manifest`` None (an artifact that was never built) leaves the artifact fields None unless ``artifact``
+    gives them (its keys override the manifest's: format, precision, model...); ``settings`` None records
+    the default ``BenchSettings``; ``started_at`` defaults to now (UTC).
+    """
+    settings = settings if settings is not None else BenchSettings()
+    block = _artifact_block(manifest, artifact_dir)
+    block.update(artifact or {})
     return {
-        "schema_version": RESULT_SCHEMA_VERSION, "target": target.name, "status": "failed", "error": None,
-        "started_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "duration_s": None,
-        "artifact": _artifact_block(manifest, artifact_dir),
-        "env": None, "runtime": None,
+        "schema_version": RESULT_SCHEMA_VERSION, "target": target_name, "status": "failed", "error": error,
+        "started_at": started_at or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "duration_s": duration_s, "artifact": block, "env": None, "runtime": None,
         "settings": {"warmup": settings.warmup, "runs": settings.runs, "min_seconds": settings.min_seconds,
                      "threads": settings.threads, "power": settings.power},
         "load_ms": None, "first_inference_ms": None, "latency_ms": None, "throughput_ips": None,
@@ -405,7 +421,7 @@ def bench(artifact_dir: str | Path, target: Target, *, eval_path: str | Path | N
         finally:
             _discard(prepared)
     manifest, data = _prepared
-    result = _empty_result(target, manifest, artifact_dir, settings)
+    result = failed_result(target.name, manifest, artifact_dir, settings, None)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="edgeq-bench-") as tmp:
         scratch = Path(tmp)

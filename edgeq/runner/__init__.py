@@ -2,4 +2,6 @@
 
 from pathlib import Path
 
-RUNNER_PATH = Path(__file__).with_name("edgeq_runner.py")
+# The runner's file name, here and in every release directory on a device.
+RUNNER_NAME = "edgeq_runner.py"
+RUNNER_PATH = Path(__file__).with_name(RUNNER_NAME)

@@ -118,9 +118,7 @@ class TFLiteSession(Session):
         Session.__init__(self)
         interpreter_cls, module_name = _tflite_interpreter()
         self.runtime_module = module_name
-        self.runtime_version = _package_version(
-            {"ai_edge_litert.interpreter": ["ai-edge-litert"], "tflite_runtime.interpreter": ["tflite-runtime"],
-             "tensorflow.lite": ["tensorflow-cpu", "tensorflow"]}[module_name])
+        self.runtime_version = _package_version(TFLITE_DISTRIBUTIONS[module_name])
         kwargs = {"model_path": str(model_path)}
         if threads:
             kwargs["num_threads"] = int(threads)
@@ -171,6 +169,12 @@ class TFLiteSession(Session):
             invoke()
             return [get_tensor(index) for index in fetches]
         return call
+
+
+# The TFLite interpreter modules tried in turn, and the distributions whose version each one reports.
+TFLITE_DISTRIBUTIONS = {"ai_edge_litert.interpreter": ["ai-edge-litert"],
+                        "tflite_runtime.interpreter": ["tflite-runtime"],
+                        "tensorflow.lite": ["tensorflow-cpu", "tensorflow"]}
 
 
 def _tflite_interpreter():
@@ -1181,9 +1185,7 @@ def import_runtime(fmt):
             _, module_name = _tflite_interpreter()
         except RunnerError as exc:
             raise RuntimeMissing(str(exc)) from exc
-        dist = {"ai_edge_litert.interpreter": ["ai-edge-litert"], "tflite_runtime.interpreter": ["tflite-runtime"],
-                "tensorflow.lite": ["tensorflow-cpu", "tensorflow"]}[module_name]
-        return "tflite", _package_version(dist)
+        return "tflite", _package_version(TFLITE_DISTRIBUTIONS[module_name])
     module = {"onnx": "onnxruntime", "openvino": "openvino"}.get(fmt)
     if module is None:
         raise RunnerError("unknown artifact format '%s'" % fmt)
