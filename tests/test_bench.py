@@ -71,8 +71,10 @@ def test_bench_local_with_eval(fmt, hand_artifacts, digits, tmp_path, local_work
     assert accuracy["top1_drop"] == pytest.approx(accuracy["top1_reference"] - accuracy["top1"])
     assert accuracy["agreement"]["top1_agreement"] > (0.95 if fmt == "tflite" else 0.999)
     assert written["latency_ms"]["count"] >= 20 and written["env"]["emulated"] is False
-    # Deployed on demand; the run's scratch directory (which held the eval inputs) is gone.
+    # Deployed on demand but not activated (bench never changes the device's active release); the run's
+    # scratch directory (which held the eval inputs) is gone.
     assert (local_workdir / "releases" / manifest_id / "edgeq_runner.py").is_file()
+    assert not (local_workdir / "current").exists() and not (local_workdir / "current").is_symlink()
     assert list((local_workdir / "runs").iterdir()) == []
 
 

@@ -299,7 +299,8 @@ def _request(release: str, run_dir: str, settings: BenchSettings, profile, eval_
 
 
 def _ensure_release(transport, target: Target, python: str, artifact_dir: Path, manifest: Manifest) -> str:
-    """The release directory on the device, deploying the artifact first when it is not there (intact)."""
+    """The release directory on the device, uploading the artifact first (not activated) when it is not there
+    intact."""
     from edgeq import deploy as deploy_mod
 
     workdir = deploy_mod.device_workdir(transport, target)
@@ -309,7 +310,9 @@ def _ensure_release(transport, target: Target, python: str, artifact_dir: Path, 
                                   "expected": {f.rel: f.sha256 for f in plan}})
     if not state.get("release_exists") or state.get("problems"):
         log.info("%s: release %s not on the device; deploying it", target.name, manifest.id)
-        outcome = deploy_mod.deploy(artifact_dir, target, allow_failed=True)
+        # Uploaded and verified, not activated: benching an artifact (perhaps one that failed its accuracy
+        # gate) must not make it the device's active release.
+        outcome = deploy_mod.deploy(artifact_dir, target, allow_failed=True, activate=False)
         if not outcome.ok:
             raise BenchError(f"{target.label}: deploy before bench failed: {outcome.error}", hint=outcome.hint)
     return deploy_mod.release_dir(transport, target, manifest.id)
