@@ -34,12 +34,11 @@ from edgeq.errors import DeployError, EdgeqError, RemoteCommandError
 from edgeq.manifest import MANIFEST_NAME, Manifest, sha256_file, verify_artifact
 from edgeq.remote import Transport, open_transport
 from edgeq.remote.base import stderr_tail
-from edgeq.runner import RUNNER_PATH
+from edgeq.runner import RUNNER_NAME, RUNNER_PATH
 from edgeq.targets import Target
 
 log = logging.getLogger(__name__)
 
-RUNNER_NAME = "edgeq_runner.py"
 DEVICE_OPS_PATH = Path(__file__).resolve().parent / "remote" / "device_ops.py"
 LOCK_TIMEOUT = 30.0
 STEP_TIMEOUT = 300.0  # hashing a big model on a slow SD card takes a while

@@ -355,16 +355,15 @@ def prune_history(history: Path, keep: int, protect: list[Path] | None = None) -
 
 def failed_result(target: str, spec: BuildSpec, manifest, error: str, started_at: str,
                   duration_s: float) -> dict:
-    """A schema-1 result for a (target, artifact) that produced no measurement, so the report shows it."""
-    artifact = {"id": None, "model": spec.model.name, "format": spec.format, "precision": spec.precision,
-                "profile": spec.profile, "size_bytes": None, "source_sha256": None, "validation_status": None}
-    if manifest is not None:
-        artifact.update(id=manifest.id, size_bytes=sum(f.size for f in manifest.files),
-                        source_sha256=manifest.source.sha256, validation_status=manifest.validation.status)
-    return {"schema_version": 1, "target": target, "status": "failed", "error": error, "started_at": started_at,
-            "duration_s": round(duration_s, 3), "artifact": artifact, "env": {}, "runtime": None, "settings": {},
-            "load_ms": None, "first_inference_ms": None, "latency_ms": None, "throughput_ips": None,
-            "accuracy": None, "memory_mb": None, "power": None, "energy_j_per_inference": None}
+    """A schema-1 result for a (target, artifact) that produced no measurement, so the report shows it
+    (bench's own failed result, named after the LAB.yaml model so it matches its baseline)."""
+    from edgeq.bench import failed_result as bench_failed_result
+
+    return bench_failed_result(
+        target, manifest, None, None, error, started_at=started_at, duration_s=round(duration_s, 3),
+        artifact={"model": spec.model.name, "format": spec.format, "precision": spec.precision,
+                  "profile": spec.profile},
+    )
 
 
 def _result_file(results_dir: Path, target: str, spec: BuildSpec, manifest) -> Path:
