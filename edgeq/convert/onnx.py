@@ -47,9 +47,10 @@ def build(request: BuildRequest) -> BuildResult:
             return BuildResult(model_file=MODEL_FILE, options=options, tools=tools)
         method = request.calibration_method or request.profile.calibration_method
         reduce_range = needs_reduce_range(request.profile)
-        options.update({"quant_format": "QDQ", "per_channel": True, "activation_type": "int8",
+        activation_type = activation_type_for(request.profile)
+        options.update({"quant_format": "QDQ", "per_channel": True, "activation_type": activation_type,
                         "weight_type": "int8", "reduce_range": reduce_range})
-        _quantize_static(request, prepared, target, method, reduce_range)
+        _quantize_static(request, prepared, target, method, reduce_range, activation_type)
         _canonical_constants(target)
         return BuildResult(model_file=MODEL_FILE, calibration_method=method, options=options, tools=tools)
     except ConversionError:
@@ -247,7 +248,18 @@ def _quantize_dynamic(prepared: Path, target: Path) -> None:
         quantization.quantize_dynamic(str(prepared), str(target), weight_type=quantization.QuantType.QInt8)
 
 
-def _quantize_static(request: BuildRequest, prepared: Path, target: Path, method: str, reduce_range: bool) -> None:
+def activation_type_for(profile: DeviceProfile) -> str:
+    """uint8 activations (U8S8) on x86, int8 (S8S8) elsewhere.
+
+    ONNX Runtime's x86 kernels are built around U8S8 (vpmaddubsw, VNNI's vpdpbusd take unsigned x signed
+    bytes); S8S8 QDQ models run slower there. ORT's quantization guide recommends U8S8 on x86-64 and S8S8
+    on ARM. Measured on MobileNetV2 on this project's AVX2 host, 1 thread: see benchmarks/results/.
+    """
+    return "uint8" if profile.arch == "x86_64" else "int8"
+
+
+def _quantize_static(request: BuildRequest, prepared: Path, target: Path, method: str, reduce_range: bool,
+                     activation_type: str) -> None:
     quantization = require_backend("onnxruntime.quantization", "onnx")
     calibration = request.calibration
     if calibration is None:
@@ -276,7 +288,8 @@ def _quantize_static(request: BuildRequest, prepared: Path, target: Path, method
             str(prepared), str(target), Reader(),
             quant_format=quantization.QuantFormat.QDQ,
             per_channel=True,
-            activation_type=quantization.QuantType.QInt8,
+            activation_type={"uint8": quantization.QuantType.QUInt8,
+                             "int8": quantization.QuantType.QInt8}[activation_type],
             weight_type=quantization.QuantType.QInt8,
             reduce_range=reduce_range,
             calibrate_method=methods[method],
