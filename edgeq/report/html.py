@@ -65,19 +65,13 @@ def _row_class(row: Row) -> str:
     return ""
 
 
+_MARKS = {"unreadable": ("fail", "✗ unreadable"), "failed": ("fail", "✗ failed"),
+          "regressed": ("fail", "▲ regressed"), "gate": ("fail", "✗ gate"), "emulated": ("warn", "⚠ emulated")}
+
+
 def _mark(row: Row) -> str:
-    if row.status == "broken":
-        return '<span class="mark fail">✗ unreadable</span>'
-    if row.status == "failed":
-        return '<span class="mark fail">✗ failed</span>'
-    marks = []
-    if row.regressions:
-        marks.append('<span class="mark fail">▲ regressed</span>')
-    if row.gate_failed:
-        marks.append('<span class="mark fail">✗ gate</span>')
-    if row.emulated:
-        marks.append('<span class="mark warn">⚠ emulated</span>')
-    return " ".join(marks) or '<span class="mark pass">✓</span>'
+    spans = [f'<span class="mark {_MARKS[m][0]}">{_MARKS[m][1]}</span>' for m in row.marks]
+    return " ".join(spans) or '<span class="mark pass">✓</span>'
 
 
 def _vs_baseline(row: Row) -> str:

@@ -17,19 +17,12 @@ def _num(value, fmt: str, suffix: str = "") -> str:
     return "–" if value is None else f"{format(value, fmt)}{suffix}"
 
 
+_MARKS = {"unreadable": "❌ unreadable", "failed": "❌ failed", "regressed": "🔺 regressed", "gate": "❌ gate",
+          "emulated": "⚠️ emulated"}
+
+
 def _mark(row: Row) -> str:
-    if row.status == "broken":
-        return "❌ unreadable"
-    if row.status == "failed":
-        return "❌ failed"
-    marks = []
-    if row.regressions:
-        marks.append("🔺 regressed")
-    if row.gate_failed:
-        marks.append("❌ gate")
-    if row.emulated:
-        marks.append("⚠️ emulated")
-    return ", ".join(marks) or "✅"
+    return ", ".join(_MARKS[m] for m in row.marks) or "✅"
 
 
 def _baseline(row: Row) -> str:

@@ -69,6 +69,17 @@ class Row:
     def emulated(self) -> bool:
         return self.record is not None and self.record.emulated
 
+    @property
+    def marks(self) -> list[str]:
+        """What a reader must notice, most serious first: ``unreadable`` or ``failed`` alone, else any of
+        ``regressed``, ``gate`` and ``emulated``; empty when all is well. Renderers pick the symbols."""
+        if self.status == "broken":
+            return ["unreadable"]
+        if self.status == "failed":
+            return ["failed"]
+        return [mark for mark, on in (("regressed", bool(self.regressions)), ("gate", self.gate_failed),
+                                      ("emulated", self.emulated)) if on]
+
     def problems(self) -> list[str]:
         """Why this row fails the report, one short line each (empty when it passes)."""
         if self.broken is not None:
