@@ -202,7 +202,9 @@ def accuracy_latency_chart(rows: list[Row], colors: dict[str, str]) -> str:
             coords += [(xs(items[a][1]), ys(items[a][2])), (xs(items[b][1]), ys(items[a][2]))]
         coords.append((xs(items[front[-1]][1]), ys(items[front[-1]][2])))
         points = " ".join(f"{x:.1f},{y:.1f}" for x, y in coords)
-        body.append(f'<polyline class="pareto-front" points="{points}"/>')
+        # fill="none" on the element too: the chart must not turn into a filled wedge where the page's CSS
+        # is missing (an SVG copied out of the report, a mail client stripping <style>).
+        body.append(f'<polyline class="pareto-front" fill="none" stroke="#111" points="{points}"/>')
     front_set = set(front)
     for i, (row, x, y) in enumerate(items):
         color = colors.get(row.target, PALETTE[0])
@@ -212,8 +214,11 @@ def accuracy_latency_chart(rows: list[Row], colors: dict[str, str]) -> str:
         body.append(f'<circle class="{css}" cx="{xs(x):.1f}" cy="{ys(y):.1f}" r="{6 if on_front else 4.5}" '
                     f'fill="{color}"><title>{esc(tooltip)}</title></circle>')
         if on_front:
-            body.append(f'<text class="point-label" x="{xs(x) + 8:.1f}" y="{ys(y) - 7:.1f}">'
-                        f'{esc(row.target)} · {esc(row.label)}</text>')
+            # Labels right of points in the left half, left of them in the right half: never cut off.
+            right_half = xs(x) > WIDTH / 2
+            anchor, dx = ("end", -8) if right_half else ("start", 8)
+            body.append(f'<text class="point-label" x="{xs(x) + dx:.1f}" y="{ys(y) - 7:.1f}" '
+                        f'text-anchor="{anchor}">{esc(row.target)} · {esc(row.label)}</text>')
     return _svg(height, body, "top-1 accuracy against median latency")
 
 
