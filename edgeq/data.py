@@ -7,7 +7,6 @@ is the sample axis.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import zipfile
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.errors import DataError
+from edgeq.manifest import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +51,6 @@ class Dataset:
         return {name: arr[index : index + 1] for name, arr in self.inputs.items()}
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_dataset(path: Path | str, inputs: list[InputSpec], role: str = "data") -> Dataset:
     """Load ``path`` and match its arrays to ``inputs``, checking shape and dtype; raise DataError naming the file."""
     path = Path(path)
@@ -82,7 +74,7 @@ def load_dataset(path: Path | str, inputs: list[InputSpec], role: str = "data") 
         matched[spec.name] = _check_array(path, spec, matched[spec.name])
     if labels is not None:
         labels = _check_labels(path, labels, count)
-    return Dataset(path=path, sha256=_file_sha256(path), inputs=matched, labels=labels, samples_available=count)
+    return Dataset(path=path, sha256=sha256_file(path), inputs=matched, labels=labels, samples_available=count)
 
 
 def _match_inputs(path: Path, arrays: dict[str, np.ndarray], inputs: list[InputSpec]) -> dict[str, np.ndarray]:
