@@ -28,7 +28,7 @@ from edgeq.report.regression import (  # noqa: E402
     integrated_autocorrelation_time,
     mann_whitney_greater,
 )
-from edgeq.report.synthetic import synthetic_latency_run  # noqa: E402
+from edgeq.report.synthetic import flag_rate  # noqa: E402
 
 SAMPLE_COUNTS = (10, 30, 200, 1000)
 JITTERS = (0.0, 0.01, 0.02, 0.03)
@@ -47,17 +47,6 @@ def plain_rule(current, baseline, thresholds) -> bool:
     return ratio >= 1 + thresholds.min_effect and p < thresholds.alpha
 
 
-def rate(rule, n: int, jitter: float, slowdown: float, trials: int, seed: int) -> float:
-    rng = np.random.default_rng(seed)
-    thresholds = Thresholds()
-    flagged = 0
-    for _ in range(trials):
-        baseline = synthetic_latency_run(rng, n, run_jitter=jitter)
-        current = synthetic_latency_run(rng, n, run_jitter=jitter, slowdown=slowdown)
-        flagged += rule(current, baseline, thresholds)
-    return flagged / trials
-
-
 def table(rule, title: str, trials: int, seed: int) -> None:
     print(f"\n{title}")
     header = "| samples/run | run-to-run jitter | " + " | ".join(f"slowdown {s:.0%}" for s in SLOWDOWNS) + " |"
@@ -65,7 +54,7 @@ def table(rule, title: str, trials: int, seed: int) -> None:
     print("|" + "---|" * (2 + len(SLOWDOWNS)))
     for n in SAMPLE_COUNTS:
         for jitter in JITTERS:
-            cells = [f"{rate(rule, n, jitter, s, trials, seed + i):.1%}" for i, s in enumerate(SLOWDOWNS)]
+            cells = [f"{flag_rate(rule, n=n, run_jitter=jitter, slowdown=s, trials=trials, seed=seed + i):.1%}" for i, s in enumerate(SLOWDOWNS)]
             print(f"| {n} | {jitter:.0%} | " + " | ".join(cells) + " |")
 
 

@@ -17,7 +17,7 @@ from edgeq.report.regression import (
     rank_average,
 )
 from edgeq.report.results import ResultFile, ResultRecord
-from edgeq.report.synthetic import synthetic_latency_run, synthetic_result
+from edgeq.report.synthetic import flag_rate, synthetic_latency_run, synthetic_result
 
 TRIALS = 200
 
@@ -53,14 +53,9 @@ def test_autocorrelation_time_is_near_one_for_independent_samples_and_larger_for
 
 
 def _flag_rate(slowdown: float, n: int, run_jitter: float, seed: int) -> float:
-    rng = np.random.default_rng(seed)
-    thresholds = Thresholds()
-    flagged = 0
-    for _ in range(TRIALS):
-        baseline = synthetic_latency_run(rng, n, run_jitter=run_jitter)
-        current = synthetic_latency_run(rng, n, run_jitter=run_jitter, slowdown=slowdown)
-        flagged += compare_latency_samples(current, baseline, thresholds).status == "regressed"
-    return flagged / TRIALS
+    return flag_rate(lambda current, baseline, thresholds:
+                     compare_latency_samples(current, baseline, thresholds).status == "regressed",
+                     n=n, run_jitter=run_jitter, slowdown=slowdown, trials=TRIALS, seed=seed)
 
 
 @pytest.mark.parametrize("n, run_jitter", [(200, 0.01), (200, 0.02), (1000, 0.015), (30, 0.015)])

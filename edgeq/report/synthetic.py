@@ -27,6 +27,21 @@ def synthetic_latency_run(rng: np.random.Generator, n: int, *, median_ms: float 
     return np.round(median_ms * shift * np.exp(noise) * spikes, 3)
 
 
+def flag_rate(rule, *, n: int, run_jitter: float, slowdown: float, trials: int, seed: int) -> float:
+    """Share of ``trials`` seeded pairs of synthetic runs (baseline, then one ``slowdown`` slower) that
+    ``rule(current, baseline, thresholds)`` flags, with the default thresholds."""
+    from edgeq.report.regression import Thresholds
+
+    rng = np.random.default_rng(seed)
+    thresholds = Thresholds()
+    flagged = 0
+    for _ in range(trials):
+        baseline = synthetic_latency_run(rng, n, run_jitter=run_jitter)
+        current = synthetic_latency_run(rng, n, run_jitter=run_jitter, slowdown=slowdown)
+        flagged += bool(rule(current, baseline, thresholds))
+    return flagged / trials
+
+
 def synthetic_result(target: str = "local", *, model: str = "digits", fmt: str = "tflite", precision: str = "int8",
                      artifact_id: str = "0123456789abcdef", samples: np.ndarray | list[float] | None = None,
                      top1: float | None = 0.95, top1_reference: float | None = 0.96,
