@@ -8,11 +8,14 @@ is the sample axis.
 from __future__ import annotations
 
 import logging
+import math
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from numpy.lib import format as npy_format
 
 from edgeq.errors import DataError
 from edgeq.manifest import sha256_file
@@ -21,6 +24,11 @@ log = logging.getLogger(__name__)
 
 LABELS_KEY = "labels"
 MIN_CALIBRATION_SAMPLES = 100
+# What one data file may declare in all (its arrays are loaded into memory), and how many arrays it may hold.
+MAX_DATA_BYTES = 8 * 2**30
+MAX_ARRAYS = 1024
+_CHUNK = 16 * 2**20
+_SAVE_HINT = "save it with numpy.savez(path, x=inputs, labels=class_ids)"
 
 
 @dataclass
@@ -56,12 +64,7 @@ def load_dataset(path: Path | str, inputs: list[InputSpec], role: str = "data") 
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: {role} file not found")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise DataError(f"{path}: not a readable .npz file ({exc})",
-                        hint="save it with numpy.savez(path, x=inputs, labels=class_ids)") from exc
+    arrays = read_npz(path)
     labels = arrays.pop(LABELS_KEY, None)
     matched = _match_inputs(path, arrays, inputs)
     counts = {name: len(arr) for name, arr in matched.items()}
@@ -75,6 +78,119 @@ def load_dataset(path: Path | str, inputs: list[InputSpec], role: str = "data") 
     if labels is not None:
         labels = _check_labels(path, labels, count)
     return Dataset(path=path, sha256=sha256_file(path), inputs=matched, labels=labels, samples_available=count)
+
+
+def read_npz(path: Path | str) -> dict[str, np.ndarray]:
+    """Every array of the ``.npz`` file ``path``, keyed by name, read without trusting the file.
+
+    Each member's ``.npy`` header is read first (no pickles, no object dtypes) and must declare exactly
+    as many bytes as the zip directory says the member holds; the declared total is capped at
+    ``MAX_DATA_BYTES``, and no member is read past its declared size (so a zip bomb cannot expand
+    further). Anything else is a one-line DataError naming the file and the array.
+    """
+    path = Path(path)
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable .npz file ({_one_line(exc)})", hint=_SAVE_HINT) from exc
+    with archive:
+        plan = _plan_members(path, archive)
+        return {key: _read_member(path, archive, key, *entry) for key, entry in plan.items()}
+
+
+def _plan_members(path: Path, archive: zipfile.ZipFile) -> dict[str, tuple]:
+    """Check every member's name and header before anything is allocated.
+
+    Returns key -> (info, header length, dtype, shape, order).
+    """
+    infos = archive.infolist()
+    if len(infos) > MAX_ARRAYS:
+        raise DataError(f"{path}: holds {len(infos)} members, more than the {MAX_ARRAYS} edgeq reads",
+                        hint=_SAVE_HINT)
+    plan: dict[str, tuple] = {}
+    total = 0
+    for info in infos:
+        name = info.filename
+        if info.is_dir() or not name.endswith(".npy"):
+            raise DataError(f"{path}: member '{name}' is not a .npy array (a .npz holds only .npy members)",
+                            hint=_SAVE_HINT)
+        key = name[: -len(".npy")]
+        if key in plan:
+            raise DataError(f"{path}: array '{key}' appears twice in the file", hint=_SAVE_HINT)
+        header, dtype, shape, fortran = _read_header(path, archive, info, key)
+        declared = math.prod(shape) * dtype.itemsize
+        if declared != info.file_size - header:
+            raise DataError(f"{path}: array '{key}' declares shape {list(shape)} of {dtype} ({declared} bytes) "
+                            f"but the file holds {max(info.file_size - header, 0)} bytes for it (corrupt or crafted)")
+        total += declared
+        if total > MAX_DATA_BYTES:
+            raise DataError(f"{path}: the arrays declare at least {_size(total)}, "
+                            f"more than edgeq loads ({_size(MAX_DATA_BYTES)}; array '{key}' is {_size(declared)})",
+                            hint="calibration and eval need a few hundred to a few thousand samples: save fewer")
+        plan[key] = (info, header, dtype, shape, "F" if fortran else "C")
+    return plan
+
+
+def _read_header(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo, key: str):
+    """(header length, dtype, shape, fortran_order) of one member, refusing object dtypes."""
+    try:
+        with archive.open(info) as stream:
+            version = npy_format.read_magic(stream)
+            if version == (1, 0):
+                shape, fortran, dtype = npy_format.read_array_header_1_0(stream)
+            elif version == (2, 0):
+                shape, fortran, dtype = npy_format.read_array_header_2_0(stream)
+            else:
+                raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}")
+            header = stream.tell()
+    # Bad magic or header, an encrypted member or unknown compression, a truncated stream:
+    except (ValueError, TypeError, SyntaxError, RecursionError, zipfile.BadZipFile, OSError, EOFError,
+            RuntimeError, NotImplementedError, zlib.error) as exc:
+        raise DataError(f"{path}: array '{key}' has no readable .npy header ({_one_line(exc)})",
+                        hint=_SAVE_HINT) from exc
+    if dtype.hasobject:
+        raise DataError(f"{path}: array '{key}' has dtype {dtype} (Python objects), which edgeq never loads",
+                        hint="save numeric arrays only (pickled objects could run code)")
+    if dtype.shape != () or any(not isinstance(d, int) or d < 0 for d in shape):
+        raise DataError(f"{path}: array '{key}' has an invalid header (shape {shape}, dtype {dtype})")
+    return header, dtype, shape, fortran
+
+
+def _read_member(path: Path, archive: zipfile.ZipFile, key: str, info: zipfile.ZipInfo, header: int,
+                 dtype: np.dtype, shape: tuple[int, ...], order: str) -> np.ndarray:
+    """Read exactly the declared bytes of one member into a new array (the stream stops at file_size)."""
+    count = math.prod(shape)
+    try:
+        flat = np.empty(count, dtype=dtype)
+    except MemoryError as exc:
+        raise DataError(f"{path}: not enough memory to load array '{key}' "
+                        f"({_size(count * dtype.itemsize)})") from exc
+    target = memoryview(flat.view(np.uint8)) if flat.nbytes else memoryview(b"")
+    try:
+        with archive.open(info) as stream:
+            stream.read(header)
+            done = 0
+            while done < len(target):  # in chunks: never more than the declared bytes, nor a second copy of them
+                chunk = stream.read(min(_CHUNK, len(target) - done))
+                if not chunk:
+                    break
+                target[done : done + len(chunk)] = chunk
+                done += len(chunk)
+            stream.read(1)  # reaching the end makes zipfile check the CRC
+    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError, zlib.error) as exc:
+        raise DataError(f"{path}: array '{key}' is corrupt ({_one_line(exc)})", hint=_SAVE_HINT) from exc
+    if done != len(target):
+        raise DataError(f"{path}: array '{key}' is truncated ({done} of {len(target)} bytes)", hint=_SAVE_HINT)
+    return flat.reshape(shape, order=order)
+
+
+def _size(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:200] or type(exc).__name__
 
 
 def _match_inputs(path: Path, arrays: dict[str, np.ndarray], inputs: list[InputSpec]) -> dict[str, np.ndarray]:

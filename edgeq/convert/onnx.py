@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from edgeq.convert.base import BuildRequest, BuildResult, captured_stdout
-from edgeq.convert.source import _first_line, conversion_failure, unsupported_ops
+from edgeq.convert.source import _first_line, conversion_failure, load_onnx_model, unsupported_ops
 from edgeq.errors import ConversionError, require_backend
 from edgeq.profiles import DeviceProfile
 
@@ -75,8 +75,9 @@ def _fp32_model(request: BuildRequest, target: Path) -> None:
     onnx = require_backend("onnx", "onnx")
     source = request.source
     if source.kind == "onnx":
+        model = load_onnx_model(source.path)  # external data checked to stay in the model's folder
         try:
-            model = onnx.shape_inference.infer_shapes(onnx.load(str(source.path)))
+            model = onnx.shape_inference.infer_shapes(model)
         except Exception as exc:  # onnx raises InferenceError/ValidationError
             raise conversion_failure(source, "onnx", "fp32", exc) from exc
         if model.ByteSize() == source.path.stat().st_size:

@@ -8,8 +8,12 @@ the first time a backend asks for it.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +21,7 @@ import numpy as np
 
 from edgeq.data import InputSpec
 from edgeq.errors import ConversionError, require_backend
-from edgeq.manifest import sha256_tree
+from edgeq.manifest import sha256_file, sha256_tree
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +142,18 @@ def _load_keras(path: Path) -> SourceModel:
     require_backend("tensorflow", "tflite")
     keras = require_backend("keras", "tflite")
     try:
-        model = keras.models.load_model(str(path), compile=False)
+        # Safe mode refuses code stored in the file (Lambda layers' bytecode, arbitrary imports). The scope
+        # enforces it even when something in this process called keras.config.enable_unsafe_deserialization(),
+        # which would otherwise override safe_mode=True for .keras files.
+        with _keras_safe_mode():
+            model = keras.models.load_model(str(path), compile=False, safe_mode=True)
     except Exception as exc:  # zip/h5/json/deserialization errors all mean the same to the user
+        if "safe_mode" in str(exc) or "unsafe_deserialization" in str(exc):
+            raise ConversionError(
+                f"{path}: refused: the Keras model holds Python code (e.g. a Lambda layer) and edgeq never runs "
+                "code from a model file (Keras safe mode)",
+                hint="replace the Lambda with built-in layers or a registered custom layer class, "
+                     "or export the model yourself to a SavedModel or ONNX") from exc
         raise ConversionError(f"{path}: cannot load the Keras model ({_first_line(exc)})",
                               hint="is it a model saved with model.save()? Custom layers must be importable") from exc
     inputs = [InputSpec(name=t.name, shape=_dims(t.shape), dtype=str(np.dtype(t.dtype).name))
@@ -147,6 +161,15 @@ def _load_keras(path: Path) -> SourceModel:
     outputs = [f"output_{i}" for i in range(len(model.outputs))]
     return SourceModel(path=path, kind="keras", sha256=sha256_tree(path), inputs=inputs, outputs=outputs,
                        _keras_model=model)
+
+
+def _keras_safe_mode():
+    """Keras' own safe-mode scope (forces safe mode for nested deserialization), or a no-op where it is missing."""
+    try:
+        from keras.src.saving.serialization_lib import SafeModeScope
+    except ImportError:  # private module: older or newer Keras may not have it; safe_mode=True still applies
+        return contextlib.nullcontext()
+    return SafeModeScope(True)
 
 
 def _load_savedmodel(path: Path) -> SourceModel:
@@ -177,6 +200,7 @@ _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor
 def _load_onnx(path: Path) -> SourceModel:
     onnx = require_backend("onnx", "onnx")
     ort = require_backend("onnxruntime", "onnx")
+    external = check_external_data(path, _read_onnx(onnx, path))  # before onnx/onnxruntime read external files
     try:
         onnx.checker.check_model(str(path))
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -185,8 +209,111 @@ def _load_onnx(path: Path) -> SourceModel:
     inputs = [InputSpec(name=i.name, shape=[d if isinstance(d, int) and d > 0 else None for d in i.shape],
                         dtype=_ORT_DTYPES.get(i.type, i.type)) for i in session.get_inputs()]
     outputs = [o.name for o in session.get_outputs()]
-    return SourceModel(path=path, kind="onnx", sha256=sha256_tree(path), inputs=inputs, outputs=outputs,
-                       _ort_session=session)
+    return SourceModel(path=path, kind="onnx", sha256=_onnx_sha256(path, external), inputs=inputs,
+                       outputs=outputs, _ort_session=session)
+
+
+def _onnx_sha256(path: Path, external: list[str]) -> str:
+    """The model file's sha256; with external data, a digest of it and of each data file (by location)."""
+    if not external:
+        return sha256_file(path)
+    digest = hashlib.sha256(sha256_file(path).encode() + b"\n")
+    for location in external:
+        digest.update(location.encode() + b"\0" + sha256_file(path.parent / location).encode() + b"\n")
+    return digest.hexdigest()
+
+
+# The keys of a tensor's external_data entries that the ONNX spec defines.
+_EXTERNAL_DATA_KEYS = frozenset({"location", "offset", "length", "checksum", "basepath"})
+
+
+def load_onnx_model(path: Path):
+    """The ONNX model at ``path`` with its external data, after checking that data stays in the model's folder."""
+    onnx = require_backend("onnx", "onnx")
+    model = _read_onnx(onnx, path)
+    if check_external_data(path, model):
+        try:
+            onnx.load_external_data_for_model(model, str(path.parent))
+        except Exception as exc:  # OSError, ValueError (bounds), onnx's own path checks
+            raise ConversionError(f"{path}: cannot read the model's external data ({_first_line(exc)})") from exc
+    return model
+
+
+def _read_onnx(onnx, path: Path):
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # DecodeError, OSError: the file is not a readable ONNX model
+        raise ConversionError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from exc
+
+
+def check_external_data(path: Path, model) -> list[str]:
+    """Refuse tensors whose external data is not a plain file inside the model's own folder; their locations.
+
+    ``location`` must be relative and resolve (symlinks followed) inside the folder of ``path``, to an
+    existing regular file with a single link, with integer offset/length within it. ConversionError names
+    the model file and the tensor.
+    """
+    folder = os.path.realpath(path.parent)
+    locations: set[str] = set()
+    for tensor in _all_tensors(model):
+        if not len(tensor.external_data) and tensor.data_location != tensor.EXTERNAL:
+            continue
+        entries = {entry.key: entry.value for entry in tensor.external_data}
+
+        def refuse(why: str, tensor=tensor) -> ConversionError:
+            return ConversionError(f"{path}: tensor '{tensor.name}': external data {why}",
+                                   hint="keep a model's external data files in the model's own folder")
+
+        unknown = sorted(set(entries) - _EXTERNAL_DATA_KEYS)
+        location = entries.get("location", "")
+        if unknown:
+            raise refuse(f"has unknown key(s) {unknown[:5]}")
+        if not location or os.path.isabs(location) or os.path.splitdrive(location)[0] or "\0" in location:
+            raise refuse(f"location {location!r} is not a relative path inside the model's folder")
+        real = os.path.realpath(os.path.join(folder, location))
+        if os.path.commonpath([folder, real]) != folder:
+            raise refuse(f"location {location!r} points outside the model's folder ({real})")
+        try:
+            info = os.stat(real)
+        except OSError as exc:
+            raise refuse(f"file {location!r} cannot be read ({exc.strerror or exc})") from exc
+        if not stat.S_ISREG(info.st_mode):
+            raise refuse(f"file {location!r} is not a regular file")
+        if info.st_nlink > 1:
+            raise refuse(f"file {location!r} has other hard links (it may be a file from elsewhere)")
+        try:
+            offset, length = int(entries.get("offset", 0)), int(entries.get("length", 0))
+        except ValueError as exc:
+            raise refuse("has a non-integer offset or length") from exc
+        if offset < 0 or length < 0 or offset + length > info.st_size:
+            raise refuse(f"offset {offset} + length {length} is outside {location!r} ({info.st_size} bytes)")
+        locations.add(os.path.relpath(real, folder))
+    return sorted(locations)
+
+
+def _all_tensors(model):
+    """Every TensorProto of ``model``: initializers, sparse initializers, attributes, subgraphs and functions."""
+    graphs = [model.graph]
+    nodes = [node for function in model.functions for node in function.node]
+    while graphs or nodes:
+        if graphs:
+            graph = graphs.pop()
+            yield from graph.initializer
+            for sparse in graph.sparse_initializer:
+                yield from (sparse.values, sparse.indices)
+            nodes.extend(graph.node)
+            continue
+        for attribute in nodes.pop().attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("sparse_tensor"):
+                yield from (attribute.sparse_tensor.values, attribute.sparse_tensor.indices)
+            for sparse in attribute.sparse_tensors:
+                yield from (sparse.values, sparse.indices)
+            if attribute.HasField("g"):
+                graphs.append(attribute.g)
+            graphs.extend(attribute.graphs)
 
 
 _OP_PATTERNS = (
