@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
@@ -33,6 +34,44 @@ def _reject_control_chars(value: str, what: str) -> str:
     if "\0" in value or "\n" in value or "\r" in value:
         raise ValueError(f"{what} must not contain NUL or newline characters")
     return value
+
+
+# Characters OpenSSH (ssh.c, 9.6: valid_hostname / valid_ruser) refuses in a host or user name given on the
+# command line, because the name may be expanded (%h, %r) into a ProxyCommand run by a shell
+# (CVE-2023-51385). edgeq applies the same rules to the inventory, to ProxyJump hops and to what
+# ~/.ssh/config resolves, before any name is expanded into a command.
+_HOST_FORBIDDEN = "'`\"$\\;&<>|(){}"
+_USER_FORBIDDEN = "'`\";&<>|(){}"
+
+
+def hostname_problem(value: str) -> str | None:
+    """Why ``value`` is not a host name OpenSSH would accept (``valid_hostname``), or None when it is."""
+    if not value:
+        return "it is empty"
+    if value.startswith("-"):
+        return "it starts with '-'"
+    for char in value:
+        if char in _HOST_FORBIDDEN:
+            return f"it contains {char!r}"
+        if char.isspace() or ord(char) < 32 or ord(char) == 127:
+            return f"it contains whitespace or a control character ({char!r})"
+    return None
+
+
+def user_problem(value: str) -> str | None:
+    """Why ``value`` is not a user name OpenSSH would accept (``valid_ruser``), or None when it is."""
+    if not value:
+        return "it is empty"
+    if value.startswith("-"):
+        return "it starts with '-'"
+    for index, char in enumerate(value):
+        if char in _USER_FORBIDDEN:
+            return f"it contains {char!r}"
+        if char.isspace() and value[index + 1:index + 2] == "-":
+            return "it contains whitespace followed by '-'"
+    if value.endswith("\\"):
+        return "it ends with a backslash"
+    return None
 
 
 def check_name(name: str, what: str) -> str:
@@ -70,6 +109,22 @@ class Target(StrictModel):
     @classmethod
     def _no_control_chars(cls, value: str | None, info) -> str | None:
         return None if value is None else _reject_control_chars(value, info.field_name)
+
+    @field_validator("host")
+    @classmethod
+    def _valid_host(cls, value: str) -> str:
+        problem = hostname_problem(value)
+        if problem:
+            raise ValueError(f"host {value!r} is not a valid host name: {problem}")
+        return value
+
+    @field_validator("user")
+    @classmethod
+    def _valid_user(cls, value: str | None) -> str | None:
+        problem = None if value is None else user_problem(value)
+        if problem:
+            raise ValueError(f"user {value!r} is not a valid user name: {problem}")
+        return value
 
     @property
     def address(self) -> str:
@@ -158,8 +213,7 @@ def load_inventory(path: str | Path | None = None) -> Inventory:
 
 
 def detect_local_profile() -> str:
-    """The profile that fits this machine's CPU (x86 with/without AVX512-VNNI, Raspberry Pi 4/5 class)."""
-    machine = platform.machine().lower()
+    """The profile that fits this machine's CPU (see ``profile_for_cpu``)."""
     flags = ""
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
@@ -169,8 +223,16 @@ def detect_local_profile() -> str:
                 break
     except OSError:
         pass
-    words = set(flags.split())
+    return profile_for_cpu(platform.machine(), flags.split())
+
+
+def profile_for_cpu(machine: str, flags: Iterable[str]) -> str:
+    """The shipped profile for a CPU architecture and its /proc/cpuinfo flags: x86 with AMX, with AVX512-VNNI
+    or with neither; Arm with dot-product instructions (Pi 5 class) or without (Pi 4 class)."""
+    machine, words = machine.lower(), set(flags)
     if machine in ("x86_64", "amd64"):
+        if "amx_tile" in words and ({"amx_int8", "amx_bf16"} & words):
+            return "x86-amx"
         return "x86-avx512-vnni" if "avx512_vnni" in words else "x86-avx2"
     if machine in ("aarch64", "arm64"):
         return "rpi5" if "asimddp" in words else "rpi4"

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from edgeq.cli import cli
 from edgeq.errors import InventoryError
-from edgeq.targets import detect_local_profile, load_inventory, resolve_targets
+from edgeq.targets import detect_local_profile, load_inventory, profile_for_cpu, resolve_targets
 
 
 def write(path: Path, text: str) -> Path:
@@ -90,7 +90,24 @@ def test_local_target(monkeypatch, tmp_path):
     local = resolve_targets(load_inventory(write(tmp_path / "i.yaml", "{}\n")), "local")[0]
     assert local.local and local.python == sys.executable and local.workdir == str(tmp_path / "w")
     assert local.profile == detect_local_profile()
-    assert local.profile in {"x86-avx2", "x86-avx512-vnni", "rpi4", "rpi5"}
+    assert local.profile in {"x86-avx2", "x86-avx512-vnni", "x86-amx", "rpi4", "rpi5"}
+
+
+@pytest.mark.parametrize(("machine", "flags", "profile"), [
+    ("x86_64", "fpu avx2 fma", "x86-avx2"),
+    ("x86_64", "avx2 avx512f avx512_vnni", "x86-avx512-vnni"),
+    ("x86_64", "avx2 avx512f avx512_vnni avx512_bf16 amx_bf16 amx_tile amx_int8", "x86-amx"),
+    ("x86_64", "avx2 avx512_vnni amx_tile", "x86-avx512-vnni"),  # tiles without int8/bf16 units: not AMX to use
+    ("aarch64", "fp asimd", "rpi4"),
+    ("aarch64", "fp asimd asimddp", "rpi5"),
+])
+def test_local_profile_follows_cpu_flags(machine, flags, profile):
+    assert profile_for_cpu(machine, flags.split()) == profile
+
+
+def test_local_profile_for_unknown_arch_is_a_clear_error():
+    with pytest.raises(InventoryError, match="does not know a profile for CPU architecture 'riscv64'"):
+        profile_for_cpu("riscv64", [])
 
 
 def test_shipped_inventories_are_valid(monkeypatch):

@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from edgeq.errors import RemoteCommandError
-from edgeq.remote.base import CommandResult, ProgressCallback, RunningCommand, Transport, describe_argv
+from edgeq.remote.base import (
+    MAX_DOWNLOAD_BYTES,
+    CommandResult,
+    ProgressCallback,
+    RunningCommand,
+    Transport,
+    check_limit,
+    copy_bounded,
+    describe_argv,
+    download_limit_error,
+    output_limit_error,
+)
 
 _CHUNK = 1 << 20
 
@@ -45,16 +56,62 @@ class _LocalRunning(RunningCommand):
 class LocalTransport(Transport):
     """Runs commands with ``subprocess`` (no shell) and copies files with the filesystem."""
 
-    def _execute(self, argv: list[str], timeout: float, input: bytes | None) -> CommandResult:
+    def _execute(self, argv: list[str], timeout: float, input: bytes | None, max_output: int) -> CommandResult:
+        described = describe_argv(argv)
         try:
-            done = subprocess.run(argv, input=input, capture_output=True, timeout=timeout,
-                                  stdin=None if input is not None else subprocess.DEVNULL)
-        except subprocess.TimeoutExpired as exc:
-            raise RemoteCommandError(f"{self.target.label}: '{describe_argv(argv)}' timed out after {timeout:g}s") from exc
+            process = subprocess.Popen(argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         except OSError as exc:
-            raise RemoteCommandError(f"{self.target.label}: cannot run '{describe_argv(argv)}': {exc.strerror}") from exc
-        return CommandResult(argv, done.returncode, done.stdout.decode("utf-8", "replace"),
-                             done.stderr.decode("utf-8", "replace"))
+            raise RemoteCommandError(f"{self.target.label}: cannot run '{described}': {exc.strerror}") from exc
+        captured = {"stdout": bytearray(), "stderr": bytearray()}
+        over: list[str] = []
+
+        def drain(stream: str, pipe) -> None:
+            buffer = captured[stream]
+            while chunk := pipe.read1(_CHUNK):
+                if len(buffer) + len(chunk) > max_output:
+                    over.append(stream)
+                    process.kill()  # stop it: nothing more of its output is read
+                    return
+                buffer += chunk
+
+        def feed() -> None:
+            try:
+                process.stdin.write(input)
+            except OSError:  # the command exited without reading all of its input
+                pass
+            finally:
+                with contextlib.suppress(OSError):
+                    process.stdin.close()
+
+        threads = [threading.Thread(target=drain, args=(name, getattr(process, name)), daemon=True)
+                   for name in captured]
+        if input is not None:
+            threads.append(threading.Thread(target=feed, daemon=True))
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + timeout
+        try:
+            try:
+                process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+                if not over:
+                    raise RemoteCommandError(f"{self.target.label}: '{described}' timed out after {timeout:g}s") from None
+            for thread in threads:  # a child that outlives the command may hold the pipes open
+                thread.join(max(0.0, deadline - time.monotonic()))
+            if over:
+                raise output_limit_error(self.target.label, argv, over[0], max_output)
+            if any(thread.is_alive() for thread in threads):
+                raise RemoteCommandError(f"{self.target.label}: '{described}' timed out after {timeout:g}s "
+                                         "(its output stayed open)")
+        finally:
+            for pipe in (process.stdout, process.stderr):
+                with contextlib.suppress(OSError):
+                    pipe.close()
+        return CommandResult(argv, process.returncode, bytes(captured["stdout"]).decode("utf-8", "replace"),
+                             bytes(captured["stderr"]).decode("utf-8", "replace"))
 
     def start(self, argv: Sequence[str]) -> RunningCommand:
         argv = list(argv)
@@ -81,11 +138,18 @@ class LocalTransport(Transport):
         except OSError as exc:
             raise RemoteCommandError(f"{self.target.label}: cannot write {remote_path}: {exc.strerror}") from exc
 
-    def get(self, remote_path: str, local_path: str | Path) -> None:
+    def get(self, remote_path: str, local_path: str | Path, max_bytes: int | None = None) -> None:
+        limit = check_limit(max_bytes, MAX_DOWNLOAD_BYTES, "max_bytes")
+        label = self.target.label
         try:
-            shutil.copyfile(remote_path, local_path)
+            with open(remote_path, "rb") as source:
+                size = os.fstat(source.fileno()).st_size
+                if size > limit:
+                    raise download_limit_error(label, remote_path, limit, size)
+                copy_bounded(source.read, local_path, limit, _CHUNK,
+                             lambda: download_limit_error(label, remote_path, limit), label)
         except OSError as exc:
-            raise RemoteCommandError(f"{self.target.label}: cannot read {remote_path}: {exc.strerror}") from exc
+            raise RemoteCommandError(f"{label}: cannot read {remote_path}: {exc.strerror}") from exc
 
     def close(self) -> None:
         pass

@@ -1,251 +1,96 @@
 """SSH transport on paramiko: host keys verified (never auto-trusted), every timeout set, errors translated.
 
-Connection settings follow OpenSSH: ``~/.ssh/config`` (HostName, User, Port, IdentityFile, ProxyJump,
-ProxyCommand, UserKnownHostsFile) resolved for the target's ``host``, then the inventory's fields win.
-Keys come from the inventory/config key files and ssh-agent. Host keys come from ``~/.ssh/known_hosts``
-and ``/etc/ssh/ssh_known_hosts``; an unknown key is refused with a hint to ``edgeq targets trust``.
+Connection settings (``~/.ssh/config`` + the inventory) are resolved in ``ssh_config.py``. Keys come from
+the inventory/config key files and ssh-agent. Host keys come from ``/etc/ssh/ssh_known_hosts``,
+``~/.ssh/known_hosts``, UserKnownHostsFile and the target's own file, parsed by ``known_hosts.py``; an unknown
+key is refused with a hint to ``edgeq targets trust``. Command output and downloads are bounded
+(``MAX_OUTPUT_BYTES``, ``MAX_DOWNLOAD_BYTES`` in base.py).
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import getpass
-import hashlib
+import functools
 import logging
 import os
 import select
 import socket
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import paramiko
 
 from edgeq.errors import ConnectError, RemoteCommandError
 from edgeq.remote.base import (
+    MAX_DOWNLOAD_BYTES,
     CommandResult,
     ProgressCallback,
     RunningCommand,
     Transport,
+    check_limit,
+    copy_bounded,
     describe_argv,
+    download_limit_error,
+    output_limit_error,
     shell_join,
 )
+from edgeq.remote.known_hosts import (
+    HostCertificateOnly,
+    KnownHosts,
+    KnownHostsPolicy,
+    RevokedHostKey,
+    UnknownHostKey,
+    fingerprint,
+    host_key_algorithms,
+)
+from edgeq.remote.ssh_config import (
+    SYSTEM_KNOWN_HOSTS,
+    SSHSettings,
+    _parse_jump,
+    jump_hops,
+    known_host_keys,
+    known_hosts_name,
+    resolve_settings,
+    translate_connect_error,
+    user_known_hosts,
+)
 from edgeq.targets import Target
+
+# Names other modules (and older callers) import from here.
+__all__ = [
+    "CONNECT_TIMEOUT", "SYSTEM_KNOWN_HOSTS", "HostCertificateOnly", "KnownHosts", "RevokedHostKey", "SSHSettings",
+    "SSHTransport", "UnknownHostKey", "_parse_jump", "fingerprint", "known_host_keys", "known_hosts_name",
+    "resolve_settings", "translate_connect_error", "user_known_hosts",
+]
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = float(os.environ.get("EDGEQ_CONNECT_TIMEOUT", "10"))
 KEEPALIVE_SECONDS = 15
-SYSTEM_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
 # Bigger windows and packets than paramiko's defaults keep SFTP writes flowing on fast links.
 WINDOW_SIZE = 64 * 1024 * 1024
 MAX_PACKET_SIZE = 256 * 1024
 # OpenSSH's sftp-server drops the connection for messages over 256 KiB (data + header): stay well below.
 SFTP_WRITE_CHUNK = 128 * 1024
+SFTP_READ_CHUNK = 256 * 1024
+# After a command's exit status, how long to wait for output still on its way when no EOF comes.
+EXIT_DRAIN_SECONDS = 1.0
 # AES-GCM (AEAD, one pass) is the cheapest cipher for paramiko; keep the others as fallbacks.
 PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr")
 
 
-def user_known_hosts() -> Path:
-    return Path(os.path.expanduser("~/.ssh/known_hosts"))
-
-
-def known_hosts_name(hostname: str, port: int) -> str:
-    """How OpenSSH names a host in known_hosts: ``host`` on port 22, ``[host]:port`` otherwise."""
-    return hostname if port == 22 else f"[{hostname}]:{port}"
-
-
-@dataclass
-class SSHSettings:
-    """Where and how to connect, after ~/.ssh/config and the inventory are combined."""
-
-    alias: str
-    hostname: str
-    port: int
-    user: str
-    key_files: list[str] = field(default_factory=list)
-    proxy_jump: str | None = None
-    proxy_command: str | None = None
-    known_hosts_files: list[str] = field(default_factory=list)
-
-    @property
-    def known_hosts_name(self) -> str:
-        return known_hosts_name(self.hostname, self.port)
-
-    @property
-    def where(self) -> str:
-        return f"{self.user}@{self.hostname}:{self.port}"
-
-
-def _ssh_config() -> paramiko.SSHConfig:
-    path = Path(os.path.expanduser("~/.ssh/config"))
-    if path.is_file():
-        try:
-            return paramiko.SSHConfig.from_path(str(path))
-        except Exception as exc:  # paramiko raises several kinds for a bad config line
-            raise ConnectError(f"{path}: cannot parse ssh config: {exc}") from exc
-    return paramiko.SSHConfig()
-
-
-def resolve_settings(target: Target) -> SSHSettings:
-    """Combine ``~/.ssh/config`` for ``target.host`` with the inventory (inventory wins)."""
-    return _resolve(target.host, target.user, target.port, target.key, target.known_hosts)
-
-
-def _resolve(host: str, user: str | None, port: int | None, key: str | None,
-             extra_known_hosts: str | None = None) -> SSHSettings:
-    config = _ssh_config().lookup(host)
-    hostname = config.get("hostname", host)
-    try:
-        resolved_port = port or int(config.get("port", 22))
-    except ValueError as exc:
-        raise ConnectError(f"~/.ssh/config: Port for host {host!r} is not a number") from exc
-    resolved_user = user or config.get("user") or getpass.getuser()
-    key_files = [os.path.expanduser(key)] if key else [os.path.expanduser(k) for k in config.get("identityfile", [])]
-    proxy_jump = config.get("proxyjump")
-    if proxy_jump and proxy_jump.lower() == "none":
-        proxy_jump = None
-    proxy_command = config.get("proxycommand")
-    if proxy_command and proxy_command.lower() == "none":
-        proxy_command = None
-    known = [SYSTEM_KNOWN_HOSTS, str(user_known_hosts())]
-    for extra in str(config.get("userknownhostsfile", "")).split():
-        known.append(os.path.expanduser(extra))
-    if extra_known_hosts:
-        known.append(extra_known_hosts)
-    return SSHSettings(alias=host, hostname=hostname, port=resolved_port, user=resolved_user, key_files=key_files,
-                       proxy_jump=proxy_jump, proxy_command=proxy_command, known_hosts_files=known)
-
-
-def fingerprint(key: paramiko.PKey) -> str:
-    """OpenSSH's ``SHA256:base64`` fingerprint of a public key."""
-    digest = hashlib.sha256(key.asbytes()).digest()
-    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
-
-
-def known_host_keys(settings: SSHSettings) -> dict[str, paramiko.PKey]:
-    """The keys the known_hosts files record for this host, by key type (the first file that has a type wins)."""
-    keys: dict[str, paramiko.PKey] = {}
-    for path in settings.known_hosts_files:
-        if not os.path.isfile(path):
-            continue
-        host_keys = paramiko.HostKeys()
-        try:
-            host_keys.load(path)
-        except (OSError, paramiko.SSHException) as exc:
-            raise ConnectError(f"{path}: cannot read known_hosts: {exc}") from exc
-        found = host_keys.lookup(settings.known_hosts_name)
-        if found:
-            for key_type in found:
-                keys.setdefault(key_type, found[key_type])
-    return keys
-
-
-class UnknownHostKey(paramiko.SSHException):
-    """Raised by the host key policy: the server's key is in no known_hosts file."""
-
-    def __init__(self, hostname: str, key: paramiko.PKey):
-        super().__init__(f"host key for {hostname} is unknown")
-        self.hostname = hostname
-        self.key = key
-
-
-class RejectUnknownPolicy(paramiko.RejectPolicy):
-    """paramiko's RejectPolicy, raising a typed exception so the error can name the fix."""
-
-    def missing_host_key(self, client, hostname, key):
-        raise UnknownHostKey(hostname, key)
-
-
-def _transport_factory(sock, **kwargs) -> paramiko.Transport:
+def _transport_factory(sock, *, host_key_types: Sequence[str] = (), **kwargs) -> paramiko.Transport:
     transport = paramiko.Transport(sock, default_window_size=WINDOW_SIZE,
                                    default_max_packet_size=MAX_PACKET_SIZE, **kwargs)
     options = transport.get_security_options()
     available = [c for c in PREFERRED_CIPHERS if c in options.ciphers]
     options.ciphers = tuple(available + [c for c in options.ciphers if c not in available])
+    # Ask first for the host key types known_hosts records (paramiko does this only with its own host keys).
+    wanted = [a for a in host_key_algorithms(host_key_types) if a in options.key_types]
+    if wanted:
+        options.key_types = tuple(wanted + [t for t in options.key_types if t not in wanted])
     return transport
-
-
-def translate_connect_error(exc: BaseException, settings: SSHSettings, name: str, timeout: float) -> ConnectError:
-    """One line naming the host for whatever went wrong while connecting."""
-    where = f"{name} ({settings.where})" if name else settings.where
-    hk = settings.known_hosts_name
-    if isinstance(exc, UnknownHostKey):
-        return ConnectError(f"{where}: host key is not trusted (no entry for {hk} in known_hosts)",
-                            hint=f"check the fingerprint, then run: edgeq targets trust {name or settings.alias}")
-    if isinstance(exc, paramiko.BadHostKeyException):
-        offered = exc.key.get_name()
-        if exc.expected_key.get_name() != offered:
-            # paramiko reports "keys recorded, none of the offered type" as a bad key; OpenSSH warns loudly
-            # here too: the device's keys may have been replaced.
-            try:
-                recorded = ", ".join(sorted(known_host_keys(settings))) or exc.expected_key.get_name()
-            except ConnectError:
-                recorded = exc.expected_key.get_name()
-            return ConnectError(
-                f"{where}: host key is not trusted (known_hosts has no key of the offered type {offered} for "
-                f"{hk}, only {recorded}); refusing to connect",
-                hint=f"the device offers {offered} {fingerprint(exc.key)}; if its keys were expected to change: "
-                     f"ssh-keygen -R '{hk}' then edgeq targets trust {name or settings.alias}")
-        return ConnectError(
-            f"{where}: host key has CHANGED (known_hosts has a different {exc.expected_key.get_name()} key "
-            f"for {hk}); refusing to connect",
-            hint=f"if the device was reinstalled: ssh-keygen -R '{hk}' then edgeq targets trust {name or settings.alias}",
-        )
-    if isinstance(exc, socket.gaierror):
-        return ConnectError(f"{where}: cannot resolve host name {settings.hostname!r}",
-                            hint="check the host in the inventory or ~/.ssh/config")
-    if isinstance(exc, ConnectionRefusedError):
-        return ConnectError(f"{where}: connection refused (is sshd running on port {settings.port}?)")
-    if isinstance(exc, (socket.timeout, TimeoutError)):
-        return ConnectError(f"{where}: timed out after {timeout:g}s connecting")
-    if isinstance(exc, paramiko.PasswordRequiredException):
-        return ConnectError(f"{where}: the private key is encrypted",
-                            hint="add it to ssh-agent (ssh-add KEY) so edgeq can use it")
-    if isinstance(exc, paramiko.AuthenticationException):
-        return ConnectError(f"{where}: authentication failed for user {settings.user!r}",
-                            hint="set 'key:' in the inventory, IdentityFile in ~/.ssh/config, or load the key into ssh-agent")
-    if isinstance(exc, paramiko.SSHException):
-        message = str(exc)
-        if "banner" in message.lower():
-            return ConnectError(f"{where}: no SSH banner within {timeout:g}s (not an SSH server, or frozen)")
-        return ConnectError(f"{where}: SSH negotiation failed: {message}")
-    if isinstance(exc, EOFError):
-        return ConnectError(f"{where}: connection closed by the device during SSH negotiation")
-    if isinstance(exc, OSError):
-        return ConnectError(f"{where}: cannot connect: {exc.strerror or exc}")
-    if isinstance(exc, FileNotFoundError):
-        return ConnectError(f"{where}: key file not found: {exc.filename}")
-    return ConnectError(f"{where}: cannot connect: {exc}")
-
-
-def _parse_jump(spec: str) -> tuple[str, str | None, int | None]:
-    """One ProxyJump hop, ``[user@]host[:port]`` (``[v6]:port``, ``ssh://`` URIs too) -> host, user, port."""
-    text = spec[len("ssh://"):] if spec.startswith("ssh://") else spec
-    user = None
-    if "@" in text:
-        user, text = text.rsplit("@", 1)
-    port_text = None
-    if text.startswith("[") and "]:" in text:
-        host, port_text = text[1:].split("]:", 1)
-    elif text.startswith("[") and text.endswith("]"):
-        host = text[1:-1]
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-    else:
-        host = text
-    port = None
-    if port_text is not None:
-        if not port_text.isdigit():
-            raise ConnectError(f"~/.ssh/config: ProxyJump {spec!r}: port is not a number")
-        port = int(port_text)
-        if not 1 <= port <= 65535:
-            raise ConnectError(f"~/.ssh/config: ProxyJump {spec!r}: port must be from 1 to 65535")
-    if not host:
-        raise ConnectError(f"~/.ssh/config: ProxyJump {spec!r}: no host name")
-    return host, user, port
 
 
 def _close_quietly(channel: paramiko.Channel) -> None:
@@ -316,14 +161,7 @@ class SSHTransport(Transport):
                 raise ConnectError(f"{name or settings.alias}: ProxyCommand failed to start: {exc}") from exc
             return self._proxy
         if settings.proxy_jump:
-            hops = []
-            for hop in settings.proxy_jump.split(","):
-                host, user, port = _parse_jump(hop.strip())
-                hop_settings = _resolve(host, user, port, None)
-                hop_settings.proxy_jump = None  # the chain is walked here, one hop after the other
-                if hops:
-                    hop_settings.proxy_command = None
-                hops.append(hop_settings)
+            hops = jump_hops(settings, name or settings.alias)
             sock = None
             for index, hop_settings in enumerate(hops):
                 hop_client = self._connect(hop_settings, f"jump host {hop_settings.alias}", sock=sock)
@@ -343,16 +181,13 @@ class SSHTransport(Transport):
             raise translate_connect_error(exc, settings, name, self.connect_timeout) from exc
 
     def _connect(self, settings: SSHSettings, name: str, sock=None) -> paramiko.SSHClient:
+        known = KnownHosts.load(settings.known_hosts_files)
         if sock is None:
             sock = self._open_sock(settings, name)
         client = paramiko.SSHClient()
-        try:
-            for path in settings.known_hosts_files:
-                if os.path.isfile(path):
-                    client.load_system_host_keys(path)
-        except (OSError, paramiko.SSHException) as exc:
-            raise ConnectError(f"{name}: cannot read known_hosts: {exc}") from exc
-        client.set_missing_host_key_policy(RejectUnknownPolicy())
+        # The client holds no host keys of its own: paramiko asks the policy about every server key.
+        client.set_missing_host_key_policy(KnownHostsPolicy(known, settings.known_hosts_name))
+        host_key_types = list(known.keys_by_type(settings.known_hosts_name))
         for key_file in settings.key_files:
             if not os.path.isfile(key_file):
                 raise ConnectError(f"{name or settings.alias} ({settings.where}): key file not found: {key_file}",
@@ -365,7 +200,7 @@ class SSHTransport(Transport):
                 look_for_keys=not settings.key_files, sock=sock,
                 timeout=self.connect_timeout, banner_timeout=self.connect_timeout,
                 auth_timeout=self.connect_timeout, channel_timeout=self.connect_timeout,
-                transport_factory=_transport_factory,
+                transport_factory=functools.partial(_transport_factory, host_key_types=host_key_types),
             )
         except (paramiko.SSHException, OSError, EOFError) as exc:
             transport = client.get_transport()
@@ -390,10 +225,11 @@ class SSHTransport(Transport):
             raise self._lost(exc, f"starting '{describe_argv(argv)}'") from exc
         return channel
 
-    def _execute(self, argv: list[str], timeout: float, input: bytes | None) -> CommandResult:
+    def _execute(self, argv: list[str], timeout: float, input: bytes | None, max_output: int) -> CommandResult:
         channel = self._open_channel(argv)
         stdout, stderr = bytearray(), bytearray()
         deadline = time.monotonic() + timeout
+        quiet_since: float | None = None
         try:
             channel.settimeout(max(1.0, timeout))
             if input:
@@ -404,13 +240,25 @@ class SSHTransport(Transport):
                 if channel.recv_ready():
                     stdout += channel.recv(1 << 16)
                     progressed = True
+                    if len(stdout) > max_output:  # the finally below closes the channel: the command stops
+                        raise output_limit_error(self.target.label, argv, "stdout", max_output)
                 if channel.recv_stderr_ready():
                     stderr += channel.recv_stderr(1 << 16)
                     progressed = True
+                    if len(stderr) > max_output:
+                        raise output_limit_error(self.target.label, argv, "stderr", max_output)
                 if progressed:
+                    quiet_since = None
                     continue
                 if channel.exit_status_ready():
-                    break
+                    # sshd sends the exit status when the command ends, possibly before the rest of its
+                    # buffered output: read on until EOF, or a moment of silence (a background child may
+                    # hold stdout open).
+                    if channel.eof_received or channel.closed:
+                        break
+                    quiet_since = quiet_since or time.monotonic()
+                    if time.monotonic() - quiet_since > EXIT_DRAIN_SECONDS:
+                        break
                 if not self._transport.is_active():
                     raise ConnectError(f"{self.target.label}: connection lost while running '{describe_argv(argv)}'")
                 if time.monotonic() > deadline:
@@ -463,13 +311,22 @@ class SSHTransport(Transport):
                 raise RemoteCommandError(f"{self.target.label}: cannot write {remote_path}: {detail}") from exc
             raise self._lost(exc, f"uploading to {remote_path}") from exc
 
-    def get(self, remote_path: str, local_path: str | Path) -> None:
+    def get(self, remote_path: str, local_path: str | Path, max_bytes: int | None = None) -> None:
+        limit = check_limit(max_bytes, MAX_DOWNLOAD_BYTES, "max_bytes")
         sftp = self.sftp()
+        label = self.target.label
         try:
-            sftp.get(remote_path, str(local_path))
+            size = sftp.stat(remote_path).st_size
+            if size is not None and size > limit:
+                raise download_limit_error(label, remote_path, limit, size)
+            with sftp.open(remote_path, "rb") as source:
+                if size:
+                    source.prefetch(size)  # pipelined reads, as sftp.get does; reads past it are counted too
+                copy_bounded(source.read, local_path, limit, SFTP_READ_CHUNK,
+                             lambda: download_limit_error(label, remote_path, limit), label)
         except OSError as exc:
             if self._transport.is_active():
-                raise RemoteCommandError(f"{self.target.label}: cannot read {remote_path}: {exc.strerror or exc}") from exc
+                raise RemoteCommandError(f"{label}: cannot read {remote_path}: {exc.strerror or exc}") from exc
             raise self._lost(exc, f"downloading {remote_path}") from exc
         except (paramiko.SSHException, EOFError) as exc:
             raise self._lost(exc, f"downloading {remote_path}") from exc
