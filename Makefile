@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint lab-up lab-down bench clean
+.PHONY: demo test wheel-check lint lab-up lab-down bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Build the wheel, install it into a fresh venv outside the checkout, list profiles, convert and bench there.
+wheel-check: $(STAMP)
+	PYTHON=$(abspath $(PY)) bash .ci/wheel-check
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check edgeq tests benchmarks examples

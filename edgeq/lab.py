@@ -45,6 +45,7 @@ from edgeq import __version__
 from edgeq.config import StrictModel, load_yaml_file, validate_model
 from edgeq.errors import EdgeqError, ValidationError
 from edgeq.files import write_text_atomic
+from edgeq.names import Format, Precision
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,8 @@ class LabBuild(StrictModel):
 
     profiles: list[str] | None = Field(default=None, min_length=1,
                                        description="default: the profiles of the run targets")
-    formats: list[Literal["tflite", "onnx", "openvino"]] | None = Field(default=None, min_length=1)
-    precisions: list[Literal["int8", "fp16", "fp32", "dynamic"]] | None = Field(default=None, min_length=1)
+    formats: list[Format] | None = Field(default=None, min_length=1)
+    precisions: list[Precision] | None = Field(default=None, min_length=1)
     max_accuracy_drop: float | None = Field(default=None, ge=0, le=1,
                                             description="conversion gate: largest top-1 drop (0.01 = 1 point)")
     calibration_samples: int = Field(default=300, ge=1)

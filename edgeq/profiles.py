@@ -9,24 +9,31 @@ or keys: those belong to targets.
 from __future__ import annotations
 
 import os
+from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 
 from edgeq.config import StrictModel, load_yaml_file, suggest, validate_model
 from edgeq.errors import ProfileError
+from edgeq.names import FORMATS, PRECISIONS, Format, Precision
 
-Format = Literal["tflite", "onnx", "openvino"]
-Precision = Literal["int8", "fp16", "fp32", "dynamic"]
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable  # Python 3.11+; only an annotation here
+
+__all__ = ["FORMATS", "PRECISIONS", "Format", "Precision", "DeviceProfile", "load_profile", "list_profiles"]
+
 PowerSensor = Literal["ina3221", "rapl", "rpi-pmic", "nvml", "command", "none"]
 CalibrationMethod = Literal["minmax", "entropy", "percentile"]
 
-FORMATS: tuple[str, ...] = ("tflite", "onnx", "openvino")
-PRECISIONS: tuple[str, ...] = ("int8", "fp16", "fp32", "dynamic")
 
-# The repo's own profiles; EDGEQ_PROFILES_DIR adds another directory searched first.
-BUILTIN_PROFILES_DIR = Path(__file__).resolve().parent.parent / "device_profiles"
+# The built-in profiles: the top-level ``device_profiles/`` folder, which the wheel ships as the package
+# ``edgeq.device_profiles`` (a setuptools package-dir mapping), so importlib.resources finds them the same
+# way from a wheel, an sdist or an editable checkout.
+BUILTIN_PROFILES_PACKAGE = "edgeq.device_profiles"
+# Directories of the user's own profiles, searched before the built-in ones (os.pathsep-separated).
+PROFILE_PATH_ENV = "EDGEQ_PROFILE_PATH"
 
 
 class PowerConfig(StrictModel):
@@ -83,35 +90,50 @@ class DeviceProfile(StrictModel):
         return self
 
 
-def profile_dirs() -> list[Path]:
-    """Directories searched for profiles by name, in order."""
+def user_profile_dirs() -> list[Path]:
+    """The directories named in ``$EDGEQ_PROFILE_PATH``, in order (a missing one is an error: a typo there
+    would otherwise silently fall back to a built-in profile of the same name)."""
     dirs = []
-    extra = os.environ.get("EDGEQ_PROFILES_DIR")
-    if extra:
-        dirs.append(Path(extra))
-    dirs.append(Path.cwd() / "device_profiles")
-    dirs.append(BUILTIN_PROFILES_DIR)
-    seen: list[Path] = []
-    for d in dirs:
-        if d.is_dir() and d.resolve() not in [s.resolve() for s in seen]:
-            seen.append(d)
-    return seen
+    for entry in os.environ.get(PROFILE_PATH_ENV, "").split(os.pathsep):
+        if not entry:
+            continue
+        directory = Path(entry).expanduser()
+        if not directory.is_dir():
+            raise ProfileError(f"{PROFILE_PATH_ENV}: {directory} is not a directory",
+                               hint=f"{PROFILE_PATH_ENV} lists directories of profile YAML files, "
+                               f"separated by '{os.pathsep}'")
+        dirs.append(directory)
+    return dirs
 
 
-def available_profiles() -> dict[str, Path]:
-    """Profile name -> file, first directory wins."""
-    found: dict[str, Path] = {}
-    for directory in profile_dirs():
+def builtin_profiles() -> dict[str, Traversable]:
+    """The profiles that ship with edgeq: name -> resource."""
+    root = resources.files(BUILTIN_PROFILES_PACKAGE)
+    return {entry.name[: -len(".yaml")]: entry for entry in sorted(root.iterdir(), key=lambda e: e.name)
+            if entry.name.endswith(".yaml") and entry.is_file()}
+
+
+def available_profiles() -> dict[str, Path | Traversable]:
+    """Profile name -> file: the user's directories first (in order), then the built-in profiles."""
+    found: dict[str, Path | Traversable] = {}
+    for directory in user_profile_dirs():
         for path in sorted(directory.glob("*.yaml")):
             found.setdefault(path.stem, path)
+    for name, resource in builtin_profiles().items():
+        found.setdefault(name, resource)
     return found
 
 
-def load_profile_file(path: Path) -> DeviceProfile:
-    """Load and strictly validate one profile file."""
-    data = load_yaml_file(path, ProfileError)
-    profile = validate_model(DeviceProfile, data, str(path), ProfileError)
-    return profile
+def load_profile_file(path: Path | Traversable) -> DeviceProfile:
+    """Load and strictly validate one profile file (a path, or a built-in profile's resource)."""
+    if isinstance(path, Path):
+        data = load_yaml_file(path, ProfileError)
+        source = str(path)
+    else:
+        source = f"{BUILTIN_PROFILES_PACKAGE}/{path.name}"
+        with resources.as_file(path) as real_path:
+            data = load_yaml_file(real_path, ProfileError)
+    return validate_model(DeviceProfile, data, source, ProfileError)
 
 
 def load_profile(name_or_path: str) -> DeviceProfile:

@@ -72,7 +72,7 @@ def test_lab_yaml_paths_are_relative_to_the_file(tmp_path):
 
 @pytest.mark.parametrize("changes, message", [
     ({"build": {"format": ["tflite"]}}, "build.format: unknown field"),
-    ({"build": {"precisions": ["int4"]}}, "build.precisions.0: Input should be 'int8', 'fp16', 'fp32' or 'dynamic'"),
+    ({"build": {"precisions": ["int4"]}}, "build.precisions.0: Input should be 'int8', 'fp16', 'bf16', 'fp32' or 'dynamic'"),
     ({"run": {"targets": []}}, "run.targets: List should have at least 1 item"),
     ({"models": [{"name": "m", "path": "model.keras"}, {"name": "m", "path": "model.keras"}]},
      "duplicate name(s): m"),

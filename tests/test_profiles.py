@@ -10,7 +10,7 @@ from edgeq.cli import cli
 from edgeq.errors import ProfileError
 from edgeq.profiles import available_profiles, list_profiles, load_profile
 
-SHIPPED = {"rpi4", "rpi5", "jetson-orin-nano", "jetson-nano", "x86-avx2", "x86-avx512-vnni"}
+SHIPPED = {"rpi4", "rpi5", "jetson-orin-nano", "jetson-nano", "x86-avx2", "x86-avx512-vnni", "x86-amx"}
 
 
 def test_shipped_profiles_load_and_reflect_their_devices():
@@ -26,6 +26,8 @@ def test_shipped_profiles_load_and_reflect_their_devices():
         assert p.execution_providers[-1] == "CPUExecutionProvider"
     vnni = profiles["x86-avx512-vnni"]
     assert (vnni.format, vnni.precision, vnni.openvino_device, vnni.power.sensor) == ("openvino", "int8", "CPU", "rapl")
+    amx = profiles["x86-amx"]
+    assert (amx.format, amx.precision, amx.openvino_device) == ("openvino", "int8", "CPU")
     for p in profiles.values():
         assert p.format in p.runtime_packages
 
