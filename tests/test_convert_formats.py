@@ -11,14 +11,15 @@ from edgeq.profiles import load_profile
 
 pytestmark = pytest.mark.slow
 
-MATRIX = [(c.format, c.precision) for c in CAPABILITIES]
+# bf16 runs only on CPUs with native bf16: test_bf16_is_pinned_or_refused covers it on every host.
+MATRIX = [(c.format, c.precision) for c in CAPABILITIES if c.precision != "bf16"]
 MODEL_FILES = {"tflite": {"model.tflite"}, "onnx": {"model.onnx"}, "openvino": {"model.xml", "model.bin"}}
 
 
 def _run_artifact(directory, manifest, eval_x):
     from edgeq.runner.edgeq_runner import open_session
 
-    session = open_session(directory / manifest.model_file, manifest.format)
+    session = open_session(directory / manifest.model_file, manifest.format, precision=manifest.precision)
     name = session.inputs[0]["name"]
     return session, np.concatenate([session.run({name: eval_x[i : i + 50]})[0] for i in range(0, len(eval_x), 50)])
 
@@ -90,6 +91,61 @@ def test_every_format_and_precision(make_artifact, digits, fmt, precision):
     assert float(np.mean(np.argmax(scores, axis=1) == data["labels"])) == pytest.approx(val.top1)
     if (fmt, precision) == ("tflite", "int8"):
         assert session.inputs[0]["quant"] == pytest.approx((inp.scale, inp.zero_point))
+
+    # What ran is what was pinned, read back from the runtime (the same on AVX2 and on bf16/AMX hosts).
+    assert_pinned(session.execution, fmt, precision)
+    assert val.execution == session.execution  # host validation ran the same pinned settings
+
+
+def assert_pinned(execution: dict, fmt: str, precision: str) -> None:
+    """The runtime's own report of what it compiled matches the artifact's precision."""
+    assert execution["precision"] == precision
+    if fmt == "openvino":
+        # Unpinned, the CPU plugin compiles f32 models in bf16 on AVX512_BF16/AMX CPUs.
+        assert execution["inference_precision_requested"] == execution["inference_precision"] == "f32"
+        runtime, output = execution["layer_precisions"]["runtime"], execution["layer_precisions"]["output"]
+        assert "bf16" not in runtime and "bf16" not in output and "f16" not in output, execution
+        assert output.get("f32", 0) > 0
+        if precision != "fp16":  # fp16 IR: layers with compressed weights report f16 as their own precision
+            assert "f16" not in runtime, runtime
+        if precision == "int8":
+            assert runtime.get("u8", 0) + runtime.get("i8", 0) > 0, runtime
+        assert execution["execution_devices"] == ["CPU"]
+    elif fmt == "onnx":
+        assert execution["providers_used"] == ["CPUExecutionProvider"]
+        assert execution["session_config"] == {"mlas.enable_gemm_fastmath_arm64_bfloat16": "0"}
+    else:
+        assert execution["delegate"]["name"] in ("xnnpack", "none")
+        assert execution["delegate"]["nodes"] > 0
+
+
+def test_bf16_is_pinned_or_refused(digits, tmp_path):
+    """On a CPU with native bf16 the artifact compiles in bf16 (read back) and validates; elsewhere convert
+    refuses it in one line. Either branch asserts what this host can show."""
+    from edgeq.convert import convert
+    from edgeq.errors import ConversionError
+    from edgeq.runner.edgeq_runner import cpu_supports_bf16, open_session
+
+    supported, why = cpu_supports_bf16()
+    if not supported:
+        with pytest.raises(ConversionError, match="bf16 needs a CPU with native bf16") as info:
+            convert(digits["model"], load_profile("x86-amx"), tmp_path / "bf16", format="openvino",
+                    precision="bf16", eval_path=digits["eval"])
+        assert "--precision fp16" in info.value.hint and not (tmp_path / "bf16").exists()
+        return
+    manifest = convert(digits["model"], load_profile("x86-amx"), tmp_path / "bf16", format="openvino",
+                       precision="bf16", eval_path=digits["eval"], max_accuracy_drop=0.01)
+    assert manifest.precision == "bf16" and manifest.options["inference_precision"] == "bf16"
+    session = open_session(tmp_path / "bf16" / manifest.model_file, "openvino", precision="bf16")
+    assert session.execution["inference_precision"] == "bf16"
+    assert session.execution["layer_precisions"]["runtime"].get("bf16", 0) > 0
+    assert manifest.validation.execution["inference_precision"] == "bf16"
+    val = manifest.validation
+    assert val.status == "passed" and val.top1_agreement >= 0.99 and 0 < val.max_abs_error < 0.1
+    # Weights stored as fp16: about half the fp32 IR's weights file.
+    fp32 = convert(digits["model"], load_profile("x86-amx"), tmp_path / "fp32", format="openvino", precision="fp32")
+    sizes = {m.precision: next(f.size for f in m.files if f.path == "model.bin") for m in (manifest, fp32)}
+    assert sizes["bf16"] < 0.6 * sizes["fp32"]
 
 
 @pytest.mark.parametrize(("fmt", "precision"), [("tflite", "int8"), ("onnx", "fp32"), ("onnx", "int8"),

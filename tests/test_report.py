@@ -347,3 +347,32 @@ def test_report_files_are_readable_by_others_like_any_file_written_under_the_uma
     finally:
         os.umask(old)
     assert (tmp_path / "report.html").stat().st_mode & 0o777 == 0o644
+
+
+# What each runtime's session records as ``execution`` (shapes as edgeq's runner writes them).
+EXECUTIONS = {
+    "openvino": ({"device": "CPU", "precision": "fp32", "inference_precision_requested": "f32",
+                  "inference_precision": "f32", "execution_devices": ["CPU"],
+                  "layer_precisions": {"runtime": {"f32": 9, "u8": 4}, "output": {"f32": 13}}},
+                 "CPU f32 (layers f32 9 u8 4)"),
+    "onnx": ({"providers_used": ["CPUExecutionProvider"], "precision": "fp32"}, "CPUExecutionProvider"),
+    "tflite": ({"delegate": {"name": "xnnpack", "delegate_nodes": 2, "nodes": 9}, "precision": "int8"},
+               "xnnpack (2/9 nodes)"),
+}
+
+
+def test_every_row_shows_what_ran(tmp_path):
+    from edgeq.report.model import what_ran
+
+    for fmt, (execution, shown) in EXECUTIONS.items():
+        assert what_ran(execution) == shown
+        result = synthetic_result(target=f"t-{fmt}", fmt=fmt, samples=np.full(20, 1.0), energy_j=None)
+        result["runtime"]["execution"] = execution
+        write(tmp_path, result, f"{fmt}.json")
+    assert what_ran({"delegate": {"name": "none", "delegate_nodes": 0, "nodes": 5}}) == "builtin kernels (no delegate)"
+    assert what_ran(None) is None and what_ran({"threads": 2}) is None
+    report = create_report([tmp_path])
+    markdown, html = render(report, "markdown"), render(report, "html")
+    for _, shown in EXECUTIONS.values():
+        assert f"| {shown} |" in markdown and shown in html
+    assert {row.flat()["ran"] for row in report.rows} == {shown for _, shown in EXECUTIONS.values()}

@@ -14,7 +14,9 @@ def print_results(results: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("target", "status", "p50 ms", "p99 ms", "cv", "ips", "top1", "drop", "peak MB", "power",
+    from edgeq.report.model import what_ran
+
+    table = Table("target", "status", "ran", "p50 ms", "p99 ms", "cv", "ips", "top1", "drop", "peak MB", "power",
                   "mJ/inf", "note")
     for r in results:
         latency = r.get("latency_ms") or {}
@@ -28,7 +30,8 @@ def print_results(results: list[dict]) -> None:
             power_cell = f"n/a ({power.get('sensor')})" if power else "-"
         note = "EMULATED: latency meaningless" if env.get("emulated") else ""
         status = "[green]ok[/]" if r["status"] == "ok" else "[red]failed[/]"
-        table.add_row(r["target"], status, _fmt(latency.get("p50")), _fmt(latency.get("p99")),
+        ran = what_ran((r.get("runtime") or {}).get("execution")) or "-"
+        table.add_row(r["target"], status, ran, _fmt(latency.get("p50")), _fmt(latency.get("p99")),
                       _fmt(latency.get("cv"), ".2f"), _fmt(r.get("throughput_ips"), ".1f"),
                       _fmt(accuracy.get("top1"), ".4f"), _fmt(accuracy.get("top1_drop"), "+.4f"),
                       _fmt((r.get("memory_mb") or {}).get("peak_rss"), ".1f"), power_cell,
@@ -37,6 +40,8 @@ def print_results(results: list[dict]) -> None:
     for r in results:
         if r["status"] != "ok":
             click.secho(f"error: {r['error']}", fg="red", err=True)
+            if r.get("hint"):
+                click.echo(f"hint: {r['hint']}", err=True)
         elif (r.get("power") or {}).get("available") is False and r["settings"].get("power"):
             click.echo(f"note: {r['target']}: no power figures: {r['power'].get('reason')}", err=True)
     for r in results:

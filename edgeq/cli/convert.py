@@ -6,8 +6,9 @@ from pathlib import Path
 
 import click
 
-FORMAT_CHOICES = ("tflite", "onnx", "openvino")
-PRECISION_CHOICES = ("int8", "fp16", "fp32", "dynamic")
+from edgeq.names import FORMATS as FORMAT_CHOICES
+from edgeq.names import PRECISIONS as PRECISION_CHOICES
+
 METHOD_CHOICES = ("minmax", "entropy", "percentile")
 IO_CHOICES = ("int8", "uint8", "float32")
 
@@ -86,4 +87,7 @@ def _summary(manifest, output: Path) -> None:
                         f"(drop {val.top1_drop * 100:+.2f} pts), ")
         click.echo(f"  validation  {val.samples} samples: {accuracy}agreement {_pct(val.top1_agreement)}, "
                    f"cosine {val.cosine_similarity:.5f}, max |err| {val.max_abs_error:.4g}")
+        from edgeq.report.model import what_ran
+
+        click.echo(f"  ran         {what_ran(val.execution) or 'not recorded'}")
     click.echo(f"status    {manifest.status}")

@@ -26,6 +26,7 @@ from edgeq.manifest import (
     TensorSpec,
     artifact_id,
     file_entries,
+    refuse_code,
     write_manifest,
 )
 from edgeq.profiles import CalibrationMethod, DeviceProfile
@@ -97,7 +98,10 @@ def convert(
     capability = find_capability(fmt, precision, kind, str(model_path))
     _require_backends(fmt, precision, kind)
     _check_calibration_request(capability, fmt, precision, calibration, calibration_method, model_path)
+    if precision == "bf16":
+        _require_host_bf16(model_path)
 
+    log.debug("converting %s (%s) to %s %s for profile %s", model_path, kind, fmt, precision, profile.name)
     source = load_source(model_path)
     calib = _load_calibration(source, calibration, calibration_samples) if capability.needs_calibration else None
     dataset = load_dataset(eval_path, source.inputs, role="eval") if eval_path is not None else None
@@ -116,7 +120,7 @@ def convert(
         result: BuildResult = backend.build(request)
         manifest = _manifest(source, profile, fmt, precision, staging, result, calib, calibration_samples,
                              started)
-        session = _open_artifact(staging / result.model_file, fmt, source)
+        session = _open_artifact(staging / result.model_file, fmt, precision, source)
         manifest.inputs = _specs(session.inputs, result.source_names)
         manifest.outputs = _specs(session.outputs, result.source_names)
         if dataset is not None:
@@ -147,8 +151,22 @@ def _require_backends(fmt: str, precision: str, kind: str) -> None:
         needed += [("onnxconverter_common", "onnx")] if precision == "fp16" else []
     elif fmt == "openvino":
         needed += [("openvino", "openvino")] + ([("nncf", "openvino")] if precision == "int8" else [])
+    if precision == "bf16":
+        needed += [("openvino", "openvino")]
     for module, extra in needed:
         require_backend(module, extra)
+
+
+def _require_host_bf16(model_path: Path) -> None:
+    """bf16 artifacts are validated here by running them in bf16, which needs a CPU that computes it."""
+    from edgeq.runner.edgeq_runner import cpu_supports_bf16
+
+    supported, why = cpu_supports_bf16()
+    if not supported:
+        raise ConversionError(f"{model_path}: bf16 needs a CPU with native bf16 (AVX512_BF16 or AMX) to run and "
+                              f"validate the artifact; {why}",
+                              hint="use --precision fp16 (half the size, fp32 compute on CPUs), or convert on a "
+                              "host with AVX512_BF16/AMX")
 
 
 def _check_calibration_request(capability, fmt, precision, calibration, method, model_path) -> None:
@@ -172,12 +190,14 @@ def _load_calibration(source: SourceModel, path, limit: int) -> Dataset:
     return dataset
 
 
-def _open_artifact(model_file: Path, fmt: str, source: SourceModel):
+def _open_artifact(model_file: Path, fmt: str, precision: str, source: SourceModel):
     from edgeq.runner.edgeq_runner import RunnerError, open_session
 
     try:
-        # Host validation always runs on this machine's CPU, whatever the profile's accelerator.
-        return open_session(model_file, fmt, providers=["CPUExecutionProvider"], openvino_device="CPU")
+        # Host validation always runs on this machine's CPU, whatever the profile's accelerator, pinned to the
+        # artifact's precision by the same code path the device runner uses.
+        return open_session(model_file, fmt, providers=["CPUExecutionProvider"], openvino_device="CPU",
+                            precision=precision)
     except RunnerError as exc:
         raise ConversionError(f"{source.path}: the {fmt} runtime cannot load the converted model: {exc}") from exc
     except Exception as exc:  # a runtime rejecting what its converter wrote is a conversion failure
@@ -198,6 +218,7 @@ def _specs(tensors: list[dict], source_names: dict[str, str]) -> list[TensorSpec
 def _manifest(source: SourceModel, profile: DeviceProfile, fmt: str, precision: str, staging: Path,
               result: BuildResult, calib: Dataset | None, calibration_samples: int, started: float) -> Manifest:
     files = file_entries(staging)
+    refuse_code(staging, [entry.path for entry in files])  # a backend never writes code; if one did, stop
     calibration = None
     options: dict[str, object] = {"format": fmt, "precision": precision, "source_sha256": source.sha256,
                                   "edgeq_version": __version__}

@@ -41,6 +41,8 @@ CAPABILITIES: tuple[Capability, ...] = (
     Capability("onnx", "dynamic", ALL_SOURCES, False, "onnx", (), "onnxruntime quantize_dynamic (int8 weights)"),
     Capability("openvino", "fp32", ALL_SOURCES, False, "openvino", (), "openvino.convert_model + save_model"),
     Capability("openvino", "fp16", ALL_SOURCES, False, "openvino", (), "openvino.save_model(compress_to_fp16=True)"),
+    Capability("openvino", "bf16", ALL_SOURCES, False, "openvino", (),
+               "openvino.save_model (fp16 weights), run with INFERENCE_PRECISION_HINT bf16 (AVX512_BF16/AMX CPUs)"),
     Capability("openvino", "int8", ALL_SOURCES, True, "openvino", ("minmax",), "nncf.quantize (PTQ)"),
 )
 

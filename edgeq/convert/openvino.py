@@ -34,8 +34,13 @@ def build(request: BuildRequest) -> BuildResult:
         tools += ("nncf",)
         method = "minmax"
         options.update({"nncf_preset": "performance", "fast_bias_correction": True})
-    # save_model compresses weights to fp16 by default; fp32 and int8 keep what they computed.
-    ov.save_model(model, str(request.out_dir / MODEL_FILE), compress_to_fp16=request.precision == "fp16")
+    # save_model compresses weights to fp16 by default; fp32 and int8 keep what they computed. bf16 artifacts
+    # store fp16 weights too (half the size; IR has no bf16 weight storage here) and compute in bf16: the
+    # precision hint that makes them bf16 is set by the runtime from the manifest's precision.
+    compress = request.precision in ("fp16", "bf16")
+    if request.precision == "bf16":
+        options.update({"weights": "fp16", "inference_precision": "bf16"})
+    ov.save_model(model, str(request.out_dir / MODEL_FILE), compress_to_fp16=compress)
     return BuildResult(model_file=MODEL_FILE, calibration_method=method, options=options, tools=tools)
 
 

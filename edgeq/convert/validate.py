@@ -63,7 +63,7 @@ def validate(source: SourceModel, session, source_names: dict[str, str], dataset
     result = Validation(
         status="passed", eval_path=str(dataset.path), eval_sha256=dataset.sha256, samples=dataset.samples,
         reference=f"{source.kind} source (fp32) {source.path.name}", max_accuracy_drop=max_accuracy_drop,
-        **agree,
+        execution=session.execution, **agree,
     )
     if dataset.labels is not None:
         result.top1_reference = top_k_accuracy(reference, dataset.labels, 1)

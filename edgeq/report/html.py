@@ -100,8 +100,8 @@ def _device(row: Row) -> str:
 
 
 def _summary_table(report: Report) -> list[str]:
-    head = ["", "target", "device", "model", "format", "precision", "size", "p50 ms", "p99 ms", "inferences/s",
-            "top-1", "drop vs FP32", "energy / inference", "inferences / J", "peak RSS", "vs baseline"]
+    head = ["", "target", "device", "model", "format", "precision", "ran", "size", "p50 ms", "p99 ms",
+            "inferences/s", "top-1", "drop vs FP32", "energy / inference", "inferences / J", "peak RSS", "vs baseline"]
     out = ['<table class="summary"><thead><tr>' + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>"]
     for row in report.rows:
         flat = row.flat()
@@ -115,14 +115,15 @@ def _summary_table(report: Report) -> list[str]:
                   else f'<span class="warn">{esc(row.energy_note())}</span>')
         drop = flat["top1_drop"]
         cells += [
-            esc(flat["model"]), esc(flat["format"]), esc(flat["precision"]), _size(flat["size_bytes"]),
+            esc(flat["model"]), esc(flat["format"]), esc(flat["precision"]), esc(flat["ran"] or "not recorded"),
+            _size(flat["size_bytes"]),
             _num(flat["p50_ms"], ".4g"), _num(flat["p99_ms"], ".4g"), _num(flat["throughput_ips"], ".4g"),
             _num(None if flat["top1"] is None else flat["top1"] * 100, ".2f", " %"),
             _num(None if drop is None else drop * 100, ".2f", " pt"),
             energy, _num(flat["inferences_per_j"], ".4g"), _num(flat["peak_rss_mb"], ".1f", " MB"),
             _vs_baseline(row),
         ]
-        numeric = {6, 7, 8, 9, 10, 11, 13, 14}
+        numeric = {7, 8, 9, 10, 11, 12, 14, 15}
         tds = "".join(f'<td class="num">{c}</td>' if i in numeric else f"<td>{c}</td>" for i, c in enumerate(cells))
         out.append(f'<tr class="result {_row_class(row)}">{tds}</tr>')
     out.append("</tbody></table>")

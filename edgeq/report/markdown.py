@@ -45,7 +45,7 @@ def render_markdown(report: Report) -> str:
     lines = [f"### {report.title}: {report.headline()}", ""]
     if report.counts()["emulated"]:
         lines += ["> ⚠️ Some results ran under emulation: latency under emulation is meaningless.", ""]
-    header = ["", "target", "model", "format", "precision", "p50 ms", "p99 ms", "inf/s", "top-1", "mJ/inf"]
+    header = ["", "target", "model", "format", "precision", "ran", "p50 ms", "p99 ms", "inf/s", "top-1", "mJ/inf"]
     if report.baseline_given:
         header.append("vs baseline")
     lines.append("| " + " | ".join(header) + " |")
@@ -57,7 +57,7 @@ def render_markdown(report: Report) -> str:
         else:
             energy = _num(flat["energy_mj"], ".3g") if flat["energy_mj"] is not None else "n/a"
             cells = [_mark(row), row.target, flat["model"], flat["format"], flat["precision"],
-                     _num(flat["p50_ms"], ".3g"), _num(flat["p99_ms"], ".3g"), _num(flat["throughput_ips"], ".4g"),
+                     flat["ran"] or "not recorded", _num(flat["p50_ms"], ".3g"), _num(flat["p99_ms"], ".3g"), _num(flat["throughput_ips"], ".4g"),
                      _num(None if flat["top1"] is None else flat["top1"] * 100, ".2f", "%"), energy]
             if report.baseline_given:
                 cells.append(_baseline(row))

@@ -19,7 +19,7 @@ EXIT_REGRESSION = 3
 # Columns of the flat row (CSV, JSON), in order.
 COLUMNS = [
     "target", "status", "verdict", "problems", "model", "format", "precision", "profile", "artifact_id",
-    "size_bytes", "validation_status", "device", "arch", "emulated", "runtime", "p50_ms", "p90_ms", "p99_ms",
+    "size_bytes", "validation_status", "device", "arch", "emulated", "runtime", "ran", "p50_ms", "p90_ms", "p99_ms",
     "mean_ms", "cv", "samples", "throughput_ips", "top1", "top1_reference", "top1_drop", "energy_mj",
     "inferences_per_j", "power_sensor", "power_note", "peak_rss_mb", "model_load_delta_mb", "started_at",
     "duration_s", "baseline_file", "latency_verdict", "latency_change", "latency_p", "accuracy_verdict",
@@ -116,7 +116,8 @@ class Row:
             profile=artifact.profile, artifact_id=artifact.id, size_bytes=artifact.size_bytes,
             validation_status=artifact.validation_status, device=env.get("cpu_model"), arch=env.get("arch"),
             emulated=bool(env.get("emulated")) if "emulated" in env else None,
-            runtime=_runtime(result), started_at=result.started_at, duration_s=result.duration_s,
+            runtime=_runtime(result), ran=what_ran(result.runtime.execution if result.runtime else None),
+            started_at=result.started_at, duration_s=result.duration_s,
             error=result.error, file=str(self.record.path), throughput_ips=result.throughput_ips,
         )
         if result.latency_ms is not None:
@@ -153,6 +154,35 @@ class Row:
         if not power.available:
             return f"no sensor: {power.reason or power.sensor or 'not available'}"
         return "no energy: power was sampled but no energy was computed"
+
+
+def _counts(counts: dict) -> str:
+    return " ".join(f"{precision} {n}" for precision, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def what_ran(execution: Any) -> str | None:
+    """One short line of what the runtime says it ran (the pinned precision read back), e.g.
+    ``CPU f32 (layers f32 9 u8 4)``, ``CPUExecutionProvider``, ``xnnpack (2/9 nodes)``; None when the
+    result does not say (older results, failed runs)."""
+    if not isinstance(execution, dict):
+        return None
+    if "inference_precision" in execution or "execution_devices" in execution:  # OpenVINO
+        devices = ",".join(str(d) for d in execution.get("execution_devices") or []) or str(execution.get("device"))
+        text = f"{devices} {execution.get('inference_precision') or 'precision unknown'}"
+        layers = execution.get("layer_precisions")
+        if isinstance(layers, dict) and isinstance(layers.get("runtime"), dict):
+            text += f" (layers {_counts(layers['runtime'])})"
+        return text
+    if "providers_used" in execution:  # ONNX Runtime
+        return ",".join(str(p) for p in execution.get("providers_used") or []) or None
+    delegate = execution.get("delegate")
+    if isinstance(delegate, dict):  # TFLite
+        name = delegate.get("name") or "delegate unknown"
+        if name == "none":
+            return "builtin kernels (no delegate)"
+        return f"{name} ({delegate.get('delegate_nodes')}/{delegate.get('nodes')} nodes)" \
+            if delegate.get("nodes") else name
+    return None
 
 
 def _runtime(result) -> str | None:

@@ -5,8 +5,19 @@ Self-contained on purpose: it needs only the standard library, numpy and one
 runtime (TFLite via ai_edge_litert / tflite_runtime / tensorflow.lite, ONNX
 Runtime, or OpenVINO), runs on Python 3.8+, and never imports edgeq. The
 controller imports it too, to run artifacts on the host with the same code.
+
+It is started as ``python -I RELEASE/edgeq_runner.py``: isolated mode keeps the release directory (and
+PYTHONPATH, the user's site-packages) off ``sys.path``, so no file shipped beside the runner can shadow
+``json`` or ``numpy``. A Python started without ``-I`` still puts the script's directory first on
+``sys.path``; the runner removes it before its first import of anything that is not built in.
 """
-from __future__ import annotations
+import sys
+
+if __name__ == "__main__" and sys.path and not sys.flags.isolated:
+    import os.path as _os_path  # posixpath is loaded at startup already: sys.modules, not the release dir
+
+    if _os_path.realpath(sys.path[0] or ".") == _os_path.dirname(_os_path.realpath(__file__)):
+        del sys.path[0]
 
 import argparse
 import glob
@@ -17,12 +28,15 @@ import platform
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 import traceback
 
-import numpy as np
+try:
+    import numpy as np
+except ImportError as _numpy_missing:  # a device without its setup: reported in the result, not a traceback
+    np = None
+    NUMPY_ERROR = str(_numpy_missing)
 
 RUNNER_VERSION = "1"
 
@@ -114,7 +128,7 @@ class Session:
 class TFLiteSession(Session):
     runtime = "tflite"
 
-    def __init__(self, model_path, threads=None):
+    def __init__(self, model_path, threads=None, precision=None):
         Session.__init__(self)
         interpreter_cls, module_name = _tflite_interpreter()
         self.runtime_module = module_name
@@ -129,7 +143,12 @@ class TFLiteSession(Session):
         self._out = self.interpreter.get_output_details()
         self.inputs = [self._spec(d) for d in self._in]
         self.outputs = [self._spec(d) for d in self._out]
-        self.execution = {"module": module_name, "threads": threads}
+        # The default op resolver applies XNNPACK where it can; which delegate took the graph is read back
+        # from the execution plan's nodes, not assumed. XNNPACK computes fp16-weight models in fp32 unless
+        # the model asks for reduced precision (edgeq's converter never does), so nothing runs below the
+        # artifact's precision.
+        self.execution = {"module": module_name, "threads": threads, "precision": precision,
+                          "delegate": _tflite_delegate(self.interpreter)}
 
     @staticmethod
     def _spec(detail):
@@ -171,6 +190,16 @@ class TFLiteSession(Session):
         return call
 
 
+def _tflite_delegate(interpreter):
+    """``{"name": "xnnpack" | "none", "delegated_nodes": n, "nodes": total}`` from the interpreter's nodes."""
+    try:
+        names = [op.get("op_name") for op in interpreter._get_ops_details()]
+    except Exception as exc:  # a private API: say it could not be read rather than guess
+        return {"name": None, "unknown_reason": "%s: %s" % (type(exc).__name__, exc)}
+    delegated = sum(1 for name in names if name == "DELEGATE")
+    return {"name": "xnnpack" if delegated else "none", "delegate_nodes": delegated, "nodes": len(names)}
+
+
 # The TFLite interpreter modules tried in turn, and the distributions whose version each one reports.
 TFLITE_DISTRIBUTIONS = {"ai_edge_litert.interpreter": ["ai-edge-litert"],
                         "tflite_runtime.interpreter": ["tflite-runtime"],
@@ -198,10 +227,13 @@ _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(
               "tensor(int64)": "int64", "tensor(bool)": "bool"}
 
 
+ORT_ARM64_BF16_FASTMATH = "mlas.enable_gemm_fastmath_arm64_bfloat16"
+
+
 class OnnxSession(Session):
     runtime = "onnxruntime"
 
-    def __init__(self, model_path, threads=None, providers=None):
+    def __init__(self, model_path, threads=None, providers=None, precision=None):
         Session.__init__(self)
         try:
             import onnxruntime as ort
@@ -217,6 +249,9 @@ class OnnxSession(Session):
         if threads:
             options.intra_op_num_threads = int(threads)
         options.log_severity_level = 3
+        # MLAS may run fp32 GEMMs in bf16 on ARM CPUs with bf16 (off by default today): pinned off, so an
+        # fp32 artifact is measured in fp32 whatever the device and ORT version.
+        options.add_session_config_entry(ORT_ARM64_BF16_FASTMATH, "0")
         self.session = ort.InferenceSession(str(model_path), sess_options=options, providers=usable)
         self.inputs = [{"name": i.name, "shape": [d if isinstance(d, int) else None for d in i.shape],
                         "dtype": _ORT_TYPES.get(i.type, i.type), "quant": None} for i in self.session.get_inputs()]
@@ -224,7 +259,10 @@ class OnnxSession(Session):
                          "dtype": _ORT_TYPES.get(o.type, o.type), "quant": None} for o in self.session.get_outputs()]
         used = self.session.get_providers()
         self.execution = {"providers_requested": requested, "providers_available": available,
-                          "providers_used": used, "provider": used[0] if used else None, "threads": threads}
+                          "providers_used": used, "provider": used[0] if used else None, "threads": threads,
+                          "precision": precision,
+                          "session_config": {ORT_ARM64_BF16_FASTMATH: options.get_session_config_entry(
+                              ORT_ARM64_BF16_FASTMATH)}}
         self._names = [o["name"] for o in self.outputs]
 
     def run_prepared(self, prepared):
@@ -238,7 +276,7 @@ class OnnxSession(Session):
 class OpenVINOSession(Session):
     runtime = "openvino"
 
-    def __init__(self, model_path, threads=None, device="CPU"):
+    def __init__(self, model_path, threads=None, device="CPU", precision=None):
         Session.__init__(self)
         try:
             import openvino as ov
@@ -249,7 +287,13 @@ class OpenVINOSession(Session):
         if device.split(":")[0].split(".")[0] not in ("AUTO", "MULTI", "HETERO") and device not in core.available_devices:
             raise RunnerError("OpenVINO device '%s' is not available here (available: %s)"
                               % (device, ", ".join(core.available_devices)))
-        config = {}
+        plugin = device.split(":")[0].split(".")[0]
+        hint = openvino_precision_hint(precision, plugin)
+        if hint == "bf16" and plugin == "CPU":
+            supported, why = cpu_supports_bf16()
+            if not supported:
+                raise RunnerError("bf16 needs a CPU with native bf16 (AVX512_BF16 or AMX); %s" % why)
+        config = {"INFERENCE_PRECISION_HINT": hint}
         if threads and device.startswith("CPU"):
             config["INFERENCE_NUM_THREADS"] = int(threads)
         model = core.read_model(str(model_path))
@@ -257,8 +301,15 @@ class OpenVINOSession(Session):
         self.request = self.compiled.create_infer_request()
         self.inputs = [self._spec(p) for p in self.compiled.inputs]
         self.outputs = [self._spec(p) for p in self.compiled.outputs]
-        self.execution = {"device": device, "threads": threads,
-                          "execution_devices": list(self.compiled.get_property("EXECUTION_DEVICES"))}
+        compiled_hint = _ov_property(self.compiled, "INFERENCE_PRECISION_HINT")
+        if compiled_hint is not None and _ov_type_name(compiled_hint) != hint:
+            raise RunnerError("OpenVINO compiled the model for %s at %s although %s was asked for; refusing to "
+                              "measure a precision other than the artifact's" % (device, _ov_type_name(compiled_hint), hint))
+        self.execution = {"device": device, "threads": threads, "precision": precision,
+                          "inference_precision_requested": hint,
+                          "inference_precision": _ov_type_name(compiled_hint) if compiled_hint is not None else None,
+                          "execution_devices": list(self.compiled.get_property("EXECUTION_DEVICES")),
+                          "layer_precisions": _ov_layer_precisions(self.compiled)}
 
     @staticmethod
     def _spec(port):
@@ -276,16 +327,93 @@ class OpenVINOSession(Session):
         return lambda: infer(feed)
 
 
-def open_session(model_path, fmt, threads=None, providers=None, openvino_device="CPU"):
-    """Load ``model_path`` with the runtime for ``fmt`` (tflite, onnx, openvino)."""
+def openvino_precision_hint(precision, plugin="CPU"):
+    """The INFERENCE_PRECISION_HINT that runs an artifact of ``precision`` as what it is.
+
+    Without a hint the CPU plugin runs f32 models in bf16 on CPUs with native bf16 (AVX512_BF16, AMX),
+    and GPUs run them in f16: an "fp32" measurement would be a bf16 or f16 one. int8 models keep their
+    non-quantized layers in f32. fp16 artifacts only store fp16 weights on the CPU (it has no fp16
+    arithmetic) and compute in f32; on a GPU they run in f16, as they were made for.
+    """
+    if precision == "bf16":
+        if plugin not in ("CPU", "AUTO", "MULTI", "HETERO"):
+            raise RunnerError("bf16 artifacts run on the OpenVINO CPU plugin only, not on '%s'" % plugin)
+        return "bf16"
+    if precision == "fp16" and plugin not in ("CPU", "AUTO", "MULTI", "HETERO"):
+        return "f16"
+    if precision not in (None, "fp32", "fp16", "int8", "dynamic"):
+        raise RunnerError("unknown artifact precision '%s'" % precision)
+    return "f32"
+
+
+def cpu_supports_bf16():
+    """(True, None) when OpenVINO's CPU plugin reports native bf16 here, else (False, why)."""
+    try:
+        import openvino as ov
+    except ImportError as exc:
+        return False, "openvino is not importable: %s" % exc
+    capabilities = list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    if "BF16" in capabilities:
+        return True, None
+    return False, "this CPU's OpenVINO plugin offers only %s" % ", ".join(capabilities)
+
+
+def _ov_property(compiled, name):
+    try:
+        return compiled.get_property(name)
+    except Exception:  # AUTO/MULTI answer only what the device behind them supports
+        return None
+
+
+def _ov_type_name(value):
+    """'f32', 'bf16', 'f16'... from an openvino Type (or its string)."""
+    name = getattr(value, "get_type_name", None)
+    return name() if callable(name) else str(value)
+
+
+# Runtime-model nodes that compute nothing: left out of the per-precision layer counts.
+_OV_NON_COMPUTE = ("Input", "Output", "Const", "Parameter", "Result")
+
+
+def _ov_layer_precisions(compiled):
+    """How many executed layers the plugin built at each precision, from ``get_runtime_model()`` (after its
+    own transformations): ``{"runtime": {...}, "output": {...}}``, e.g. ``{"runtime": {"u8": 9, "f32": 3},
+    "output": {"f32": 12}}``. ``runtime`` is the layer's own precision as the plugin reports it (a layer
+    with fp16-compressed weights reports f16 there while it computes at the inference precision);
+    ``output`` is what its outputs carry."""
+    counts = {"runtime": {}, "output": {}}
+    try:
+        for op in compiled.get_runtime_model().get_ordered_ops():
+            info = op.get_rt_info()
+            if info["layerType"].astype(str) in _OV_NON_COMPUTE:
+                continue
+            runtime = info["runtimePrecision"].astype(str)
+            counts["runtime"][runtime] = counts["runtime"].get(runtime, 0) + 1
+            for output in info["outputPrecisions"].astype(str).split(","):
+                output = output.strip()
+                counts["output"][output] = counts["output"].get(output, 0) + 1
+    except Exception as exc:  # a plugin without runtime-model info: say so instead of an empty count
+        return {"unknown_reason": "%s: %s" % (type(exc).__name__, exc)}
+    return counts
+
+
+def open_session(model_path, fmt, threads=None, providers=None, openvino_device="CPU", precision=None):
+    """Load ``model_path`` with the runtime for ``fmt`` (tflite, onnx, openvino), pinned to run at
+    ``precision`` (the artifact's: fp32, fp16, bf16, int8, dynamic; None is taken as fp32).
+
+    Host validation and the device bench both open artifacts here, so both run the same pinned settings;
+    ``session.execution`` records what the runtime reports it runs.
+    """
     if not os.path.exists(str(model_path)):
         raise RunnerError("model file not found: %s" % model_path)
+    if precision == "bf16" and fmt != "openvino":
+        raise RunnerError("bf16 artifacts are OpenVINO IR only, not %s" % fmt)
     if fmt == "tflite":
-        return TFLiteSession(model_path, threads)
+        return TFLiteSession(model_path, threads, precision)
     if fmt == "onnx":
-        return OnnxSession(model_path, threads, providers)
+        return OnnxSession(model_path, threads, providers, precision)
     if fmt == "openvino":
-        return OpenVINOSession(model_path, threads, openvino_device)
+        return OpenVINOSession(model_path, threads, openvino_device, precision)
     raise RunnerError("unknown artifact format '%s'" % fmt)
 
 
@@ -1322,7 +1450,8 @@ def run_request(request, base_dir="."):
     memory["after_import_rss"] = current_rss_mb()
     started = time.perf_counter()
     session = open_session(model_path, fmt, threads=settings["threads"], providers=request.get("providers"),
-                           openvino_device=request.get("openvino_device") or "CPU")
+                           openvino_device=request.get("openvino_device") or "CPU",
+                           precision=manifest.get("precision"))
     result["load_ms"] = (time.perf_counter() - started) * 1000.0
     memory["after_load_rss"] = current_rss_mb()
     if memory["after_load_rss"] is not None and memory["after_import_rss"] is not None:
@@ -1454,6 +1583,8 @@ def main(argv=None):
     if in_main_thread:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        if np is None:
+            raise RuntimeMissing("numpy is not installed on this device (import failed: %s)" % NUMPY_ERROR)
         try:
             with open(args.request) as handle:
                 request = json.load(handle)
