@@ -71,13 +71,19 @@ class EdgeqGroup(click.Group):
 
 @click.group(cls=EdgeqGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgeq")
-@click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
-def cli(verbose: int) -> None:
+@click.option("-v", "--verbose", count=True,
+              help="More log output on stderr (-v info, -vv debug and the backends' own info lines).")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int) -> None:
     """edgeq: convert, quantize, deploy and benchmark ML models on edge devices."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     # TensorFlow's C++ logs drown the useful lines; keep them quiet unless asked for.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if verbose < 2 else "0")
+    if verbose < 2:
+        from edgeq.quiet import filtered_stderr
+
+        ctx.with_resource(filtered_stderr())
 
 
 def main(argv: list[str] | None = None) -> None:
