@@ -11,11 +11,12 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic import ValidationError as PydanticValidationError
 
 from edgeq.config import format_validation_error
 from edgeq.errors import ManifestError
+from edgeq.names import Format, Precision
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -29,8 +30,42 @@ class _Record(BaseModel):
 
 class FileEntry(_Record):
     path: str = Field(description="relative to the artifact directory, '/'-separated")
-    sha256: str
-    size: int
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+    @field_validator("path")
+    @classmethod
+    def _inside_the_artifact(cls, value: str) -> str:
+        # The path is joined to a release directory on the device: it must stay inside it.
+        parts = value.split("/")
+        if not value or value.startswith("/") or "\\" in value or any(p in ("", ".", "..") for p in parts) \
+                or any(ord(c) < 32 for c in value):
+            raise ValueError(f"file path {value!r} must be relative, '/'-separated, without '.', '..' or "
+                             "empty parts")
+        return value
+
+
+# Files a Python interpreter would import or execute. An artifact is model files and data only: one holding
+# any of these (or a package directory) is refused at convert, deploy and bench, so nothing an artifact
+# carries can become code on a device or on the controller.
+CODE_SUFFIXES = (".py", ".pyc", ".pyo", ".pyw", ".pyz", ".pth", ".so", ".pyd", ".dylib", ".egg", ".whl")
+
+
+def code_files(paths: list[str]) -> list[str]:
+    """The artifact-relative paths that are code: importable files, and files in package directories."""
+    packages = {p.rsplit("/", 1)[0] if "/" in p else "" for p in paths
+                if p.rsplit("/", 1)[-1].startswith("__init__.")}
+    return [p for p in paths if p.lower().endswith(CODE_SUFFIXES) or ".so." in p.rsplit("/", 1)[-1]
+            or (p.rsplit("/", 1)[0] if "/" in p else "") in packages or "__pycache__" in p.split("/")]
+
+
+def refuse_code(directory: Path, paths: list[str]) -> None:
+    """ManifestError naming the files when an artifact holds code."""
+    found = code_files(paths)
+    if found:
+        raise ManifestError(f"{directory}: the artifact holds code ({', '.join(found[:5])}"
+                            + (f" and {len(found) - 5} more" if len(found) > 5 else "") + "); refusing it",
+                            hint="an artifact is model files and manifest.json only; rebuild it with 'edgeq convert'")
 
 
 class SourceInfo(_Record):
@@ -70,14 +105,16 @@ class Validation(_Record):
     top1_agreement: float | None = None
     cosine_similarity: float | None = None
     max_abs_error: float | None = None
+    execution: dict[str, Any] | None = Field(
+        default=None, description="what the runtime ran during validation, as it reports it (precision pinned)")
 
 
 class Manifest(_Record):
     schema_version: int = SCHEMA_VERSION
     id: str = Field(description="sha256 over the artifact's files, first 16 hex digits")
     status: Literal["ok", "failed"] = "ok"
-    format: Literal["tflite", "onnx", "openvino"]
-    precision: Literal["int8", "fp16", "fp32", "dynamic"]
+    format: Format
+    precision: Precision
     model_file: str = Field(description="the file a runtime loads (model.tflite, model.onnx, model.xml)")
     files: list[FileEntry]
     source: SourceInfo
@@ -161,9 +198,11 @@ def read_manifest(directory: Path) -> Manifest:
 
 
 def verify_artifact(directory: Path, manifest: Manifest | None = None) -> Manifest:
-    """Check that every file listed in the manifest exists with its size and sha256; return the manifest."""
+    """Check that every file listed in the manifest exists with its size and sha256, and that none is code
+    (``refuse_code``); return the manifest."""
     directory = Path(directory)
     manifest = manifest or read_manifest(directory)
+    refuse_code(directory, [entry.path for entry in manifest.files])
     problems = []
     for entry in manifest.files:
         file = directory / entry.path

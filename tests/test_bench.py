@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import sys
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -142,21 +142,44 @@ def test_bench_fleet_over_ssh_keeps_results_when_one_target_fails(hand_artifacts
     assert "error: dev-2 (" in result.output
 
 
+def _venv_python(root: Path, *site_dirs: Path) -> Path:
+    """A real venv's python whose site-packages reach ``site_dirs`` (in order) through .pth files, which
+    Python reads even in isolated mode (-I), unlike PYTHONPATH."""
+    import venv
+
+    venv.EnvBuilder(with_pip=False).create(root)
+    python = root / "bin" / "python"
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    for index, directory in enumerate(site_dirs):
+        (Path(purelib) / f"{index:02d}-edgeq-test.pth").write_text(f"{directory}\n")
+    return python
+
+
 @pytest.mark.sshd
 def test_runtime_missing_on_the_device(hand_artifacts, trusted_inventory, tmp_path):  # noqa: F811
+    import sysconfig
+
     shadow = tmp_path / "shadow" / "onnxruntime"
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text("raise ImportError('No module named onnxruntime')\n")
-    python = tmp_path / "python-without-ort"
-    python.write_text(f"#!/bin/sh\nPYTHONPATH={tmp_path / 'shadow'} exec {sys.executable} \"$@\"\n")
-    python.chmod(0o755)
-    inventory = _fleet_inventory(trusted_inventory, tmp_path, {"dev-1": {"python": str(python)}})
-    targets = resolve_targets(load_inventory(inventory), "fleet")[:2]
+    # dev-1: a device with numpy but without onnxruntime; dev-2: a bare python (not even numpy).
+    without_ort = _venv_python(tmp_path / "venv-no-ort", tmp_path / "shadow", Path(sysconfig.get_paths()["purelib"]))
+    bare = _venv_python(tmp_path / "venv-bare")
+    inventory = _fleet_inventory(trusted_inventory, tmp_path, {"dev-1": {"python": str(without_ort)},
+                                                               "dev-2": {"python": str(bare)}})
+    targets = resolve_targets(load_inventory(inventory), "fleet")
     results = bench_fleet(hand_artifacts["onnx"], targets, output_dir=tmp_path / "r", **QUICK_KW)
     assert results[0]["status"] == "ok"
-    assert results[1]["status"] == "failed"
+    assert results[1]["status"] == results[2]["status"] == "failed"
     assert results[1]["error"].startswith("dev-1 (") and "runtime missing on the device: onnxruntime is not " \
         "installed on this device" in results[1]["error"]
+    assert results[2]["error"].startswith("dev-2 (") and "runtime missing on the device: numpy is not " \
+        "installed on this device" in results[2]["error"]
+    assert results[1]["hint"] == "run 'edgeq targets setup dev-1' (installs the profile's runtime)"
+    result = CliRunner().invoke(cli, ["bench", str(hand_artifacts["onnx"]), "--target", "dev-2", "-i",
+                                      str(inventory), "-o", str(tmp_path / "r2"), *QUICK])
+    assert result.exit_code == 1 and "hint: run 'edgeq targets setup dev-2'" in result.output
 
 
 def _runner_pids(marker: str) -> list[int]:

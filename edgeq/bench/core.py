@@ -21,9 +21,9 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from edgeq.data import Dataset, InputSpec, check_labels_range, load_dataset
-from edgeq.errors import BenchError, EdgeqError
-from edgeq.manifest import Manifest, TensorSpec, verify_artifact
+from edgeq.data import Dataset, InputSpec, check_labels_range, load_dataset, read_npz
+from edgeq.errors import BenchError, DataError, EdgeqError
+from edgeq.manifest import Manifest, TensorSpec, sha256_tree, verify_artifact
 from edgeq.metrics import agreement, top_k_accuracy
 from edgeq.runner import RUNNER_NAME
 from edgeq.targets import Target
@@ -165,14 +165,29 @@ def load_eval(eval_path: str | Path, manifest: Manifest, scores_output: str | No
 
 
 def _load_source(manifest: Manifest):
-    """(the manifest's source model loaded with the converter's source runner, None) or (None, why not)."""
+    """(the manifest's source model loaded with the converter's source runner, None) or (None, why not).
+
+    Only the very model the artifact was converted from is loaded: its sha256 is checked against the
+    manifest's before anything reads it as a model, so a retrained source cannot silently change the
+    reference, and a manifest naming some other model cannot make this machine load it.
+    """
     source_path = Path(manifest.source.path)
     if not source_path.exists():
         return None, f"source model {source_path} is not on this machine"
     try:
+        actual = sha256_tree(source_path)
+    except OSError as exc:
+        return None, f"source model {source_path} cannot be read: {exc.strerror or exc}"
+    if actual != manifest.source.sha256:
+        return None, (f"source model {source_path} is not the one this artifact was converted from (sha256 "
+                      f"{actual[:12]}... != the manifest's {manifest.source.sha256[:12]}...): no fp32 reference")
+    try:
         from edgeq.convert.source import load_source
 
-        return load_source(source_path), None
+        source = load_source(source_path)
+        if source.sha256 != manifest.source.sha256:  # changed between the check and the load
+            return None, f"source model {source_path} changed while it was loaded: no fp32 reference"
+        return source, None
     except EdgeqError as exc:
         return None, f"source model {source_path} cannot be run here: {exc.message}"
     except Exception as exc:  # a third-party failure in a reference run must not lose the bench result
@@ -235,9 +250,21 @@ def compute_accuracy(scores: np.ndarray, labels: np.ndarray | None, reference: n
 def _device_scores(target: Target, data: EvalData, outputs: Path, output_names: list[str]) -> np.ndarray:
     """The runner's outputs of ``data.scores_output``, checked against the FP32 reference's shape."""
     name = data.scores_output
+    if not isinstance(output_names, list):
+        raise BenchError(f"{target.label}: the runner's result has malformed eval output names")
     key = f"output_{output_names.index(name)}" if name in output_names else "output_0"
-    with np.load(outputs) as npz:
-        scores = npz[key]
+    try:  # the checked reader: a device's .npz may claim any header (size, dtype, shape)
+        scores = read_npz(outputs).get(key)
+    except DataError as exc:
+        raise BenchError(f"{target.label}: the eval outputs from the device cannot be read ({exc})") from exc
+    if scores is None or not np.issubdtype(scores.dtype, np.number) or scores.ndim < 1 \
+            or len(scores) != data.dataset.samples:
+        raise BenchError(f"{target.label}: the eval outputs from the device lack '{key}' for "
+                         f"{data.dataset.samples} samples")
+    if not np.all(np.isfinite(scores)):
+        raise BenchError(f"{target.label}: the artifact's output '{name}' holds NaN or infinite values on "
+                         f"{int(np.sum(~np.isfinite(scores).reshape(len(scores), -1).all(axis=1)))} of "
+                         f"{len(scores)} eval samples", hint="the model or its runtime on the device is broken")
     if data.reference is not None and data.reference.shape != scores.shape:
         raise BenchError(f"{target.label}: artifact output '{name}' has shape {list(scores.shape)} but the "
                          f"source's first output has {list(data.reference.shape)}: they cannot be compared",
@@ -345,7 +372,7 @@ def _run_on_device(target: Target, artifact_dir: Path, manifest: Manifest, setti
     from edgeq.deploy import device_python, device_workdir
     from edgeq.profiles import load_profile
     from edgeq.remote import open_transport
-    from edgeq.remote.base import stderr_tail
+    from edgeq.remote.base import SizeLimitError, stderr_tail
 
     profile = load_profile(target.profile)
     with open_transport(target) as transport:
@@ -364,13 +391,18 @@ def _run_on_device(target: Target, artifact_dir: Path, manifest: Manifest, setti
             transport.put(scratch / "request.json", f"{run_dir}/request.json")
             if data is not None:
                 transport.put(data.device_file, f"{run_dir}/eval_inputs.npz")
-            argv = ["sh", "-c", _LAUNCH, "edgeq-bench", str(int(limit)), python, f"{release}/{RUNNER_NAME}",
+            # -I: isolated, so nothing in the release directory (or PYTHONPATH) is importable by the runner.
+            argv = ["sh", "-c", _LAUNCH, "edgeq-bench", str(int(limit)), python, "-I", f"{release}/{RUNNER_NAME}",
                     "--request", f"{run_dir}/request.json", "--result", f"{run_dir}/result.json"]
             done = transport.run(argv, timeout=limit + KILL_AFTER_S + 30, check=False)
             local_result = scratch / "result.json"
             try:
-                transport.get(f"{run_dir}/result.json", local_result)
-                runner = json.loads(local_result.read_text())
+                transport.get(f"{run_dir}/result.json", local_result, max_bytes=MAX_RESULT_BYTES)
+                runner = parse_runner_result(local_result.read_bytes(), target)
+            except BenchError:
+                raise
+            except SizeLimitError as exc:  # a result this large is no runner's: say so, not "no result"
+                raise BenchError(str(exc), hint="the device's runner or its disk may be broken") from exc
             except (EdgeqError, OSError, ValueError) as exc:
                 why = "timed out" if done.exit_code in (124, 137) else f"exit code {done.exit_code}"
                 if done.exit_code == 127:
@@ -380,7 +412,8 @@ def _run_on_device(target: Target, artifact_dir: Path, manifest: Manifest, setti
                 raise BenchError(f"{target.label}: the runner left no result ({why})"
                                  + (f": {stderr_tail(done.stderr, 2)}" if done.stderr.strip() else "")) from exc
             if runner.get("status") == "ok" and data is not None:
-                transport.get(f"{run_dir}/outputs.npz", scratch / "outputs.npz")
+                transport.get(f"{run_dir}/outputs.npz", scratch / "outputs.npz",
+                              max_bytes=_outputs_cap(manifest, data.dataset.samples))
                 return runner, scratch / "outputs.npz"
             return runner, None
         finally:
@@ -388,6 +421,41 @@ def _run_on_device(target: Target, artifact_dir: Path, manifest: Manifest, setti
                 transport.run(["rm", "-rf", run_dir], timeout=30, check=False)
             except EdgeqError:
                 log.info("%s: could not remove %s (connection lost?)", target.name, run_dir)
+
+
+# What a device may send back: the runner's result is a few hundred KiB at most (latency samples); the eval
+# outputs are samples x output elements x 4 bytes (float32), allowed 4x that for wider types and framing.
+MAX_RESULT_BYTES = 16 << 20
+
+
+def _outputs_cap(manifest: Manifest, samples: int) -> int:
+    elements = sum(int(np.prod([d or 1 for d in t.shape[1:]])) for t in manifest.outputs) or 1
+    return 2 * samples * elements * 8 + (1 << 20)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"non-finite number {name}")
+
+
+def parse_runner_result(raw: bytes, target: Target) -> dict:
+    """The runner's result JSON as a dict, strictly: the runner writes finite numbers only (NaN and inf
+    become null), so a NaN, Infinity or a non-object here is a broken or hostile device, and fails this
+    target's result alone."""
+    try:
+        runner = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise BenchError(f"{target.label}: the runner's result is not valid JSON ({' '.join(str(exc).split())[:120]})",
+                         hint="the device's runner or its disk may be broken; see 'edgeq targets check'") from exc
+    if not isinstance(runner, dict) or not isinstance(runner.get("status"), str):
+        raise BenchError(f"{target.label}: the runner's result is not a result object")
+    for key in ("env", "runtime", "latency_ms", "memory_mb", "power", "settings", "eval"):
+        if runner.get(key) is not None and not isinstance(runner[key], dict):
+            raise BenchError(f"{target.label}: the runner's result has a malformed '{key}' (not an object)")
+    for key in ("load_ms", "first_inference_ms", "throughput_ips", "energy_j_per_inference", "timed_wall_s"):
+        value = runner.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise BenchError(f"{target.label}: the runner's result has a non-numeric '{key}'")
+    return runner
 
 
 def _merge(result: dict, runner: dict) -> None:
@@ -434,6 +502,8 @@ def bench(artifact_dir: str | Path, target: Target, *, eval_path: str | Path | N
             if runner.get("status") != "ok":
                 result["error"] = _runner_error(target, runner)
                 result["runner_traceback"] = runner.get("traceback")
+                if runner.get("error_kind") == "runtime_missing":
+                    result["hint"] = f"run 'edgeq targets setup {target.name}' (installs the profile's runtime)"
             else:
                 if data is not None and outputs is not None:
                     scores = _device_scores(target, data, outputs, runner["eval"]["output_names"])
@@ -441,6 +511,8 @@ def bench(artifact_dir: str | Path, target: Target, *, eval_path: str | Path | N
                 result["status"] = "ok"
         except EdgeqError as exc:
             result["error"] = exc.message if exc.message.startswith(target.label) else f"{target.label}: {exc.message}"
+            if exc.hint:
+                result["hint"] = exc.hint
         except Exception as exc:  # a bug for one target must not lose the others' results; say what it was
             log.exception("bench on %s failed unexpectedly", target.name)
             result["error"] = f"{target.label}: unexpected {type(exc).__name__}: {exc}"
@@ -448,6 +520,13 @@ def bench(artifact_dir: str | Path, target: Target, *, eval_path: str | Path | N
         result["error"] = " ".join(str(result["error"]).split())
     result["duration_s"] = time.monotonic() - started
     path = result_path(output_dir, target.name, manifest.id)
+    try:
+        json.dumps(result, allow_nan=False)
+    except (TypeError, ValueError) as exc:  # whatever got in, this target's result fails, not the run
+        log.warning("%s: result not writable as strict JSON: %s", target.name, exc)
+        result = failed_result(target.name, manifest, artifact_dir, settings,
+                               f"{target.label}: the measurements hold values that are not finite numbers ({exc})",
+                               duration_s=result["duration_s"])
     _write_result(path, result)
     result["result_file"] = str(path)
     return result
