@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from edgeq.convert import CAPABILITIES
 from edgeq.manifest import read_manifest, sha256_file, sha256_tree, verify_artifact
@@ -146,6 +147,22 @@ def test_bf16_is_pinned_or_refused(digits, tmp_path):
     fp32 = convert(digits["model"], load_profile("x86-amx"), tmp_path / "fp32", format="openvino", precision="fp32")
     sizes = {m.precision: next(f.size for f in m.files if f.path == "model.bin") for m in (manifest, fp32)}
     assert sizes["bf16"] < 0.6 * sizes["fp32"]
+
+
+def test_bf16_refusal_on_a_cpu_without_it(digits, tmp_path, monkeypatch):
+    """The refusal branch on every host: the CPU's capability list is the seam (OpenVINO's own answer on an
+    AVX2 host is "FP32, INT8, ..." without BF16), everything after it is real."""
+    from edgeq.cli import cli
+    from edgeq.runner import edgeq_runner
+
+    monkeypatch.setattr(edgeq_runner, "cpu_supports_bf16",
+                        lambda: (False, "this CPU's OpenVINO plugin offers only FP32, INT8, BIN, EXPORT_IMPORT"))
+    result = CliRunner().invoke(cli, ["convert", str(digits["model"]), "--profile", "x86-amx", "--format",
+                                      "openvino", "--precision", "bf16", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "bf16 needs a CPU with native bf16 (AVX512_BF16 or AMX)" in result.output
+    assert "offers only FP32, INT8" in result.output and "hint: use --precision fp16" in result.output
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(("fmt", "precision"), [("tflite", "int8"), ("onnx", "fp32"), ("onnx", "int8"),
