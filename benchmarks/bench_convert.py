@@ -187,8 +187,8 @@ def main() -> None:
     import keras
 
     from edgeq.convert import convert
+    from edgeq.device.runtimes import open_session
     from edgeq.profiles import load_profile
-    from edgeq.runner.edgeq_runner import open_session
 
     flags = cpu_flags()
     print(f"host: {cpu_model()}, {os.cpu_count()} cores, avx2={'avx2' in flags}, "

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Does the edgeq runner distort what it measures? Its p50 against a bare timing loop, side by side.
 
-For each format, in ONE process: the runner's full path (``edgeq_runner.main`` with a request, exactly
+For each format, in ONE process: the runner's full path (the device package's ``run``, ``edgeq.device.bench.runner.main``, with a request, exactly
 as on a device, power off) and a hand-written ``time.perf_counter`` loop over the same runtime API on the
 same artifact with the same thread count, in interleaved rounds (order alternating). Prints the median
 of the per-round p50s and the ratio runner/bare, which should stay within 3%.
@@ -27,7 +27,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from edgeq.runner import edgeq_runner as er  # noqa: E402
+from edgeq.device.bench import run as device_run  # noqa: E402
+from edgeq.device.bench import runner as device_runner  # noqa: E402
+from edgeq.device.runtimes import open_session  # noqa: E402
+from edgeq.device.runtimes.tflite import _tflite_interpreter  # noqa: E402
 
 
 def bare_loop(model_path: Path, fmt: str, threads: int, feed: dict, warmup: int, runs: int) -> list[float]:
@@ -35,7 +38,7 @@ def bare_loop(model_path: Path, fmt: str, threads: int, feed: dict, warmup: int,
     clock = time.perf_counter
     samples = []
     if fmt == "tflite":
-        interpreter_cls, _ = er._tflite_interpreter()
+        interpreter_cls, _ = _tflite_interpreter()
         interpreter = interpreter_cls(model_path=str(model_path), num_threads=threads)
         interpreter.allocate_tensors()
         inputs = interpreter.get_input_details()
@@ -81,7 +84,7 @@ def runner_round(release: Path, scratch: Path, threads: int, warmup: int, runs: 
     request = {"request_version": 1, "release_dir": str(release), "warmup": warmup, "runs": runs,
                "min_seconds": 0, "threads": threads, "power": {"sensor": "none", "enabled": False}}
     (scratch / "req.json").write_text(json.dumps(request))
-    if er.main(["--request", str(scratch / "req.json"), "--result", str(scratch / "res.json")]) != 0:
+    if device_runner.main(["--request", str(scratch / "req.json"), "--result", str(scratch / "res.json")]) != 0:
         raise SystemExit(json.loads((scratch / "res.json").read_text())["error"])
     return json.loads((scratch / "res.json").read_text())["latency_ms"]["p50"]
 
@@ -113,8 +116,8 @@ def main() -> None:
             release = release_dir(artifact, root / "releases")
             manifest = json.loads((release / "manifest.json").read_text())
             fmt, model_path = manifest["format"], release / manifest["model_file"]
-            session = er.open_session(model_path, fmt, threads=args.threads)
-            feed = session.prepare(er._latency_feed(session, None, 0))
+            session = open_session(model_path, fmt, threads=args.threads)
+            feed = session.prepare(device_run._latency_feed(session, None, 0))
             del session
             runner_p50, bare_p50 = [], []
             for index in range(args.rounds):

@@ -2,7 +2,7 @@
 """Check the runner's ``nvml`` power source on a real NVIDIA GPU against a load this script creates.
 
 Needs only the standard library, numpy, pynvml (or libnvidia-ml through ctypes) and PyTorch with CUDA;
-it imports ``edgeq_runner.py`` by path (edgeq itself need not be installed). It samples idle power, then
+it imports the device package (``edgeq/device``) by path (edgeq itself need not be installed). It samples idle power, then
 power under ~10 s of fp16 matmuls, and prints idle W, loaded W, the samples and achieved sample rate, and
 the energy from NVML's total-energy counter next to the trapezoid integral of the power readings.
 
@@ -17,15 +17,18 @@ import sys
 import time
 from pathlib import Path
 
-RUNNER = Path(__file__).resolve().parent.parent / "edgeq" / "runner" / "edgeq_runner.py"
+DEVICE = Path(__file__).resolve().parent.parent / "edgeq" / "device"
 
 
 def load_runner():
-    spec = importlib.util.spec_from_file_location("edgeq_runner", RUNNER)
+    """The device package's power modules, imported from the checkout as the zipapp's top-level package
+    (edgeq itself need not be installed: the package imports nothing else from it)."""
+    spec = importlib.util.spec_from_file_location("edgeq_device", DEVICE / "__init__.py",
+                                                  submodule_search_locations=[str(DEVICE)])
     module = importlib.util.module_from_spec(spec)
-    sys.modules["edgeq_runner"] = module
+    sys.modules["edgeq_device"] = module
     spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("edgeq_device.power")
 
 
 def matmul_load(seconds: float, size: int = 8192) -> int:

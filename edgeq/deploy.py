@@ -1,10 +1,11 @@
 """Releases on a device: lock, space check, upload, on-device sha256 verify, atomic ``current`` swap,
 keep the last K, rollback; and the same for a fleet over a bounded thread pool.
 
-Device layout under the target's workdir (see ``edgeq/remote/device_ops.py`` for the device side)::
+Device layout under the target's workdir (see ``edgeq/device/ops/releases.py`` for the device side)::
 
-    releases/<artifact-id>/{model files, manifest.json, edgeq_runner.py}
+    releases/<artifact-id>/{model files, manifest.json}
     current -> releases/<artifact-id>
+    bin/edgeq-device-<sha12>.pyz    the device package every step runs (``edgeq/remote/device.py``)
 
 Whatever fails (lost connection, disk full, checksum mismatch, killed controller), ``current`` keeps
 pointing at a complete, verified release: a release becomes visible only after every file's sha256
@@ -14,34 +15,23 @@ removed by the next deploy under the device lock.
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
-import os
 import secrets
-import socket
 import time
-import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from functools import lru_cache
 from pathlib import Path, PurePosixPath
 
 from edgeq.errors import DeployError, EdgeqError, RemoteCommandError
 from edgeq.manifest import MANIFEST_NAME, Manifest, sha256_file, verify_artifact
 from edgeq.remote import Transport, open_transport
-from edgeq.remote.base import stderr_tail
-from edgeq.runner import RUNNER_NAME, RUNNER_PATH
+from edgeq.remote.device import device_lock, device_op, device_workdir
 from edgeq.targets import Target
 
 log = logging.getLogger(__name__)
 
-DEVICE_OPS_PATH = Path(__file__).resolve().parent / "remote" / "device_ops.py"
-LOCK_TIMEOUT = 30.0
-STEP_TIMEOUT = 300.0  # hashing a big model on a slow SD card takes a while
 SPACE_MARGIN = 1 << 20
 
 # progress(bytes_done, bytes_total) over all files of one deploy
@@ -87,109 +77,6 @@ class ReleaseFile:
     size: int
 
 
-# -- device helpers ------------------------------------------------------------------------------------
-# Arguments may not contain newlines, so the device script travels compressed and base64-encoded as one
-# argv element, unpacked by this fixed one-line bootstrap.
-_BOOTSTRAP = ("import sys,zlib,base64;exec(compile(zlib.decompress(base64.b64decode(sys.argv.pop(1))),"
-              "'edgeq_device_ops','exec'))")
-
-
-@lru_cache(maxsize=1)
-def _device_ops_payload() -> str:
-    return base64.b64encode(zlib.compress(DEVICE_OPS_PATH.read_bytes(), 9)).decode("ascii")
-
-
-def device_ops_argv(python: str, op: str, *args: str) -> list[str]:
-    """argv running one device operation of ``edgeq/remote/device_ops.py`` with ``python``.
-
-    ``-I`` ignores the device's PYTHON* variables and user site; ``-S`` (no site-packages, faster start)
-    except for ``facts``, which checks that the runtime packages import.
-    """
-    flags = ["-I"] if op == "facts" else ["-I", "-S"]
-    return [python, *flags, "-c", _BOOTSTRAP, _device_ops_payload(), op, *args]
-
-
-def device_op(transport: Transport, python: str, op: str, params: dict, timeout: float = STEP_TIMEOUT) -> dict:
-    """Run one device operation (JSON in on stdin, JSON out on stdout) with ``python``."""
-    result = transport.run(device_ops_argv(python, op), timeout=timeout, check=False,
-                           input=json.dumps(params).encode())
-    lines = [line for line in result.stdout.splitlines() if line.strip()]
-    data = None
-    if lines:
-        try:
-            data = json.loads(lines[-1])
-        except json.JSONDecodeError:
-            data = None
-    label = transport.target.label
-    if result.exit_code == 127 or (data is None and "not found" in result.stderr):
-        raise RemoteCommandError(f"{label}: the device has no '{python}' interpreter",
-                                 hint="set 'python:' for this target in the inventory")
-    if data is None:
-        raise RemoteCommandError(f"{label}: device step '{op}' failed (exit {result.exit_code})"
-                                 + (f": {stderr_tail(result.stderr)}" if result.stderr.strip() else ""))
-    if data.get("error") == "os":
-        raise DeployError(f"{label}: {op} failed on the device: {data.get('message')}")
-    return data
-
-
-def device_workdir(transport: Transport, target: Target) -> str:
-    """The target's workdir as an absolute device path."""
-    return transport.expand(target.workdir).rstrip("/") or "/"
-
-
-def release_dir(transport: Transport, target: Target, release_id: str) -> str:
-    """Absolute device path of one release."""
-    return f"{device_workdir(transport, target)}/releases/{release_id}"
-
-
-def current_dir(transport: Transport, target: Target) -> str:
-    """Absolute device path of the ``current`` symlink (the active release)."""
-    return f"{device_workdir(transport, target)}/current"
-
-
-def device_python(transport: Transport, target: Target) -> str:
-    """The interpreter to run the runner with: the one ``targets setup`` recorded, else ``target.python``."""
-    data = device_op(transport, target.python, "read_python", {"workdir": device_workdir(transport, target)},
-                     timeout=60)
-    return data.get("python") or target.python
-
-
-def current_release(transport: Transport, target: Target) -> str | None:
-    """The id ``current`` points at, or None."""
-    data = device_op(transport, target.python, "inspect", {"workdir": device_workdir(transport, target)}, timeout=60)
-    return data.get("current")
-
-
-@contextmanager
-def device_lock(transport: Transport, target: Target, workdir: str, purpose: str = "deploy") -> Iterator[None]:
-    """Hold the device's deploy lock for the duration; fail fast when another deploy holds it.
-
-    The lock is a flock held by a process whose stdin is this connection: if the controller dies, the
-    channel closes, the process sees EOF and the kernel releases the lock.
-    """
-    holder = f"edgeq {purpose} on {socket.gethostname()} pid {os.getpid()} since " \
-             f"{datetime.now(timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')}"
-    process = transport.start(device_ops_argv(target.python, "lock", json.dumps({"workdir": workdir,
-                                                                                "holder": holder})))
-    try:
-        line = process.readline(LOCK_TIMEOUT)
-        try:
-            answer = json.loads(line)
-        except json.JSONDecodeError:
-            raise DeployError(f"{target.label}: could not take the deploy lock in {workdir}"
-                              + (f": {line.strip()}" if line.strip() else " (is 'python' right for this target?)"),
-                              hint="check 'python:' and 'workdir:' of this target") from None
-        if answer.get("error") == "os":
-            raise DeployError(f"{target.label}: could not take the deploy lock: {answer.get('message')}")
-        if not answer.get("locked"):
-            raise DeployError(f"{target.label}: another deploy is in progress on this device "
-                              f"(lock {workdir}/.deploy.lock held by {answer.get('holder') or 'another process'})",
-                              hint="wait for it to finish, then run the deploy again")
-        yield
-    finally:
-        process.close()
-
-
 # -- planning ------------------------------------------------------------------------------------------
 def _check_relative_path(rel: str, artifact_dir: Path) -> str:
     path = PurePosixPath(rel)
@@ -201,16 +88,15 @@ def _check_relative_path(rel: str, artifact_dir: Path) -> str:
 
 
 def release_plan(artifact_dir: Path, manifest: Manifest) -> list[ReleaseFile]:
-    """Every file of the release: the artifact's files, its manifest and the on-device runner."""
+    """Every file of the release: the artifact's files and its manifest (the device package lives in bin/)."""
     plan = []
     for entry in manifest.files:
         rel = _check_relative_path(entry.path, artifact_dir)
-        if rel in (MANIFEST_NAME, RUNNER_NAME):
+        if rel == MANIFEST_NAME:
             raise DeployError(f"{artifact_dir / MANIFEST_NAME}: files: {rel!r} is a name edgeq reserves in releases")
         plan.append(ReleaseFile(rel, artifact_dir / rel, entry.sha256, entry.size))
     manifest_path = artifact_dir / MANIFEST_NAME
     plan.append(ReleaseFile(MANIFEST_NAME, manifest_path, sha256_file(manifest_path), manifest_path.stat().st_size))
-    plan.append(ReleaseFile(RUNNER_NAME, RUNNER_PATH, sha256_file(RUNNER_PATH), RUNNER_PATH.stat().st_size))
     return plan
 
 
@@ -251,16 +137,24 @@ def _deploy_planned(manifest: Manifest, plan: list[ReleaseFile], target: Target,
     started = time.monotonic()
     try:
         with open_transport(target) as transport:
-            workdir = device_workdir(transport, target)
-            with device_lock(transport, target, workdir):
-                status, message, uploaded = _deploy_locked(transport, target, workdir, manifest, plan, keep,
-                                                           progress, after_upload, activate)
+            status, message, uploaded = deploy_over(transport, target, manifest, plan, keep=keep, progress=progress,
+                                                    activate=activate, _after_upload=after_upload)
     except EdgeqError as exc:
         log.info("deploy to %s failed: %s", target.name, exc)
         return DeployOutcome(target, "failed", manifest.id, time.monotonic() - started, error=exc.message,
                              hint=exc.hint)
     return DeployOutcome(target, status, manifest.id, time.monotonic() - started, message=message,
                          uploaded_bytes=uploaded)
+
+
+def deploy_over(transport: Transport, target: Target, manifest: Manifest, plan: list[ReleaseFile], *,
+                keep: int = 3, progress: DeployProgress | None = None, activate: bool = True,
+                _after_upload=None) -> tuple[str, str, int]:
+    """Deploy a checked artifact over an open connection, under the device lock; (status, message,
+    uploaded bytes). Raises EdgeqError; ``deploy`` turns that into a failed outcome."""
+    workdir = device_workdir(transport, target)
+    with device_lock(transport, target, workdir):
+        return _deploy_locked(transport, target, workdir, manifest, plan, keep, progress, _after_upload, activate)
 
 
 def _mb(size: int) -> str:
@@ -270,10 +164,9 @@ def _mb(size: int) -> str:
 def _deploy_locked(transport: Transport, target: Target, workdir: str, manifest: Manifest,
                    plan: list[ReleaseFile], keep: int, progress: DeployProgress | None,
                    after_upload, activate: bool = True) -> tuple[str, str, int]:
-    python = target.python
     release_id = manifest.id
     expected = {f.rel: f.sha256 for f in plan}
-    state = device_op(transport, python, "inspect", {"workdir": workdir, "release_id": release_id,
+    state = device_op(transport, target, "inspect", {"workdir": workdir, "release_id": release_id,
                                                      "expected": expected})
     current = state.get("current")
     replace: list[str] | None = None
@@ -289,8 +182,8 @@ def _deploy_locked(transport: Transport, target: Target, workdir: str, manifest:
             _activate(transport, target, workdir, release_id, expected, keep, current)
             return "deployed", f"release already on the device, verified and activated (was {current}); " \
                                "nothing uploaded", 0
-        if bad <= {MANIFEST_NAME, RUNNER_NAME}:
-            # Same model files, newer runner or manifest: refresh just those files inside the release.
+        if bad <= {MANIFEST_NAME}:
+            # Same model files, a rewritten manifest: refresh just that file inside the release.
             replace = sorted(bad)
             upload = [f for f in plan if f.rel in bad]
         else:
@@ -299,7 +192,7 @@ def _deploy_locked(transport: Transport, target: Target, workdir: str, manifest:
     need = sum(f.size for f in upload) + SPACE_MARGIN
     dirs = sorted({str(PurePosixPath(f.rel).parent) for f in upload} - {"."})
     tmp_name = f".tmp-{release_id}-{secrets.token_hex(4)}"
-    prepared = device_op(transport, python, "prepare", {"workdir": workdir, "tmp_name": tmp_name,
+    prepared = device_op(transport, target, "prepare", {"workdir": workdir, "tmp_name": tmp_name,
                                                         "need_bytes": need, "dirs": dirs})
     if not prepared.get("ok"):
         raise DeployError(f"{target.label}: not enough free space in {workdir}: need {_mb(need)}, "
@@ -317,7 +210,7 @@ def _deploy_locked(transport: Transport, target: Target, workdir: str, manifest:
     except RemoteCommandError:
         # The connection still works (e.g. disk full mid-write): remove the partial upload now.
         with suppress(EdgeqError):
-            device_op(transport, python, "cleanup", {"workdir": workdir}, timeout=60)
+            device_op(transport, target, "cleanup", {"workdir": workdir}, timeout=60)
         raise
     if after_upload is not None:
         after_upload(transport, tmp)
@@ -325,7 +218,7 @@ def _deploy_locked(transport: Transport, target: Target, workdir: str, manifest:
               "replace": replace, "activate": activate}
     if replace is not None:
         params["tmp_expected"] = {rel: expected[rel] for rel in replace}
-    answer = device_op(transport, python, "activate", params)
+    answer = device_op(transport, target, "activate", params)
     if not answer.get("ok"):
         raise _activation_error(target, answer, current)
     if replace is not None:
@@ -350,7 +243,7 @@ def _activation_error(target: Target, answer: dict, current: str | None) -> Depl
 
 
 def _activate(transport, target, workdir, release_id, expected, keep, current) -> None:
-    answer = device_op(transport, target.python, "activate", {"workdir": workdir, "release_id": release_id,
+    answer = device_op(transport, target, "activate", {"workdir": workdir, "release_id": release_id,
                                                               "expected": expected, "keep": keep})
     if not answer.get("ok"):
         raise _activation_error(target, answer, current)
@@ -362,7 +255,7 @@ def rollback(target: Target) -> RollbackResult:
     with open_transport(target) as transport:
         workdir = device_workdir(transport, target)
         with device_lock(transport, target, workdir):
-            answer = device_op(transport, target.python, "rollback", {"workdir": workdir})
+            answer = device_op(transport, target, "rollback", {"workdir": workdir})
     if not answer.get("ok"):
         if answer.get("error") == "no current release":
             raise DeployError(f"{target.label}: nothing is deployed in {target.workdir}; nothing to roll back")

@@ -8,10 +8,10 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgeq.deploy import device_lock, device_op, device_python, device_workdir
 from edgeq.errors import ConnectError, DeployError, EdgeqError, RemoteCommandError
 from edgeq.profiles import load_profile
 from edgeq.remote import open_transport
+from edgeq.remote.device import device_lock, device_op, device_python, device_workdir
 from edgeq.targets import Target
 
 # Modules that provide each format's runtime on a device, in the order the runner tries them.
@@ -79,8 +79,9 @@ def check_target(target: Target) -> TargetCheck:
         with transport:
             workdir = device_workdir(transport, target)
             python = device_python(transport, target)
-            facts = device_op(transport, python, "facts",
-                              {"workdir": workdir, "modules": RUNTIME_MODULES[profile.format]}, timeout=180)
+            facts = device_op(transport, target, "facts",
+                              {"workdir": workdir, "modules": RUNTIME_MODULES[profile.format]}, python=python,
+                              timeout=180)
     except EdgeqError as exc:
         check.error, check.hint = exc.message, exc.hint
         return check
@@ -135,16 +136,16 @@ def setup_target(target: Target, wheelhouse: str | Path | None = None, system_si
     with open_transport(target) as transport:
         workdir = device_workdir(transport, target)
         with device_lock(transport, target, workdir, purpose="targets setup"):
-            device_op(transport, target.python, "venv_prepare", {"workdir": workdir}, timeout=300)
+            device_op(transport, target, "venv_prepare", {"workdir": workdir}, timeout=300)
             name = f"venv-{secrets.token_hex(4)}"
             build = f"{workdir}/{name}"
             try:
                 _build_venv(transport, target, workdir, build, packages, wheels, system_site_packages, timeout)
-                switched = device_op(transport, target.python, "venv_switch", {"workdir": workdir, "name": name},
+                switched = device_op(transport, target, "venv_switch", {"workdir": workdir, "name": name},
                                      timeout=300)
             except BaseException as exc:
                 with suppress(EdgeqError):
-                    device_op(transport, target.python, "venv_discard", {"workdir": workdir, "name": name},
+                    device_op(transport, target, "venv_discard", {"workdir": workdir, "name": name},
                               timeout=300)
                 if isinstance(exc, RemoteCommandError):
                     raise RemoteCommandError(f"{exc.message}; the device's previous venv and recorded "

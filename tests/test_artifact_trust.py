@@ -22,7 +22,7 @@ from edgeq.errors import ManifestError
 from edgeq.manifest import code_files, verify_artifact
 from edgeq.targets import load_inventory, local_target, resolve_targets
 from tests.sshd_fixtures import make_synthetic_artifact
-from tests.test_bench_support import hand_artifacts, release_dir  # noqa: F401 - fixture
+from tests.test_bench_support import device_pyz, hand_artifacts, release_dir, run_argv  # noqa: F401 - fixture
 
 QUICK_KW = {"warmup": 1, "runs": 5, "min_seconds": 0, "idle_seconds": 0}
 
@@ -67,7 +67,7 @@ def test_a_manifest_path_outside_the_artifact_is_refused(tmp_path):
 
 @pytest.mark.sshd
 def test_the_runner_imports_nothing_from_its_release(hand_artifacts, trusted_inventory, tmp_path):  # noqa: F811
-    """Modules planted in a release on the device (beside the runner) are never imported by a bench."""
+    """Modules planted in a release on the device are never imported by a bench."""
     target = resolve_targets(load_inventory(trusted_inventory.path), "dev-0")[0]
     first = bench(hand_artifacts["onnx"], target, output_dir=tmp_path / "r1", **QUICK_KW)
     assert first["status"] == "ok", first["error"]
@@ -81,16 +81,19 @@ def test_the_runner_imports_nothing_from_its_release(hand_artifacts, trusted_inv
     assert not marker.exists()
 
 
-def test_a_runner_started_without_isolation_drops_its_own_directory(hand_artifacts, tmp_path):  # noqa: F811
-    """An older launcher (no -I): the runner removes its directory from sys.path before importing json."""
+def test_a_device_package_started_without_isolation_imports_nothing_beside_it(hand_artifacts, tmp_path):  # noqa: F811
+    """Started without -I (by hand, or an older launcher), the zipapp puts only itself on sys.path: modules
+    planted beside it in bin/ or in the release are never imported."""
     release = release_dir(hand_artifacts["onnx"], tmp_path)
+    pyz = device_pyz(tmp_path / "bin")
     marker = tmp_path / "ran"
-    (release / "json.py").write_bytes(_marker_module(marker))
+    for directory in (release, pyz.parent):
+        (directory / "json.py").write_bytes(_marker_module(marker))
     request = tmp_path / "request.json"
     request.write_text(json.dumps({"request_version": 1, "release_dir": str(release), "warmup": 0, "runs": 2,
                                    "min_seconds": 0, "power": {"enabled": False}}))
-    proc = subprocess.run([sys.executable, str(release / "edgeq_runner.py"), "--request", str(request),
-                           "--result", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(run_argv(pyz, request, tmp_path / "r.json", isolated=False), capture_output=True,
+                          text=True, timeout=120, cwd=release)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "r.json").read_text())["status"] == "ok"
     assert not marker.exists()
@@ -127,12 +130,17 @@ def test_bench_loads_only_the_source_the_artifact_came_from(hand_artifacts, digi
     assert good["accuracy"]["top1_reference"] is not None and len(loaded) == 1
 
 
-# A device python that runs the real runner, then spoils its answer the way a broken or hostile device would.
+# A device python that runs the real device step, then spoils the bench result the way a broken or hostile device would.
 _SPOILER = r"""#!/bin/sh
-"{python}" "$@"; rc=$?
-result=""; prev=""
-for arg in "$@"; do [ "$prev" = "--result" ] && result="$arg"; prev="$arg"; done
-if [ -n "$result" ] && [ -f "$result" ]; then "{python}" -I "{spoil}" "$result"; fi
+case " $* " in
+  *" bench "*) ;;
+  *) exec "{python}" "$@";;
+esac
+params=$(mktemp); cat > "$params"
+"{python}" "$@" < "$params"; rc=$?
+result=$("{python}" -I -c 'import json,sys; print(json.load(open(sys.argv[1]))["result"])' "$params")
+[ -f "$result" ] && "{python}" -I "{spoil}" "$result"
+rm -f "$params"
 exit $rc
 """
 _SPOILS = {

@@ -73,7 +73,7 @@ def test_bench_local_with_eval(fmt, hand_artifacts, digits, tmp_path, local_work
     assert written["latency_ms"]["count"] >= 20 and written["env"]["emulated"] is False
     # Deployed on demand but not activated (bench never changes the device's active release); the run's
     # scratch directory (which held the eval inputs) is gone.
-    assert (local_workdir / "releases" / manifest_id / "edgeq_runner.py").is_file()
+    assert (local_workdir / "releases" / manifest_id / "manifest.json").is_file()
     assert not (local_workdir / "current").exists() and not (local_workdir / "current").is_symlink()
     assert list((local_workdir / "runs").iterdir()) == []
 
@@ -191,7 +191,7 @@ def _runner_pids(marker: str) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if "edgeq_runner.py" in cmdline and marker in cmdline and "edgeq-bench" not in cmdline:
+        if ".pyz run --request" in cmdline and marker in cmdline:
             pids.append(int(entry.name))
     return pids
 

@@ -24,7 +24,7 @@ from edgeq.manifest import (
     write_manifest,
 )
 from edgeq.profiles import load_profile
-from edgeq.runner import RUNNER_PATH
+from edgeq.remote.device import device_package
 
 FORMATS = ("tflite", "onnx", "openvino")
 
@@ -65,7 +65,7 @@ def _convert(fmt: str, model_path: Path, calib_path: Path, out: Path) -> tuple[s
 
 def build_artifact(fmt: str, digits: dict, out: Path, profile: str = "x86-avx2") -> Path:
     """An artifact directory (model files + manifest.json) for ``fmt``, as the converter would write it."""
-    from edgeq.runner.edgeq_runner import open_session
+    from edgeq.device.runtimes import open_session
 
     out.mkdir(parents=True, exist_ok=True)
     model_file, precision = _convert(fmt, Path(digits["model"]), Path(digits["calib"]), out)
@@ -89,14 +89,29 @@ def build_artifact(fmt: str, digits: dict, out: Path, profile: str = "x86-avx2")
 
 
 def release_dir(artifact: Path, root: Path) -> Path:
-    """What deploy puts on a device: the artifact's files plus the runner script, in one directory."""
+    """What deploy puts on a device: the artifact's files (model files and manifest), in one directory."""
     import shutil
 
     target = root / artifact.name
     if not target.exists():
         shutil.copytree(artifact, target)
-        shutil.copy2(RUNNER_PATH, target / "edgeq_runner.py")
     return target
+
+
+def device_pyz(directory: Path) -> Path:
+    """The device package the controller ships (edgeq-device-<sha12>.pyz), written into ``directory``."""
+    package = device_package()
+    path = directory / package.name
+    if not path.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(package.data)
+    return path
+
+
+def run_argv(pyz: Path, request: Path, result: Path, *, isolated: bool = True) -> list[str]:
+    """The device's ``run`` step: measure one request, write its result file."""
+    return [sys.executable, *(["-I"] if isolated else []), str(pyz), "run", "--request", str(request),
+            "--result", str(result)]
 
 
 @pytest.fixture(scope="session")
@@ -119,7 +134,7 @@ def build_two_head_artifact(digits: dict, out: Path, *, with_source_names: bool 
     import tensorflow as tf
     import tf2onnx
 
-    from edgeq.runner.edgeq_runner import open_session
+    from edgeq.device.runtimes import open_session
 
     out.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(0)

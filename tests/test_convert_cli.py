@@ -200,7 +200,7 @@ def test_unsupported_op_names_model_and_op(tmp_path, unsupported_op_model, fmt, 
 @pytest.fixture(scope="module")
 def hard_eval(make_artifact, digits, tmp_path_factory) -> Path:
     """Noisy digits labelled with the FP32 model's own answers: top-1 reference is 100%, so any int8 flip is a drop."""
-    from edgeq.runner.edgeq_runner import open_session
+    from edgeq.device.runtimes import open_session
 
     x = np.load(digits["eval"])["x"][:200]
     noisy = np.clip(x + np.random.default_rng(1).normal(0, 0.35, x.shape), 0, 1).astype(np.float32)

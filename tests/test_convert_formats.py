@@ -18,7 +18,7 @@ MODEL_FILES = {"tflite": {"model.tflite"}, "onnx": {"model.onnx"}, "openvino": {
 
 
 def _run_artifact(directory, manifest, eval_x):
-    from edgeq.runner.edgeq_runner import open_session
+    from edgeq.device.runtimes import open_session
 
     session = open_session(directory / manifest.model_file, manifest.format, precision=manifest.precision)
     name = session.inputs[0]["name"]
@@ -124,8 +124,8 @@ def test_bf16_is_pinned_or_refused(digits, tmp_path):
     """On a CPU with native bf16 the artifact compiles in bf16 (read back) and validates; elsewhere convert
     refuses it in one line. Either branch asserts what this host can show."""
     from edgeq.convert import convert
+    from edgeq.device.runtimes import cpu_supports_bf16, open_session
     from edgeq.errors import ConversionError
-    from edgeq.runner.edgeq_runner import cpu_supports_bf16, open_session
 
     supported, why = cpu_supports_bf16()
     if not supported:
@@ -153,9 +153,9 @@ def test_bf16_refusal_on_a_cpu_without_it(digits, tmp_path, monkeypatch):
     """The refusal branch on every host: the CPU's capability list is the seam (OpenVINO's own answer on an
     AVX2 host is "FP32, INT8, ..." without BF16), everything after it is real."""
     from edgeq.cli import cli
-    from edgeq.runner import edgeq_runner
+    from edgeq.device.runtimes import openvino as openvino_runtime
 
-    monkeypatch.setattr(edgeq_runner, "cpu_supports_bf16",
+    monkeypatch.setattr(openvino_runtime, "cpu_supports_bf16",
                         lambda: (False, "this CPU's OpenVINO plugin offers only FP32, INT8, BIN, EXPORT_IMPORT"))
     result = CliRunner().invoke(cli, ["convert", str(digits["model"]), "--profile", "x86-amx", "--format",
                                       "openvino", "--precision", "bf16", "-o", str(tmp_path / "out")])

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from edgeq.cli import cli
 from edgeq.deploy import deploy, deploy_fleet, rollback
-from edgeq.runner import RUNNER_PATH
+from edgeq.remote.device import device_package
 from edgeq.targets import load_inventory, resolve_targets
 from tests.sshd_fixtures import make_synthetic_artifact
 
@@ -53,8 +53,13 @@ def test_first_deploy_redeploy_and_rollback(trusted_inventory, artifact, artifac
     assert current_of(workdir) == first.release_id
     assert (release / "model.tflite").read_bytes() == (artifact / "model.tflite").read_bytes()
     assert (release / "extra" / "labels.txt").read_bytes() == b"0\n1\n"
-    assert (release / "edgeq_runner.py").read_bytes() == RUNNER_PATH.read_bytes()
     assert (release / "manifest.json").read_bytes() == (artifact / "manifest.json").read_bytes()
+    # Releases hold the artifact's files only; the device package is in bin/, once per version.
+    assert {p.relative_to(release).as_posix() for p in release.rglob("*") if p.is_file()} == \
+        {"model.tflite", "extra/labels.txt", "manifest.json"}
+    package = device_package()
+    assert [p.name for p in (workdir / "bin").iterdir()] == [package.name]
+    assert (workdir / "bin" / package.name).read_bytes() == package.data
 
     before = mtimes(release)
     time.sleep(0.01)
@@ -94,7 +99,6 @@ def test_deploy_without_activate_stores_a_verified_release_but_leaves_current(tr
     assert stored.uploaded_bytes > 0 and "not activated" in stored.message
     release = workdir / "releases" / stored.release_id
     assert (release / "model.tflite").read_bytes() == (artifact2 / "model.tflite").read_bytes()
-    assert (release / "edgeq_runner.py").read_bytes() == RUNNER_PATH.read_bytes()
     assert current_of(workdir) == first.release_id
     assert history_of(workdir) == [first.release_id]
 
@@ -118,7 +122,7 @@ def test_deploy_without_activate_stores_a_verified_release_but_leaves_current(tr
     assert history_of(workdir) == [first.release_id, activated.release_id]
 
 
-def test_half_present_release_is_not_counted_and_changed_runner_is_refreshed(trusted_inventory, artifact):
+def test_half_present_release_is_not_counted_and_changed_manifest_is_refreshed(trusted_inventory, artifact):
     t = target(trusted_inventory)
     workdir = trusted_inventory.workdirs["dev-0"]
     first = deploy(artifact, t)
@@ -128,13 +132,13 @@ def test_half_present_release_is_not_counted_and_changed_runner_is_refreshed(tru
     assert repaired.status == "deployed" and repaired.uploaded_bytes > 0
     assert (release / "model.tflite").read_bytes() == (artifact / "model.tflite").read_bytes()
 
-    # A different runner on the device (the runner changed since): only that file is replaced.
-    (release / "edgeq_runner.py").write_text("# stale runner\n")
+    # A different manifest on the device (damaged since): only that file is replaced.
+    (release / "manifest.json").write_text("{}\n")
     model_mtime = (release / "model.tflite").stat().st_mtime_ns
     refreshed = deploy(artifact, t)
-    assert refreshed.status == "deployed" and "edgeq_runner.py" in refreshed.message
-    assert refreshed.uploaded_bytes == RUNNER_PATH.stat().st_size
-    assert (release / "edgeq_runner.py").read_bytes() == RUNNER_PATH.read_bytes()
+    assert refreshed.status == "deployed" and "manifest.json" in refreshed.message
+    assert refreshed.uploaded_bytes == (artifact / "manifest.json").stat().st_size
+    assert (release / "manifest.json").read_bytes() == (artifact / "manifest.json").read_bytes()
     assert (release / "model.tflite").stat().st_mtime_ns == model_mtime
 
 
@@ -377,15 +381,14 @@ def test_fresh_upload_is_hashed_once(tmp_path, monkeypatch, capsys):
     """The device op verifies a fresh upload once (in its temp dir) and renames it into place without hashing
     it again; a release that was already there (refreshed files) is still checked whole after the swap."""
     import hashlib
-    import json
 
-    from edgeq.remote import device_ops
+    from edgeq.device.ops import releases
 
     hashed: list[str] = []
-    real_sha256 = device_ops.sha256
-    monkeypatch.setattr(device_ops, "sha256", lambda path: hashed.append(path) or real_sha256(path))
+    real_sha256 = releases.sha256
+    monkeypatch.setattr(releases, "sha256", lambda path: hashed.append(path) or real_sha256(path))
     workdir = tmp_path / "w"
-    files = {"model.tflite": os.urandom(2048), "manifest.json": b"{}", "edgeq_runner.py": b"# runner\n"}
+    files = {"model.tflite": os.urandom(2048), "manifest.json": b"{}", "labels.txt": b"0\n1\n"}
     expected = {rel: hashlib.sha256(data).hexdigest() for rel, data in files.items()}
 
     def upload(name: str, only: list[str]) -> str:
@@ -396,17 +399,15 @@ def test_fresh_upload_is_hashed_once(tmp_path, monkeypatch, capsys):
         return str(tmp)
 
     def activate(**params) -> dict:
-        capsys.readouterr()
-        device_ops.op_activate({"workdir": str(workdir), "release_id": "r1", "expected": expected, **params})
-        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        return releases.op_activate({"workdir": str(workdir), "release_id": "r1", "expected": expected, **params})
 
     assert activate(tmp=upload(".tmp-r1-a", list(files)), replace=None)["ok"]
     assert sorted(hashed) == sorted(str(workdir / "releases" / ".tmp-r1-a" / rel) for rel in files)
     assert os.readlink(workdir / "current") == "releases/r1"
 
     hashed.clear()
-    answer = activate(tmp=upload(".tmp-r1-b", ["edgeq_runner.py"]), replace=["edgeq_runner.py"],
-                      tmp_expected={"edgeq_runner.py": expected["edgeq_runner.py"]})
+    answer = activate(tmp=upload(".tmp-r1-b", ["labels.txt"]), replace=["labels.txt"],
+                      tmp_expected={"labels.txt": expected["labels.txt"]})
     assert answer["ok"] and len(hashed) == 1 + len(files)
 
     (workdir / "releases" / "r1" / "model.tflite").write_bytes(b"rotted")  # bad storage, between deploys

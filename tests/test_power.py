@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeq.runner import edgeq_runner as er
+from edgeq.device.bench import runner as device_runner
 from tests.test_bench_support import hand_artifacts, release_dir  # noqa: F401 - fixture
 
 INTERVAL_MS = 5
@@ -70,7 +70,7 @@ def bench_with_power(tmp_path: Path, artifact: Path, power: dict, min_seconds: f
                "min_seconds": min_seconds, "threads": 1,
                "power": {"interval_ms": INTERVAL_MS, "idle_seconds": 0.3, **power}}
     (tmp_path / "req.json").write_text(json.dumps(request))
-    rc = er.main(["--request", str(tmp_path / "req.json"), "--result", str(tmp_path / "res.json")])
+    rc = device_runner.main(["--request", str(tmp_path / "req.json"), "--result", str(tmp_path / "res.json")])
     result = json.loads((tmp_path / "res.json").read_text())
     assert rc == 0, result.get("traceback")
     return result

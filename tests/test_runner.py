@@ -14,10 +14,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgeq.device import env
+from edgeq.device.bench import run as device_run
+from edgeq.device.bench import runner as device_runner
+from edgeq.device.bench import timing
+from edgeq.device.runtimes import open_session
 from edgeq.metrics import top_k_accuracy
-from edgeq.runner import RUNNER_PATH
-from edgeq.runner import edgeq_runner as er
-from tests.test_bench_support import FORMATS, hand_artifacts, release_dir  # noqa: F401 - fixture
+from tests.test_bench_support import (  # noqa: F401 - fixture
+    FORMATS,
+    device_pyz,
+    hand_artifacts,
+    release_dir,
+    run_argv,
+)
 
 QUICK = {"warmup": 2, "runs": 20, "min_seconds": 0}
 
@@ -35,7 +44,7 @@ def read(path: Path) -> dict:
 
 def test_latency_stats_known_answers():
     samples_ns = [int(ms * 1e6) for ms in range(1, 101)]  # 1..100 ms
-    stats = er.latency_stats(samples_ns)
+    stats = timing.latency_stats(samples_ns)
     assert stats["p50"] == pytest.approx(50.5)
     assert stats["p90"] == pytest.approx(90.1)
     assert stats["p95"] == pytest.approx(95.05)
@@ -49,10 +58,10 @@ def test_latency_stats_known_answers():
 
 def test_timed_loop_needs_both_runs_and_min_seconds():
     calls = []
-    samples, wall_ns = er.timed_loop(lambda: calls.append(1), runs=5, min_seconds=0.05)
+    samples, wall_ns = timing.timed_loop(lambda: calls.append(1), runs=5, min_seconds=0.05)
     assert len(samples) == len(calls) and len(samples) > 5
     assert wall_ns >= 0.05e9
-    samples, _ = er.timed_loop(lambda: time.sleep(0.002), runs=7, min_seconds=0)
+    samples, _ = timing.timed_loop(lambda: time.sleep(0.002), runs=7, min_seconds=0)
     assert len(samples) == 7 and min(samples) >= 2_000_000
 
 
@@ -64,7 +73,7 @@ def test_runner_in_process(fmt, hand_artifacts, tmp_path, digits):  # noqa: F811
     np.savez(tmp_path / "eval_inputs.npz", x=eval_x)
     request = write_request(tmp_path, release, eval_inputs="eval_inputs.npz", outputs="outputs.npz",
                             power={"sensor": "none"})
-    rc = er.main(["--request", str(request), "--result", str(tmp_path / "result.json")])
+    rc = device_runner.main(["--request", str(request), "--result", str(tmp_path / "result.json")])
     result = read(tmp_path / "result.json")
     assert rc == 0, result.get("traceback")
     assert result["status"] == "ok" and result["error"] is None
@@ -92,8 +101,8 @@ def test_runner_in_process(fmt, hand_artifacts, tmp_path, digits):  # noqa: F811
 def test_runner_as_subprocess(fmt, hand_artifacts, tmp_path):  # noqa: F811
     release = release_dir(hand_artifacts[fmt], tmp_path)
     request = write_request(tmp_path, release, threads=2)
-    proc = subprocess.run([sys.executable, str(release / "edgeq_runner.py"), "--request", str(request),
-                           "--result", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(run_argv(device_pyz(tmp_path), request, tmp_path / "r.json"), capture_output=True,
+                          text=True, timeout=120)
     result = read(tmp_path / "r.json")
     assert proc.returncode == 0, result.get("traceback")
     assert result["status"] == "ok" and result["latency_ms"]["count"] >= 20
@@ -103,7 +112,7 @@ def test_runner_as_subprocess(fmt, hand_artifacts, tmp_path):  # noqa: F811
 
 
 def test_quantized_inputs_use_the_artifacts_scale(hand_artifacts, digits):  # noqa: F811
-    session = er.open_session(hand_artifacts["tflite"] / "model.tflite", "tflite")
+    session = open_session(hand_artifacts["tflite"] / "model.tflite", "tflite")
     spec = session.inputs[0]
     assert spec["dtype"] == "int8" and spec["quant"]
     x = np.load(digits["eval"])["x"][:1]
@@ -121,8 +130,9 @@ def test_runtime_missing_is_reported(hand_artifacts, tmp_path):  # noqa: F811
     release = release_dir(hand_artifacts["onnx"], tmp_path)
     request = write_request(tmp_path, release)
     env = dict(os.environ, PYTHONPATH=str(tmp_path / "shadow"))
-    proc = subprocess.run([sys.executable, str(release / "edgeq_runner.py"), "--request", str(request),
-                           "--result", str(tmp_path / "r.json")], env=env, capture_output=True, timeout=60)
+    # Not isolated, so PYTHONPATH counts (a device step is always -I; this stands in for a broken device).
+    proc = subprocess.run(run_argv(device_pyz(tmp_path), request, tmp_path / "r.json", isolated=False), env=env,
+                          capture_output=True, timeout=60)
     result = read(tmp_path / "r.json")
     assert proc.returncode == 1
     assert result["status"] == "failed" and result["error_kind"] == "runtime_missing"
@@ -131,11 +141,11 @@ def test_runtime_missing_is_reported(hand_artifacts, tmp_path):  # noqa: F811
 
 
 def test_bad_request_still_writes_a_result(tmp_path):
-    rc = er.main(["--request", str(tmp_path / "missing.json"), "--result", str(tmp_path / "r.json")])
+    rc = device_runner.main(["--request", str(tmp_path / "missing.json"), "--result", str(tmp_path / "r.json")])
     result = read(tmp_path / "r.json")
     assert rc == 1 and result["status"] == "failed" and "cannot read request" in result["error"]
     request = write_request(tmp_path, tmp_path / "no-release")
-    assert er.main(["--request", str(request), "--result", str(tmp_path / "r2.json")]) == 1
+    assert device_runner.main(["--request", str(request), "--result", str(tmp_path / "r2.json")]) == 1
     assert "cannot read the artifact manifest" in read(tmp_path / "r2.json")["error"]
 
 
@@ -143,7 +153,7 @@ def test_eval_inputs_that_do_not_fit_fail_clearly(hand_artifacts, tmp_path):  # 
     release = release_dir(hand_artifacts["onnx"], tmp_path)
     np.savez(tmp_path / "bad.npz", a=np.zeros((3, 8, 8, 1), np.float32), b=np.zeros((3, 4), np.float32))
     request = write_request(tmp_path, release, eval_inputs="bad.npz")
-    assert er.main(["--request", str(request), "--result", str(tmp_path / "r.json")]) == 1
+    assert device_runner.main(["--request", str(request), "--result", str(tmp_path / "r.json")]) == 1
     assert "have no array for model input" in read(tmp_path / "r.json")["error"]
 
 
@@ -167,8 +177,7 @@ def _alive(pid: int) -> bool:
 def test_sigterm_still_writes_a_result(hand_artifacts, tmp_path):  # noqa: F811
     release = release_dir(hand_artifacts["onnx"], tmp_path)
     request = write_request(tmp_path, release, min_seconds=60)
-    proc = subprocess.Popen([sys.executable, str(release / "edgeq_runner.py"), "--request", str(request),
-                             "--result", str(tmp_path / "r.json")])
+    proc = subprocess.Popen(run_argv(device_pyz(tmp_path), request, tmp_path / "r.json"))
     time.sleep(3)
     # A burst, as a stop really arrives: the watchdog's group signal, then timeout passing it on twice.
     # A signal that lands while the runner is writing its result must not lose the result.
@@ -184,88 +193,97 @@ def test_sigterm_still_writes_a_result(hand_artifacts, tmp_path):  # noqa: F811
     assert result["error_kind"] == "terminated" and "signal 15" in result["error"]
 
 
-def test_orphaned_runner_stops_itself(hand_artifacts, tmp_path):  # noqa: F811
-    """When the process that started the runner dies (a dropped SSH session), the runner and its timeout
-    wrapper exit instead of running on."""
+def _bench_launcher(pyz: Path, request: Path, result: Path, pid_file: Path, *, exit_code: bool) -> str:
+    """Python source for a process that starts the device's ``bench`` step in a session of its own (as sshd
+    and the local transport do), records its pid, and waits for it."""
+    params = json.dumps({"request": str(request), "result": str(result), "limit_s": 300})
+    return ("import subprocess,sys; p = subprocess.Popen([sys.executable, '-I', "
+            f"{str(pyz)!r}, 'bench'], stdin=subprocess.PIPE, start_new_session=True); "
+            f"p.stdin.write({params!r}.encode()); p.stdin.close(); "
+            f"open({str(pid_file)!r}, 'w').write(str(p.pid)); "
+            + ("sys.exit(p.wait())" if exit_code else "p.wait()"))
+
+
+def test_orphaned_run_stops_itself(hand_artifacts, tmp_path):  # noqa: F811
+    """When the process that started the device's bench step dies (a dropped SSH session), the step stops
+    its run's whole session instead of running on, and the run still writes its result."""
     release = release_dir(hand_artifacts["onnx"], tmp_path)
     request = write_request(tmp_path, release, min_seconds=120, stop_when_orphaned=True)
     pid_file = tmp_path / "pid"
-    launcher = ("import subprocess,sys; p = subprocess.Popen(['setsid', 'timeout', '300', sys.executable, "
-                f"{str(release / 'edgeq_runner.py')!r}, '--request', {str(request)!r}, '--result', "
-                f"{str(tmp_path / 'r.json')!r}]); open({str(pid_file)!r}, 'w').write(str(p.pid)); p.wait()")
+    launcher = _bench_launcher(device_pyz(tmp_path), request, tmp_path / "r.json", pid_file, exit_code=False)
     parent = subprocess.Popen([sys.executable, "-c", launcher])
     assert _wait_for(pid_file.exists)
-    wrapper_pid = int(pid_file.read_text())
-    time.sleep(3)  # the runner is loading or timing by now
-    assert _alive(wrapper_pid)
+    step_pid = int(pid_file.read_text())
+    time.sleep(3)  # the run is loading or timing by now
+    assert _alive(step_pid)
     parent.kill()
     parent.wait()
-    assert _wait_for(lambda: not _alive(wrapper_pid), timeout=15), "runner outlived its parent"
-    assert _wait_for((tmp_path / "r.json").exists, timeout=5)
+    assert _wait_for(lambda: not _alive(step_pid), timeout=15), "bench step outlived its parent"
+    assert _wait_for((tmp_path / "r.json").exists, timeout=15)
     assert read(tmp_path / "r.json")["error_kind"] == "terminated"
 
 
-def test_far_ancestor_exiting_does_not_stop_the_runner(hand_artifacts, tmp_path):  # noqa: F811
+def test_far_ancestor_exiting_does_not_stop_the_run(hand_artifacts, tmp_path):  # noqa: F811
     """A shell that started the controller in the background and then exited (``nohup ... &``, logout)
     re-parents the controller; the controller is alive, so the run goes on to its end."""
     release = release_dir(hand_artifacts["onnx"], tmp_path)
     request = write_request(tmp_path, release, min_seconds=4, stop_when_orphaned=True)
     pid_file, go_file = tmp_path / "pid", tmp_path / "go"
-    # The controller: starts the runner the way bench does (setsid + timeout) and waits for it.
-    controller = ("import subprocess,sys; p = subprocess.Popen(['setsid', 'timeout', '300', sys.executable, "
-                  f"{str(release / 'edgeq_runner.py')!r}, '--request', {str(request)!r}, '--result', "
-                  f"{str(tmp_path / 'r.json')!r}]); open({str(pid_file)!r}, 'w').write(str(p.pid)); "
-                  "sys.exit(p.wait())")
-    # The shell that started it: leaves it running and exits once told to (after the runner started).
+    # The controller: starts the bench step the way the local transport does, and waits for it.
+    controller = _bench_launcher(device_pyz(tmp_path), request, tmp_path / "r.json", pid_file, exit_code=True)
+    # The shell that started it: leaves it running and exits once told to (after the run started).
     shell = (f"import os,subprocess,sys,time; subprocess.Popen([sys.executable, '-c', {controller!r}]); "
              f"[time.sleep(0.05) for _ in iter(lambda: os.path.exists({str(go_file)!r}), True)]")
     far_ancestor = subprocess.Popen([sys.executable, "-c", shell])
     assert _wait_for(pid_file.exists)
-    wrapper_pid = int(pid_file.read_text())
+    step_pid = int(pid_file.read_text())
 
-    def watchdog_started() -> bool:  # the runtime loads after the watchdog has recorded the runner's parents
-        children = Path(f"/proc/{wrapper_pid}/task/{wrapper_pid}/children").read_text().split()
+    def run_loaded() -> bool:  # the runtime loads after both watchdogs have recorded their parents
+        children = Path(f"/proc/{step_pid}/task/{step_pid}/children").read_text().split()
         return bool(children) and "onnxruntime" in Path(f"/proc/{children[0]}/maps").read_text()
 
-    assert _wait_for(watchdog_started)
+    assert _wait_for(run_loaded)
     go_file.touch()
     assert far_ancestor.wait(timeout=10) == 0
-    assert _alive(wrapper_pid)
+    assert _alive(step_pid)
     assert _wait_for((tmp_path / "r.json").exists, timeout=60)
     result = read(tmp_path / "r.json")
     assert result["status"] == "ok", result["error"]
     assert result["timed_wall_s"] >= 4
 
 
+def test_bench_step_stops_a_run_at_its_time_limit(hand_artifacts, tmp_path):  # noqa: F811
+    release = release_dir(hand_artifacts["onnx"], tmp_path)
+    request = write_request(tmp_path, release, min_seconds=120)
+    params = {"request": str(request), "result": str(tmp_path / "r.json"), "limit_s": 4, "kill_after_s": 5}
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-I", str(device_pyz(tmp_path)), "bench"], input=json.dumps(params),
+                          capture_output=True, text=True, timeout=60)
+    answer = json.loads(proc.stdout)
+    assert proc.returncode == 0 and answer["timed_out"] is True and answer["stopped"] == "time limit"
+    assert time.monotonic() - started < 30
+    assert read(tmp_path / "r.json")["error_kind"] == "terminated"
+
+
 def test_emulation_detection(tmp_path):
     x86 = "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R)\nflags\t\t: fpu sse sse2\n"
     arm = "processor\t: 0\nBogoMIPS\t: 108.00\nCPU implementer\t: 0x41\nCPU part\t: 0xd0b\n"
-    emulated, reason = er.detect_emulation("aarch64", x86, binfmt_dir=str(tmp_path))
+    emulated, reason = env.detect_emulation("aarch64", x86, binfmt_dir=str(tmp_path))
     assert emulated and "x86 CPU" in reason
-    assert er.detect_emulation("aarch64", arm, binfmt_dir=str(tmp_path)) == (False, None)
-    assert er.detect_emulation("x86_64", x86, binfmt_dir=str(tmp_path)) == (False, None)
+    assert env.detect_emulation("aarch64", arm, binfmt_dir=str(tmp_path)) == (False, None)
+    assert env.detect_emulation("x86_64", x86, binfmt_dir=str(tmp_path)) == (False, None)
     (tmp_path / "qemu-aarch64").write_text("enabled\ninterpreter /usr/bin/qemu-aarch64-static\n")
-    emulated, reason = er.detect_emulation("aarch64", arm, binfmt_dir=str(tmp_path))
+    emulated, reason = env.detect_emulation("aarch64", arm, binfmt_dir=str(tmp_path))
     assert emulated and "binfmt_misc" in reason
-    assert er._cpu_model(arm) == "Cortex-A76"
-
-
-def test_runner_file_is_self_contained():
-    text = RUNNER_PATH.read_text()
-    assert "import edgeq" not in text and "from edgeq" not in text
-    import ast
-
-    ast.parse(text, feature_version=(3, 8))  # JetPack 5 ships Python 3.8
+    assert env._cpu_model(arm) == "Cortex-A76"
 
 
 def test_profile_threads_are_capped_to_usable_cpus_but_explicit_threads_are_not():
-    from edgeq.runner import edgeq_runner as runner
-
-    cpus = runner.usable_cpus()
+    cpus = device_run.usable_cpus()
     from_profile = {"threads": cpus + 3}
-    runner._cap_profile_threads(from_profile, {"threads_from_profile": True})
+    device_run._cap_profile_threads(from_profile, {"threads_from_profile": True})
     assert from_profile["threads"] == cpus and from_profile["threads_requested"] == cpus + 3
     assert "capped" in from_profile["threads_note"]
     explicit = {"threads": cpus + 3}
-    runner._cap_profile_threads(explicit, {"threads_from_profile": False})
+    device_run._cap_profile_threads(explicit, {"threads_from_profile": False})
     assert explicit == {"threads": cpus + 3}

@@ -230,8 +230,8 @@ def test_setup_from_a_wheelhouse_and_a_failed_setup_keeps_the_venv(trusted_inven
 
     A setup whose pip fails leaves the previous venv and the recorded interpreter working and removes its
     build; a venv directory from an older edgeq is replaced."""
-    from edgeq.deploy import device_python
     from edgeq.remote import open_transport
+    from edgeq.remote.device import device_python
 
     target = tiny_runtime_setup(trusted_inventory, tmp_path)
     workdir = trusted_inventory.workdirs["dev-0"]

@@ -2,7 +2,7 @@
 
 Everything that can be checked here is checked before anything runs on a device (artifact, eval data
 against the model's inputs, labels against its classes). On the device the self-contained runner does the
-timing; accuracy is computed here, so labels never leave the controller.
+timing (the device package's ``bench`` op); accuracy is computed here, so labels never leave the controller.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from edgeq.data import Dataset, InputSpec, check_labels_range, load_dataset, rea
 from edgeq.errors import BenchError, DataError, EdgeqError
 from edgeq.manifest import Manifest, TensorSpec, sha256_tree, verify_artifact
 from edgeq.metrics import agreement, top_k_accuracy
-from edgeq.runner import RUNNER_NAME
+from edgeq.remote.device import device_op, device_python, device_workdir, release_dir
 from edgeq.targets import Target
 
 log = logging.getLogger(__name__)
@@ -33,33 +33,10 @@ log = logging.getLogger(__name__)
 RESULT_SCHEMA_VERSION = 1
 # The runner is killed this long after its time limit if SIGTERM did not stop it.
 KILL_AFTER_S = 10
-# What a setsid/timeout-less device (BusyBox) still runs: the runner alone, its own watchdog bounding it.
-_LAUNCH = ('limit=$1; shift; '
-           'if setsid -w true >/dev/null 2>&1 && command -v timeout >/dev/null 2>&1; then '
-           f'exec setsid -w timeout -k {KILL_AFTER_S} "$limit" "$@"; fi; exec "$@"')
-
-
 # Run directories a dropped run left behind (its cleanup needs the connection) are removed by a later run
 # once they are older than twice their own time limit, which the name carries ("...-L<seconds>"); older
 # runs' names without one are kept this long.
 STALE_RUN_DEFAULT_S = 24 * 3600
-# Stdlib only (Python 3.6+), read on stdin (``python -``), argv: runs dir, default age; prints how many it removed.
-_CLEAN_RUNS = r"""
-import os, re, shutil, sys, time
-runs, default_age, removed = sys.argv[1], float(sys.argv[2]), 0
-for name in (os.listdir(runs) if os.path.isdir(runs) else []):
-    path, limit = os.path.join(runs, name), re.search(r"-L([0-9]+)$", name)
-    try:
-        if time.time() - os.lstat(path).st_mtime > (2 * int(limit.group(1)) if limit else default_age):
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            else:
-                os.unlink(path)
-            removed += 1
-    except OSError:
-        pass
-print(removed)
-"""
 
 
 @dataclass
@@ -325,24 +302,24 @@ def _request(release: str, run_dir: str, settings: BenchSettings, profile, eval_
     }
 
 
-def _ensure_release(transport, target: Target, python: str, artifact_dir: Path, manifest: Manifest) -> str:
+def _ensure_release(transport, target: Target, artifact_dir: Path, manifest: Manifest) -> str:
     """The release directory on the device, uploading the artifact first (not activated) when it is not there
-    intact."""
+    intact, over the same connection."""
     from edgeq import deploy as deploy_mod
 
-    workdir = deploy_mod.device_workdir(transport, target)
+    workdir = device_workdir(transport, target)
     _, plan = deploy_mod.check_artifact(artifact_dir, allow_failed=True)
-    state = deploy_mod.device_op(transport, python, "inspect",
-                                 {"workdir": workdir, "release_id": manifest.id,
-                                  "expected": {f.rel: f.sha256 for f in plan}})
+    state = device_op(transport, target, "inspect", {"workdir": workdir, "release_id": manifest.id,
+                                                     "expected": {f.rel: f.sha256 for f in plan}})
     if not state.get("release_exists") or state.get("problems"):
         log.info("%s: release %s not on the device; deploying it", target.name, manifest.id)
         # Uploaded and verified, not activated: benching an artifact (perhaps one that failed its accuracy
         # gate) must not make it the device's active release.
-        outcome = deploy_mod.deploy(artifact_dir, target, allow_failed=True, activate=False)
-        if not outcome.ok:
-            raise BenchError(f"{target.label}: deploy before bench failed: {outcome.error}", hint=outcome.hint)
-    return deploy_mod.release_dir(transport, target, manifest.id)
+        try:
+            deploy_mod.deploy_over(transport, target, manifest, plan, activate=False)
+        except EdgeqError as exc:
+            raise BenchError(f"{target.label}: deploy before bench failed: {exc.message}", hint=exc.hint) from exc
+    return release_dir(transport, target, manifest.id)
 
 
 def _runner_error(target: Target, runner: dict) -> str:
@@ -355,29 +332,26 @@ def _runner_error(target: Target, runner: dict) -> str:
 def _remove_stale_runs(transport, target: Target, runs_dir: str) -> None:
     """Remove run directories that dropped runs left on the device (never one that may still be running)."""
     try:
-        done = transport.run([target.python, "-I", "-S", "-", runs_dir, str(STALE_RUN_DEFAULT_S)], timeout=60,
-                             check=False, input=_CLEAN_RUNS.encode())
+        answer = device_op(transport, target, "clean_runs", {"runs_dir": runs_dir,
+                                                              "default_age_s": STALE_RUN_DEFAULT_S}, timeout=60)
     except EdgeqError as exc:
         log.info("%s: could not clean %s: %s", target.name, runs_dir, exc.message)
         return
-    if done.exit_code != 0:
-        log.info("%s: could not clean %s (exit code %d)", target.name, runs_dir, done.exit_code)
-    elif done.stdout.strip() not in ("", "0"):
-        log.info("%s: removed %s stale run directories from %s", target.name, done.stdout.strip(), runs_dir)
+    if answer.get("removed"):
+        log.info("%s: removed %s stale run directories from %s", target.name, answer["removed"], runs_dir)
 
 
 def _run_on_device(target: Target, artifact_dir: Path, manifest: Manifest, settings: BenchSettings,
                    data: EvalData | None, scratch: Path) -> tuple[dict, Path | None]:
     """Upload, run the runner under a time limit in its own session, download; (runner result, outputs)."""
-    from edgeq.deploy import device_python, device_workdir
     from edgeq.profiles import load_profile
     from edgeq.remote import open_transport
-    from edgeq.remote.base import SizeLimitError, stderr_tail
+    from edgeq.remote.base import SizeLimitError
 
     profile = load_profile(target.profile)
     with open_transport(target) as transport:
         python = device_python(transport, target)
-        release = _ensure_release(transport, target, target.python, artifact_dir, manifest)
+        release = _ensure_release(transport, target, artifact_dir, manifest)
         limit = settings.time_limit(data.dataset.samples if data else 0)
         runs_dir = f"{device_workdir(transport, target)}/runs"
         _remove_stale_runs(transport, target, runs_dir)
@@ -391,10 +365,12 @@ def _run_on_device(target: Target, artifact_dir: Path, manifest: Manifest, setti
             transport.put(scratch / "request.json", f"{run_dir}/request.json")
             if data is not None:
                 transport.put(data.device_file, f"{run_dir}/eval_inputs.npz")
-            # -I: isolated, so nothing in the release directory (or PYTHONPATH) is importable by the runner.
-            argv = ["sh", "-c", _LAUNCH, "edgeq-bench", str(int(limit)), python, "-I", f"{release}/{RUNNER_NAME}",
-                    "--request", f"{run_dir}/request.json", "--result", f"{run_dir}/result.json"]
-            done = transport.run(argv, timeout=limit + KILL_AFTER_S + 30, check=False)
+            # The device package's bench op runs the measurement in a session of its own under the limit,
+            # with the interpreter ``targets setup`` made (isolated: -I).
+            done = device_op(transport, target, "bench",
+                             {"request": f"{run_dir}/request.json", "result": f"{run_dir}/result.json",
+                              "limit_s": limit, "kill_after_s": KILL_AFTER_S},
+                             python=python, timeout=limit + KILL_AFTER_S + 30)
             local_result = scratch / "result.json"
             try:
                 transport.get(f"{run_dir}/result.json", local_result, max_bytes=MAX_RESULT_BYTES)
@@ -404,13 +380,9 @@ def _run_on_device(target: Target, artifact_dir: Path, manifest: Manifest, setti
             except SizeLimitError as exc:  # a result this large is no runner's: say so, not "no result"
                 raise BenchError(str(exc), hint="the device's runner or its disk may be broken") from exc
             except (EdgeqError, OSError, ValueError) as exc:
-                why = "timed out" if done.exit_code in (124, 137) else f"exit code {done.exit_code}"
-                if done.exit_code == 127:
-                    raise BenchError(f"{target.label}: cannot start the runner with '{python}' ({why}): "
-                                     f"{stderr_tail(done.stderr, 2)}",
-                                     hint="set 'python:' for this target in the inventory") from exc
-                raise BenchError(f"{target.label}: the runner left no result ({why})"
-                                 + (f": {stderr_tail(done.stderr, 2)}" if done.stderr.strip() else "")) from exc
+                why = ("timed out" if done.get("timed_out") else
+                       f"stopped: {done['stopped']}" if done.get("stopped") else f"exit code {done.get('exit_code')}")
+                raise BenchError(f"{target.label}: the runner left no result ({why})") from exc
             if runner.get("status") == "ok" and data is not None:
                 transport.get(f"{run_dir}/outputs.npz", scratch / "outputs.npz",
                               max_bytes=_outputs_cap(manifest, data.dataset.samples))

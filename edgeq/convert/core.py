@@ -159,7 +159,7 @@ def _require_backends(fmt: str, precision: str, kind: str) -> None:
 
 def _require_host_bf16(model_path: Path) -> None:
     """bf16 artifacts are validated here by running them in bf16, which needs a CPU that computes it."""
-    from edgeq.runner.edgeq_runner import cpu_supports_bf16
+    from edgeq.device.runtimes import cpu_supports_bf16
 
     supported, why = cpu_supports_bf16()
     if not supported:
@@ -191,7 +191,8 @@ def _load_calibration(source: SourceModel, path, limit: int) -> Dataset:
 
 
 def _open_artifact(model_file: Path, fmt: str, precision: str, source: SourceModel):
-    from edgeq.runner.edgeq_runner import RunnerError, open_session
+    from edgeq.device.errors import RunnerError
+    from edgeq.device.runtimes import open_session
 
     try:
         # Host validation always runs on this machine's CPU, whatever the profile's accelerator, pinned to the

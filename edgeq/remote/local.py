@@ -59,8 +59,10 @@ class LocalTransport(Transport):
     def _execute(self, argv: list[str], timeout: float, input: bytes | None, max_output: int) -> CommandResult:
         described = describe_argv(argv)
         try:
+            # A session of its own, as sshd gives each command: a device step started here watches this
+            # controller (its parent), not the terminal session the controller runs in.
             process = subprocess.Popen(argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         except OSError as exc:
             raise RemoteCommandError(f"{self.target.label}: cannot run '{described}': {exc.strerror}") from exc
         captured = {"stdout": bytearray(), "stderr": bytearray()}
@@ -117,7 +119,7 @@ class LocalTransport(Transport):
         argv = list(argv)
         try:
             process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                       stderr=subprocess.DEVNULL)
+                                       stderr=subprocess.DEVNULL, start_new_session=True)
         except OSError as exc:
             raise RemoteCommandError(f"{self.target.label}: cannot run '{describe_argv(argv)}': {exc.strerror}") from exc
         return _LocalRunning(process, self.target.label, argv)

@@ -1,0 +1,227 @@
+"""The device protocol, owned here: the device package (``edgeq.device``) built into one zipapp, shipped
+once per version, and every device step run through it.
+
+- ``device_package()`` builds ``edgeq-device-<sha12>.pyz`` from ``edgeq/device/`` with ``zipapp``: files in
+  sorted order with fixed timestamps and modes, so the same sources give the same bytes and the same name.
+- ``ensure_package()`` puts it at ``WORKDIR/bin/`` once per version: uploaded to a temp name, checked on
+  the device with ``selfcheck <sha256>``, then renamed into place (a half-written package is never run).
+- ``device_op()`` runs ``python -I WORKDIR/bin/edgeq-device-<sha12>.pyz OP`` with JSON on stdin and reads
+  its one JSON line; ``device_lock()`` holds the deploy lock for a block.
+
+Names never reach a shell: argv lists only, parameters as JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import secrets
+import socket
+import zipapp
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+
+from edgeq.errors import DeployError, RemoteCommandError
+from edgeq.remote.base import Transport, stderr_tail
+from edgeq.targets import Target
+
+DEVICE_SOURCE = Path(__file__).resolve().parent.parent / "device"
+# The package's name inside the zipapp (its modules import each other relatively, so any name works).
+ARCHIVE_PACKAGE = "edgeq_device"
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+_MAIN = f"import sys\nfrom {ARCHIVE_PACKAGE}.protocol import main\nsys.exit(main())\n"
+STEP_TIMEOUT = 300.0  # hashing a big model on a slow SD card takes a while
+LOCK_TIMEOUT = 30.0
+# Operations that need site-packages (the runtime, numpy): the others start with -S, which is faster.
+_NEEDS_SITE = {"facts", "bench"}
+
+
+@dataclass(frozen=True)
+class DevicePackage:
+    data: bytes
+    sha256: str
+
+    @property
+    def name(self) -> str:
+        return f"edgeq-device-{self.sha256[:12]}.pyz"
+
+
+def _source_files() -> list[Path]:
+    return sorted(p for p in DEVICE_SOURCE.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+@lru_cache(maxsize=1)
+def device_package() -> DevicePackage:
+    """The zipapp of ``edgeq/device/``, byte-for-byte the same for the same sources."""
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w", zipfile.ZIP_DEFLATED) as archive:
+        entries = [("__main__.py", _MAIN.encode())]
+        entries += [(f"{ARCHIVE_PACKAGE}/{p.relative_to(DEVICE_SOURCE).as_posix()}", p.read_bytes())
+                    for p in _source_files()]
+        for name, data in sorted(entries):
+            info = zipfile.ZipInfo(name, date_time=_ZIP_EPOCH)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            archive.writestr(info, data)
+    inner.seek(0)
+    out = io.BytesIO()
+    zipapp.create_archive(inner, out, interpreter="/usr/bin/env python3")
+    data = out.getvalue()
+    return DevicePackage(data, hashlib.sha256(data).hexdigest())
+
+
+def device_workdir(transport: Transport, target: Target) -> str:
+    """The target's workdir as an absolute device path."""
+    return transport.expand(target.workdir).rstrip("/") or "/"
+
+
+def release_dir(transport: Transport, target: Target, release_id: str) -> str:
+    """Absolute device path of one release."""
+    return f"{device_workdir(transport, target)}/releases/{release_id}"
+
+
+def current_dir(transport: Transport, target: Target) -> str:
+    """Absolute device path of the ``current`` symlink (the active release)."""
+    return f"{device_workdir(transport, target)}/current"
+
+
+def package_path(transport: Transport, target: Target) -> str:
+    return f"{device_workdir(transport, target)}/bin/{device_package().name}"
+
+
+def _no_python(target: Target, python: str) -> RemoteCommandError:
+    return RemoteCommandError(f"{target.label}: the device has no '{python}' interpreter",
+                              hint="set 'python:' for this target in the inventory")
+
+
+def _selfcheck(transport: Transport, python: str, path: str, sha256: str):
+    result = transport.run([python, "-I", "-S", path, "selfcheck"], timeout=60, check=False,
+                           input=json.dumps({"sha256": sha256}).encode())
+    return result, _last_json(result.stdout)
+
+
+def ensure_package(transport: Transport, target: Target) -> str:
+    """The device path of this controller's device package, uploaded first if the device lacks it."""
+    package = device_package()
+    cache = transport.__dict__.setdefault("_edgeq_device_packages", {})
+    if package.sha256 in cache:
+        return cache[package.sha256]
+    path = package_path(transport, target)
+    result, answer = _selfcheck(transport, target.python, path, package.sha256)
+    if answer is None or not answer.get("ok"):
+        if result.exit_code == 127:
+            raise _no_python(target, target.python)
+        _install(transport, target, package, path)
+    cache[package.sha256] = path
+    return path
+
+
+def _install(transport: Transport, target: Target, package: DevicePackage, path: str) -> None:
+    directory = path.rsplit("/", 1)[0]
+    tmp = f"{directory}/.tmp-{package.name}-{secrets.token_hex(4)}"
+    transport.run(["mkdir", "-p", directory], timeout=30)
+    local = Path(os.environ.get("TMPDIR", "/tmp")) / f"edgeq-{os.getpid()}-{secrets.token_hex(4)}-{package.name}"
+    try:
+        local.write_bytes(package.data)
+        transport.put(local, tmp)
+    finally:
+        local.unlink(missing_ok=True)
+    result, answer = _selfcheck(transport, target.python, tmp, package.sha256)
+    if answer is None or not answer.get("ok"):
+        transport.run(["rm", "-f", tmp], timeout=30, check=False)
+        if result.exit_code == 127:
+            raise _no_python(target, target.python)
+        detail = (f"its sha256 is {answer.get('sha256')}" if answer else
+                  stderr_tail(result.stderr) or f"exit code {result.exit_code}")
+        raise RemoteCommandError(
+            f"{target.label}: the device package did not check out with '{target.python}': {detail}",
+            hint="edgeq's device side needs Python 3.8+ on the device; set 'python:' for this target")
+    transport.run(["mv", "-f", tmp, path], timeout=30)
+
+
+def _last_json(stdout: str) -> dict | None:
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    if not lines:
+        return None
+    try:
+        data = json.loads(lines[-1])
+    except json.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def device_argv(transport: Transport, target: Target, python: str, op: str, *args: str) -> list[str]:
+    """argv running one device operation with ``python``: ``-I`` (no PYTHON* variables, no user site, no
+    script directory on sys.path) always, ``-S`` (no site-packages, faster) unless the op needs them."""
+    flags = ["-I"] if op in _NEEDS_SITE else ["-I", "-S"]
+    return [python, *flags, ensure_package(transport, target), op, *args]
+
+
+def device_op(transport: Transport, target: Target, op: str, params: dict, *, python: str | None = None,
+              timeout: float = STEP_TIMEOUT) -> dict:
+    """Run one device operation (JSON in on stdin, one JSON line out) with ``python`` (default the
+    target's) and return its answer."""
+    python = python or target.python
+    result = transport.run(device_argv(transport, target, python, op), timeout=timeout, check=False,
+                           input=json.dumps(params).encode())
+    data = _last_json(result.stdout)
+    label = target.label
+    if result.exit_code == 127 or (data is None and "not found" in result.stderr):
+        raise _no_python(target, python)
+    if data is None:
+        raise RemoteCommandError(f"{label}: device step '{op}' failed (exit {result.exit_code})"
+                                 + (f": {stderr_tail(result.stderr)}" if result.stderr.strip() else ""))
+    if data.get("error") == "os":
+        raise DeployError(f"{label}: {op} failed on the device: {data.get('message')}")
+    if data.get("error") in ("usage", "internal"):
+        raise RemoteCommandError(f"{label}: device step '{op}' failed: {data.get('message')}")
+    return data
+
+
+def device_python(transport: Transport, target: Target) -> str:
+    """The interpreter to run benches with: the one ``targets setup`` recorded, else ``target.python``."""
+    data = device_op(transport, target, "read_python", {"workdir": device_workdir(transport, target)}, timeout=60)
+    return data.get("python") or target.python
+
+
+def current_release(transport: Transport, target: Target) -> str | None:
+    """The id ``current`` points at, or None."""
+    data = device_op(transport, target, "inspect", {"workdir": device_workdir(transport, target)}, timeout=60)
+    return data.get("current")
+
+
+@contextmanager
+def device_lock(transport: Transport, target: Target, workdir: str, purpose: str = "deploy") -> Iterator[None]:
+    """Hold the device's deploy lock for the duration; fail fast when another deploy holds it.
+
+    The lock is a flock held by a process whose stdin is this connection: if the controller dies, the
+    channel closes, the process sees EOF and the kernel releases the lock.
+    """
+    holder = f"edgeq {purpose} on {socket.gethostname()} pid {os.getpid()} since " \
+             f"{datetime.now(timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')}"
+    argv = device_argv(transport, target, target.python, "lock", json.dumps({"workdir": workdir, "holder": holder}))
+    process = transport.start(argv)
+    try:
+        line = process.readline(LOCK_TIMEOUT)
+        try:
+            answer = json.loads(line)
+        except json.JSONDecodeError:
+            raise DeployError(f"{target.label}: could not take the deploy lock in {workdir}"
+                              + (f": {line.strip()}" if line.strip() else " (is 'python' right for this target?)"),
+                              hint="check 'python:' and 'workdir:' of this target") from None
+        if answer.get("error") == "os":
+            raise DeployError(f"{target.label}: could not take the deploy lock: {answer.get('message')}")
+        if not answer.get("locked"):
+            raise DeployError(f"{target.label}: another deploy is in progress on this device "
+                              f"(lock {workdir}/.deploy.lock held by {answer.get('holder') or 'another process'})",
+                              hint="wait for it to finish, then run the deploy again")
+        yield
+    finally:
+        process.close()
