@@ -68,7 +68,10 @@ def bare_loop(model_path: Path, fmt: str, threads: int, feed: dict, warmup: int,
     else:
         import openvino as ov
 
-        compiled = ov.Core().compile_model(str(model_path), "CPU", {"INFERENCE_NUM_THREADS": threads})
+        # The runner pins f32 (fp32 artifacts); without the same pin OpenVINO runs bf16 on AVX512_BF16/AMX
+        # CPUs and the comparison would be of different arithmetic, not of the harness.
+        compiled = ov.Core().compile_model(str(model_path), "CPU", {"INFERENCE_NUM_THREADS": threads,
+                                                                    "INFERENCE_PRECISION_HINT": "f32"})
         request = compiled.create_infer_request()
         for i in range(warmup + runs):
             t0 = clock()

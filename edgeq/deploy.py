@@ -24,7 +24,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from edgeq.errors import DeployError, EdgeqError, RemoteCommandError
+from edgeq.errors import DeployError, EdgeqError, Failure, RemoteCommandError, internal_failure
 from edgeq.manifest import MANIFEST_NAME, Manifest, sha256_file, verify_artifact
 from edgeq.remote import Transport, open_transport
 from edgeq.remote.device import device_lock, device_op, device_workdir
@@ -47,14 +47,24 @@ class DeployOutcome:
     status: str  # deployed | unchanged | failed | skipped (fleet stopped before this target)
     release_id: str | None
     seconds: float
-    error: str | None = None
-    hint: str | None = None
-    message: str = ""
+    failure: Failure | None = None  # why it failed (status failed)
+    message: str = ""  # what happened (deployed, unchanged) or why it was not tried (skipped)
     uploaded_bytes: int = 0
 
     @property
     def ok(self) -> bool:
         return self.status in ("deployed", "unchanged")
+
+    @property
+    def error(self) -> str | None:
+        """One line saying why this target did not get the release (None when it did)."""
+        if self.failure is not None:
+            return self.failure.message
+        return self.message if self.status == "skipped" else None
+
+    @property
+    def hint(self) -> str | None:
+        return self.failure.hint if self.failure is not None else None
 
 
 @dataclass
@@ -141,8 +151,8 @@ def _deploy_planned(manifest: Manifest, plan: list[ReleaseFile], target: Target,
                                                     activate=activate, _after_upload=after_upload)
     except EdgeqError as exc:
         log.info("deploy to %s failed: %s", target.name, exc)
-        return DeployOutcome(target, "failed", manifest.id, time.monotonic() - started, error=exc.message,
-                             hint=exc.hint)
+        return DeployOutcome(target, "failed", manifest.id, time.monotonic() - started,
+                             failure=exc.failure(target.name))
     return DeployOutcome(target, status, manifest.id, time.monotonic() - started, message=message,
                          uploaded_bytes=uploaded)
 
@@ -305,14 +315,14 @@ def deploy_fleet(artifact_dir: str | Path, targets: list[Target], parallel: int 
             return _deploy_planned(manifest, plan, target, keep, callback, None)
         except Exception as exc:  # a bug on one device must not take the fleet down; report it as a failure
             log.exception("unexpected error deploying to %s", target.name)
-            return DeployOutcome(target, "failed", manifest.id, 0.0, error=f"internal error: {exc!r}")
+            return DeployOutcome(target, "failed", manifest.id, 0.0, failure=internal_failure(exc, target.name))
 
     stop_reason = None
     with ThreadPoolExecutor(max_workers=min(parallel, max(1, len(ordered)))) as pool:
         for index, batch in enumerate(batches):
             if stop_reason:
                 for target in batch:
-                    outcomes[target.name] = DeployOutcome(target, "skipped", manifest.id, 0.0, error=stop_reason)
+                    outcomes[target.name] = DeployOutcome(target, "skipped", manifest.id, 0.0, message=stop_reason)
                 continue
             for outcome in pool.map(one, batch):
                 outcomes[outcome.target.name] = outcome

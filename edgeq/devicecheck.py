@@ -8,7 +8,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgeq.errors import ConnectError, DeployError, EdgeqError, RemoteCommandError
+from edgeq.errors import ConnectError, DeployError, EdgeqError, Failure, RemoteCommandError
 from edgeq.profiles import load_profile
 from edgeq.remote import open_transport
 from edgeq.remote.device import device_lock, device_op, device_python, device_workdir
@@ -30,8 +30,7 @@ class TargetCheck:
     target: Target
     reachable: bool = False
     host_key_trusted: bool | None = None  # None for the local target (no SSH)
-    error: str | None = None
-    hint: str | None = None
+    failure: Failure | None = None  # what stopped the check
     arch: str | None = None
     profile_arch: str | None = None
     os: str | None = None
@@ -43,8 +42,16 @@ class TargetCheck:
     power_sensors: list[dict] = field(default_factory=list)
 
     @property
+    def error(self) -> str | None:
+        return self.failure.message if self.failure is not None else None
+
+    @property
+    def hint(self) -> str | None:
+        return self.failure.hint if self.failure is not None else None
+
+    @property
     def ok(self) -> bool:
-        return (self.reachable and self.host_key_trusted is not False and self.error is None
+        return (self.reachable and self.host_key_trusted is not False and self.failure is None
                 and bool(self.runtime and self.runtime.get("ok")) and self.arch == self.profile_arch)
 
 
@@ -64,14 +71,14 @@ def check_target(target: Target) -> TargetCheck:
         check.profile_arch = profile.arch
         check.runtime_format = profile.format
     except EdgeqError as exc:
-        check.error, check.hint = exc.message, exc.hint
+        check.failure = exc.failure(target.name)
         return check
     try:
         transport = open_transport(target)
     except ConnectError as exc:
         if _host_key_problem(exc):
             check.reachable, check.host_key_trusted = True, False
-        check.error, check.hint = exc.message, exc.hint
+        check.failure = exc.failure(target.name)
         return check
     check.reachable = True
     check.host_key_trusted = None if target.local else True
@@ -83,7 +90,7 @@ def check_target(target: Target) -> TargetCheck:
                               {"workdir": workdir, "modules": RUNTIME_MODULES[profile.format]}, python=python,
                               timeout=180)
     except EdgeqError as exc:
-        check.error, check.hint = exc.message, exc.hint
+        check.failure = exc.failure(target.name)
         return check
     check.arch = facts.get("arch")
     check.os = facts.get("os")

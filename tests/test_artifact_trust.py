@@ -69,14 +69,14 @@ def test_a_manifest_path_outside_the_artifact_is_refused(tmp_path):
 def test_the_runner_imports_nothing_from_its_release(hand_artifacts, trusted_inventory, tmp_path):  # noqa: F811
     """Modules planted in a release on the device are never imported by a bench."""
     target = resolve_targets(load_inventory(trusted_inventory.path), "dev-0")[0]
-    first = bench(hand_artifacts["onnx"], target, output_dir=tmp_path / "r1", **QUICK_KW)
+    first = bench(hand_artifacts["onnx"], target, output_dir=tmp_path / "r1", **QUICK_KW).result.to_json_dict()
     assert first["status"] == "ok", first["error"]
     release = trusted_inventory.workdirs["dev-0"] / "releases" / first["artifact"]["id"]
     marker = tmp_path / "ran"
     (release / "json.py").write_bytes(_marker_module(marker))
     (release / "numpy").mkdir()
     (release / "numpy" / "__init__.py").write_bytes(_marker_module(marker))
-    again = bench(hand_artifacts["onnx"], target, output_dir=tmp_path / "r2", **QUICK_KW)
+    again = bench(hand_artifacts["onnx"], target, output_dir=tmp_path / "r2", **QUICK_KW).result.to_json_dict()
     assert again["status"] == "ok", again["error"]
     assert not marker.exists()
 
@@ -118,7 +118,8 @@ def test_bench_loads_only_the_source_the_artifact_came_from(hand_artifacts, digi
     monkeypatch.setattr(source_module, "load_source", lambda path: loaded.append(path) or real_load(path))
     monkeypatch.setenv("EDGEQ_LOCAL_WORKDIR", str(tmp_path / "local"))
     artifact = _with_source_hash(hand_artifacts["onnx"], tmp_path, "f" * 64)
-    result = bench(artifact, local_target(), eval_path=digits["eval"], output_dir=tmp_path / "r", **QUICK_KW)
+    result = bench(artifact, local_target(), eval_path=digits["eval"], output_dir=tmp_path / "r",
+                   **QUICK_KW).result.to_json_dict()
     assert result["status"] == "ok", result["error"]
     accuracy = result["accuracy"]
     assert accuracy["top1"] > 0.7 and accuracy["top1_reference"] is None and accuracy["agreement"] is None
@@ -126,7 +127,7 @@ def test_bench_loads_only_the_source_the_artifact_came_from(hand_artifacts, digi
     assert loaded == []
     # With the right hash the same source is the reference.
     good = bench(hand_artifacts["onnx"], local_target(), eval_path=digits["eval"], output_dir=tmp_path / "r2",
-                 **QUICK_KW)
+                 **QUICK_KW).result.to_json_dict()
     assert good["accuracy"]["top1_reference"] is not None and len(loaded) == 1
 
 
@@ -169,8 +170,9 @@ def test_bad_data_from_one_device_fails_that_device_alone(spoil, hand_artifacts,
     inventory = tmp_path / "inventory.yaml"
     inventory.write_text(yaml.safe_dump(data))
     targets = resolve_targets(load_inventory(inventory), "fleet")[:2]
-    results = bench_fleet(hand_artifacts["onnx"], targets, eval_path=digits["eval"], output_dir=tmp_path / "r",
-                          **QUICK_KW)
+    runs = bench_fleet(hand_artifacts["onnx"], targets, eval_path=digits["eval"], output_dir=tmp_path / "r",
+                       **QUICK_KW)
+    results = [run.result.to_json_dict() for run in runs]
     assert results[0]["status"] == "ok", results[0]["error"]
     assert results[0]["accuracy"]["top1"] > 0.7
     bad = results[1]
@@ -178,12 +180,13 @@ def test_bad_data_from_one_device_fails_that_device_alone(spoil, hand_artifacts,
     # Latency was measured before the eval outputs came back; a spoiled result has none.
     assert (bad["latency_ms"] is None) == (spoil != "nan-outputs")
     assert bad["error"].startswith("dev-1 (") and "\n" not in bad["error"]
+    assert bad["failure"]["kind"] == ("remote" if spoil == "huge" else "runner")
     expected = {"nan": "not valid JSON (non-finite number NaN)", "huge": "MiB",
                 "nan-outputs": "holds NaN or infinite values on 1 of 450 eval samples"}[spoil]
     assert expected in bad["error"]
     # Both results were written as strict JSON; the report reads them.
-    for r in results:
-        json.loads(Path(r["result_file"]).read_text(), parse_constant=lambda c: pytest.fail(f"{c} in a result"))
+    for run in runs:
+        json.loads(run.path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in a result"))
     report = CliRunner().invoke(cli, ["report", str(tmp_path / "r"), "--markdown", str(tmp_path / "report.md")])
     assert report.exit_code == 3 and "Traceback" not in report.output, report.output
 

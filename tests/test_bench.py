@@ -15,7 +15,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from edgeq.bench import bench, bench_fleet, compute_accuracy
+from edgeq.bench import RESULT_SCHEMA_VERSION, bench, bench_fleet, compute_accuracy
 from edgeq.cli import cli
 from edgeq.errors import DataError
 from edgeq.targets import load_inventory, local_target, resolve_targets
@@ -57,12 +57,16 @@ def local_workdir(tmp_path, monkeypatch) -> Path:
 @pytest.mark.parametrize("fmt", ["tflite", "onnx", "openvino"])
 def test_bench_local_with_eval(fmt, hand_artifacts, digits, tmp_path, local_workdir):  # noqa: F811
     artifact = hand_artifacts[fmt]
-    result = bench(artifact, local_target(), eval_path=digits["eval"], output_dir=tmp_path / "results", **QUICK_KW)
-    assert result["status"] == "ok", result["error"]
+    run = bench(artifact, local_target(), eval_path=digits["eval"], output_dir=tmp_path / "results", **QUICK_KW)
+    assert run.ok, run.result.error
     manifest_id = json.loads((artifact / "manifest.json").read_text())["id"]
     path = tmp_path / "results" / f"local__{manifest_id}.json"
+    assert run.path == path and run.result.failure is None
     written = json.loads(path.read_text())
-    assert set(written) >= TOP_KEYS and written["schema_version"] == 1
+    assert written == run.result.to_json_dict()
+    assert set(written) >= TOP_KEYS and written["schema_version"] == RESULT_SCHEMA_VERSION == 2
+    assert written["artifact"]["name"] == Path(digits["model"]).stem
+    assert written["artifact"]["source_path"] == str(digits["model"])
     assert written["artifact"]["format"] == fmt and written["artifact"]["id"] == manifest_id
     accuracy = written["accuracy"]
     assert accuracy["samples"] == 450 and accuracy["top1"] > 0.7
@@ -91,8 +95,8 @@ def test_labels_never_reach_the_device(hand_artifacts, digits, tmp_path, local_w
         return original(self, local_path, remote_path, progress)
 
     monkeypatch.setattr(LocalTransport, "put", spy)
-    result = bench(hand_artifacts["onnx"], local_target(), eval_path=digits["eval"], output_dir=tmp_path, **QUICK_KW)
-    assert result["status"] == "ok"
+    run = bench(hand_artifacts["onnx"], local_target(), eval_path=digits["eval"], output_dir=tmp_path, **QUICK_KW)
+    assert run.ok
     assert uploaded == [["x"]]
 
 
@@ -138,6 +142,7 @@ def test_bench_fleet_over_ssh_keeps_results_when_one_target_fails(hand_artifacts
     failed = results["dev-2"]
     assert failed["status"] == "failed" and failed["latency_ms"] is None
     assert failed["error"].startswith("dev-2 (") and "no '/nonexistent/python3' interpreter" in failed["error"]
+    assert failed["failure"]["kind"] == "remote" and failed["failure"]["host"] == "dev-2"
     assert "\n" not in failed["error"]
     assert "error: dev-2 (" in result.output
 
@@ -169,8 +174,10 @@ def test_runtime_missing_on_the_device(hand_artifacts, trusted_inventory, tmp_pa
     inventory = _fleet_inventory(trusted_inventory, tmp_path, {"dev-1": {"python": str(without_ort)},
                                                                "dev-2": {"python": str(bare)}})
     targets = resolve_targets(load_inventory(inventory), "fleet")
-    results = bench_fleet(hand_artifacts["onnx"], targets, output_dir=tmp_path / "r", **QUICK_KW)
+    results = [run.result.to_json_dict()
+               for run in bench_fleet(hand_artifacts["onnx"], targets, output_dir=tmp_path / "r", **QUICK_KW)]
     assert results[0]["status"] == "ok"
+    assert results[1]["failure"]["kind"] == results[2]["failure"]["kind"] == "runner"
     assert results[1]["status"] == results[2]["status"] == "failed"
     assert results[1]["error"].startswith("dev-1 (") and "runtime missing on the device: onnxruntime is not " \
         "installed on this device" in results[1]["error"]
@@ -204,7 +211,7 @@ def test_dropped_connection_leaves_no_orphan(hand_artifacts, trusted_inventory, 
     outcome = {}
     worker = threading.Thread(target=lambda: outcome.update(bench(
         hand_artifacts["onnx"], target, output_dir=tmp_path / "r", warmup=2, runs=20, min_seconds=120,
-        idle_seconds=0)))
+        idle_seconds=0).result.to_json_dict()))
     worker.start()
     deadline = time.monotonic() + 60
     while not _runner_pids(workdir) and time.monotonic() < deadline:
@@ -239,7 +246,8 @@ def test_reordered_outputs_are_matched_by_source_name(digits, tmp_path, local_wo
     from tests.test_bench_support import build_two_head_artifact
 
     artifact = build_two_head_artifact(digits, tmp_path / "two-head")
-    result = bench(artifact, local_target(), eval_path=digits["eval"], output_dir=tmp_path / "r", **QUICK_KW)
+    result = bench(artifact, local_target(), eval_path=digits["eval"], output_dir=tmp_path / "r",
+                   **QUICK_KW).result.to_json_dict()
     assert result["status"] == "ok", result["error"]
     accuracy = result["accuracy"]
     assert accuracy["samples"] == 450 and accuracy["top1"] is not None
@@ -251,8 +259,9 @@ def test_reordered_outputs_are_matched_by_source_name(digits, tmp_path, local_wo
     unmapped = build_two_head_artifact(digits, tmp_path / "unmapped", with_source_names=False)
     no_labels = tmp_path / "inputs-only.npz"
     np.savez(no_labels, x=np.load(digits["eval"])["x"][:40])
-    result = bench(unmapped, local_target(), eval_path=no_labels, output_dir=tmp_path / "r", **QUICK_KW)
-    assert result["status"] == "failed"
+    result = bench(unmapped, local_target(), eval_path=no_labels, output_dir=tmp_path / "r",
+                   **QUICK_KW).result.to_json_dict()
+    assert result["status"] == "failed" and result["failure"]["kind"] == "runner"
     assert result["error"].startswith("local") and "has shape [40, 3] but the source's first output has [40, 10]" \
         in result["error"]
 
@@ -271,26 +280,28 @@ def test_a_run_removes_what_dropped_runs_left_but_not_live_ones(hand_artifacts, 
     live = _aged(runs / "20250101T000000-feedf00d-L60", 100)  # within twice its limit: may still run
     old_style = _aged(runs / "20240101T000000-00c0ffee", 2 * 24 * 3600)  # no limit in the name: a day
     recent_old_style = _aged(runs / "20240101T000000-0decafe0", 3600)
-    result = bench(hand_artifacts["onnx"], local_target(), output_dir=tmp_path / "r", **QUICK_KW)
-    assert result["status"] == "ok", result["error"]
+    run = bench(hand_artifacts["onnx"], local_target(), output_dir=tmp_path / "r", **QUICK_KW)
+    assert run.ok, run.result.error
     assert not stale.exists() and not old_style.exists()
     assert sorted(p.name for p in runs.iterdir()) == sorted([live.name, recent_old_style.name])
 
 
 def test_failed_result_for_a_built_and_an_unbuilt_artifact(hand_artifacts, tmp_path):  # noqa: F811
     from edgeq.bench import BenchSettings, failed_result
+    from edgeq.errors import Failure
     from edgeq.manifest import read_manifest
     from edgeq.report import load_results
 
     manifest = read_manifest(hand_artifacts["onnx"])
     built = failed_result("dev-1", manifest, hand_artifacts["onnx"], BenchSettings(warmup=3, runs=7),
-                          "dev-1: deploy failed", duration_s=1.5)
-    assert set(built) >= TOP_KEYS and built["status"] == "failed" and built["error"] == "dev-1: deploy failed"
+                          Failure(kind="connect", message="dev-1: deploy failed", host="dev-1"),
+                          duration_s=1.5).to_json_dict()
+    assert set(built) >= TOP_KEYS and built["failure"]["kind"] == "connect" and built["status"] == "failed" and built["error"] == "dev-1: deploy failed"
     assert built["artifact"]["id"] == manifest.id and built["artifact"]["format"] == "onnx"
     assert built["settings"]["warmup"] == 3 and built["settings"]["runs"] == 7 and built["duration_s"] == 1.5
     assert built["latency_ms"] is None and built["accuracy"] is None and built["power"] is None
-    unbuilt = failed_result("dev-2", None, None, None, "conversion failed",
-                            artifact={"model": "digits", "format": "tflite", "precision": "int8"})
+    unbuilt = failed_result("dev-2", None, None, None, Failure(kind="artifact", message="conversion failed"),
+                            artifact={"name": "digits", "format": "tflite", "precision": "int8"}).to_json_dict()
     assert unbuilt["artifact"]["id"] is None and unbuilt["artifact"]["format"] == "tflite"
     assert unbuilt["settings"]["runs"] == BenchSettings().runs and unbuilt["started_at"].endswith("Z")
     for name, result in (("built", built), ("unbuilt", unbuilt)):

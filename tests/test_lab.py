@@ -174,7 +174,7 @@ def test_local_first_run_converts_benches_and_reports(local_runs):
     assert "PASS: no regressions or failures in 1 result(s) (no baseline)" in result.stderr
     (name, data), = results_of(run_dir).items()
     assert data["status"] == "ok" and data["target"] == "local"
-    assert data["artifact"]["model"] == "digits" and data["artifact"]["format"] == "tflite"
+    assert data["artifact"]["name"] == "digits" and data["artifact"]["format"] == "tflite"
     assert len(data["latency_ms"]["samples"]) >= 10
     assert data["accuracy"]["top1"] > 0.8
     for file in ("report.html", "report.md", "report.csv", "report.json", "junit.xml"):
@@ -205,10 +205,10 @@ def test_local_regression_and_failed_conversion_fail_the_run_but_keep_results(lo
     result, run_dir = local_runs["runs"][2]
     assert result.exit_code == EXIT_REGRESSION, result.stderr
     results = results_of(run_dir)
-    statuses = sorted((d["artifact"]["model"], d["status"]) for d in results.values())
+    statuses = sorted((d["artifact"]["name"], d["status"]) for d in results.values())
     assert statuses == [("broken", "failed"), ("digits", "ok")]
-    broken = next(d for d in results.values() if d["artifact"]["model"] == "broken")
-    assert broken["error"].startswith("not built: ")
+    broken = next(d for d in results.values() if d["artifact"]["name"] == "broken")
+    assert broken["error"].startswith("not built: ") and broken["failure"]["kind"] == "artifact"
     assert "local digits-tflite-int8: latency regressed" in result.stderr
     junit = ET.parse(run_dir / "junit.xml").getroot()
     assert junit.get("tests") == "2" and junit.get("failures") == "2"
@@ -246,9 +246,10 @@ def test_lab_on_sshd_devices_with_one_dead_device(digits, trusted_inventory, tmp
         assert results["dev-0"]["status"] == results["dev-1"]["status"] == "ok"
         assert results["dead"]["status"] == "failed"
         assert "connection refused" in results["dead"]["error"]
+        assert results["dead"]["failure"]["kind"] == "connect" and results["dead"]["failure"]["host"] == "dead"
         assert results["dev-0"]["artifact"]["id"] == results["dead"]["artifact"]["id"]
         assert results["dev-0"]["env"]["emulated"] is False
-        assert "dead digits-tflite-int8: run failed: deploy failed:" in result.stderr
+        assert "dead digits-tflite-int8: run failed (connect): deploy failed:" in result.stderr
         if index == 1:
             assert ": reused " in result.stderr
             report = json.loads((run_dir / "report.json").read_text())
@@ -259,3 +260,19 @@ def test_lab_on_sshd_devices_with_one_dead_device(digits, trusted_inventory, tmp
         current = trusted_inventory.workdirs[name] / "current"
         assert current.is_symlink() and (current / "manifest.json").is_file()
     assert sys.executable  # the devices ran this interpreter (see trusted_inventory)
+
+
+@pytest.mark.parametrize(("kind", "skipped"), [("connect", True), ("remote", False), ("runner", False),
+                                               ("artifact", False), ("internal", False)])
+def test_only_a_connect_failure_skips_the_target_for_the_rest_of_the_run(kind, skipped):
+    """Decided on the kind, never on the words: a message that says "timed out" or "unreachable" does not
+    skip a device whose command or runner failed, and a connect failure skips it whatever its words."""
+    from edgeq.errors import Failure
+    from edgeq.lab.run import _note_unreachable
+
+    unreachable: dict = {}
+    _note_unreachable(unreachable, "dev-1", Failure(kind=kind, message="dev-1: step timed out; unreachable?"))
+    assert ("dev-1" in unreachable) is skipped
+    if skipped:
+        assert unreachable["dev-1"].kind == "connect"
+        assert unreachable["dev-1"].message.startswith("skipped: dev-1 was unreachable earlier in this run")

@@ -16,14 +16,15 @@ from edgeq.report.regression import (
     match_baselines,
     rank_average,
 )
-from edgeq.report.results import ResultFile, ResultRecord
+from edgeq.report.results import ResultRecord
 from edgeq.report.synthetic import flag_rate, synthetic_latency_run, synthetic_result
+from edgeq.result import BenchResult
 
 TRIALS = 200
 
 
 def record(path: str = "r.json", **kwargs) -> ResultRecord:
-    return ResultRecord(path=path, result=ResultFile.model_validate(synthetic_result(**kwargs)))
+    return ResultRecord(path=path, result=BenchResult.model_validate(synthetic_result(**kwargs)))
 
 
 def test_rank_average_gives_ties_their_mean_rank():

@@ -298,7 +298,7 @@ def test_directory_without_results_is_an_error(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ("{ truncated", "not valid JSON (line 1 column 3"),
-    (json.dumps(synthetic_result() | {"schema_version": 7}), "schema_version 7 is not supported (this edgeq reads 1)"),
+    (json.dumps(synthetic_result() | {"schema_version": 7}), "schema_version 7 is not supported (this edgeq reads 1 and 2)"),
     (json.dumps({k: v for k, v in synthetic_result().items() if k != "artifact"}), "artifact: Field required"),
     (json.dumps([1, 2]), "not a result file (top level is list"),
 ])
@@ -376,3 +376,56 @@ def test_every_row_shows_what_ran(tmp_path):
     for _, shown in EXECUTIONS.values():
         assert f"| {shown} |" in markdown and shown in html
     assert {row.flat()["ran"] for row in report.rows} == {shown for _, shown in EXECUTIONS.values()}
+
+
+def _as_schema_1(result: dict, model: str) -> dict:
+    """The same result as edgeq wrote it before schema 2: one ``artifact.model`` field, no ``failure``."""
+    old = json.loads(json.dumps(result))
+    old["schema_version"] = 1
+    old.pop("failure")
+    artifact = old["artifact"]
+    artifact.pop("name"), artifact.pop("source_path")
+    artifact["model"] = model
+    return old
+
+
+def test_schema_1_baselines_still_match_their_schema_2_results(tmp_path):
+    """Nightly baselines written before schema 2 keep working: bench's ``model`` (a source path) and the lab's
+    (a LAB.yaml name) both become ``artifact.name``; the path also becomes ``source_path``."""
+    rng = np.random.default_rng(7)
+    current = synthetic_result(samples=synthetic_latency_run(rng, 200, median_ms=1.0, slowdown=0.3))
+    baseline = _as_schema_1(synthetic_result(samples=synthetic_latency_run(rng, 200, median_ms=1.0)),
+                            "/old/checkout/models/digits.keras")
+    lab_named = _as_schema_1(synthetic_result(target="rpi", samples=np.full(50, 2.0)), "digits")
+    failed_v1 = _as_schema_1(synthetic_result(target="dead", status="failed", error="dead: refused"), "digits")
+    write(tmp_path / "cur", current)
+    write(tmp_path / "base", baseline)
+    for data in (lab_named, failed_v1):
+        write(tmp_path / "old", data)
+    loaded = load_results([tmp_path / "base", tmp_path / "old"])
+    assert not loaded.broken
+    by_target = {r.target: r.result for r in loaded.records}
+    assert by_target["local"].artifact.name == "digits"
+    assert by_target["local"].artifact.source_path == "/old/checkout/models/digits.keras"
+    assert by_target["rpi"].artifact.name == "digits" and by_target["rpi"].artifact.source_path is None
+    assert by_target["dead"].failure is None and by_target["dead"].error == "dead: refused"  # kind not guessed
+    report = create_report([tmp_path / "cur"], [tmp_path / "base"])
+    (row,) = report.rows
+    assert row.baseline is not None and [v.metric for v in row.regressions] == ["latency"]
+
+
+def test_a_failed_row_says_its_kind(tmp_path):
+    write(tmp_path, synthetic_result(target="dead", status="failed", error="dead: connection refused",
+                                     failure_kind="connect"))
+    report = create_report([tmp_path])
+    (row,) = report.rows
+    assert row.flat()["failure_kind"] == "connect"
+    assert report.problem_lines() == ["dead digits-tflite-int8: run failed (connect): dead: connection refused"]
+
+
+def test_a_schema_2_failed_result_without_its_failure_is_broken(tmp_path):
+    data = synthetic_result(target="dead", status="failed", error="dead: refused")
+    data.pop("failure")
+    write(tmp_path, data)
+    (broken,) = load_results([tmp_path]).broken
+    assert "a failed result needs a 'failure'" in broken.error

@@ -9,8 +9,8 @@ def _fmt(value, spec: str = ".3f", unit: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{unit}"
 
 
-def print_results(results: list[dict]) -> None:
-    """The per-target table (stdout), then one error line per failed target (stderr)."""
+def print_results(runs: list) -> None:
+    """The per-target table (stdout), then one error line per failed target (stderr), then the files."""
     from rich.console import Console
     from rich.table import Table
 
@@ -18,35 +18,33 @@ def print_results(results: list[dict]) -> None:
 
     table = Table("target", "status", "ran", "p50 ms", "p99 ms", "cv", "ips", "top1", "drop", "peak MB", "power",
                   "mJ/inf", "note")
-    for r in results:
-        latency = r.get("latency_ms") or {}
-        accuracy = r.get("accuracy") or {}
-        power = r.get("power") or {}
-        energy = r.get("energy_j_per_inference")
-        env = r.get("env") or {}
-        if power.get("available"):
-            power_cell = f"{_fmt(power.get('avg_w'), '.2f')} W ({power.get('sensor')})"
+    for run in runs:
+        r = run.result
+        latency, accuracy, power, memory = r.latency_ms, r.accuracy, r.power, r.memory_mb
+        energy = r.energy_j_per_inference
+        if power is not None and power.available:
+            power_cell = f"{_fmt(power.avg_w, '.2f')} W ({power.sensor})"
         else:
-            power_cell = f"n/a ({power.get('sensor')})" if power else "-"
-        note = "EMULATED: latency meaningless" if env.get("emulated") else ""
-        status = "[green]ok[/]" if r["status"] == "ok" else "[red]failed[/]"
-        ran = what_ran((r.get("runtime") or {}).get("execution")) or "-"
-        table.add_row(r["target"], status, ran, _fmt(latency.get("p50")), _fmt(latency.get("p99")),
-                      _fmt(latency.get("cv"), ".2f"), _fmt(r.get("throughput_ips"), ".1f"),
-                      _fmt(accuracy.get("top1"), ".4f"), _fmt(accuracy.get("top1_drop"), "+.4f"),
-                      _fmt((r.get("memory_mb") or {}).get("peak_rss"), ".1f"), power_cell,
+            power_cell = f"n/a ({power.sensor})" if power is not None else "-"
+        note = "EMULATED: latency meaningless" if r.env.get("emulated") else ""
+        status = "[green]ok[/]" if run.ok else f"[red]failed ({r.failure.kind})[/]" if r.failure else "[red]failed[/]"
+        ran = what_ran(r.runtime.execution if r.runtime else None) or "-"
+        table.add_row(r.target, status, ran, _fmt(latency and latency.p50), _fmt(latency and latency.p99),
+                      _fmt(latency and latency.cv, ".2f"), _fmt(r.throughput_ips, ".1f"),
+                      _fmt(accuracy and accuracy.top1, ".4f"), _fmt(accuracy and accuracy.top1_drop, "+.4f"),
+                      _fmt(memory and memory.peak_rss, ".1f"), power_cell,
                       _fmt(energy * 1000 if energy is not None else None, ".4f"), note)
     Console(width=max(Console().width, 150)).print(table)
-    for r in results:
-        if r["status"] != "ok":
-            click.secho(f"error: {r['error']}", fg="red", err=True)
-            if r.get("hint"):
-                click.echo(f"hint: {r['hint']}", err=True)
-        elif (r.get("power") or {}).get("available") is False and r["settings"].get("power"):
-            click.echo(f"note: {r['target']}: no power figures: {r['power'].get('reason')}", err=True)
-    for r in results:
-        if r.get("result_file"):
-            click.echo(f"wrote {r['result_file']}")
+    for run in runs:
+        r = run.result
+        if not run.ok:
+            click.secho(f"error: {r.error}", fg="red", err=True)
+            if r.hint:
+                click.echo(f"hint: {r.hint}", err=True)
+        elif r.power is not None and r.power.available is False and r.settings.get("power"):
+            click.echo(f"note: {r.target}: no power figures: {r.power.reason}", err=True)
+    for run in runs:
+        click.echo(f"wrote {run.path}")
 
 
 @click.command()
@@ -77,9 +75,9 @@ def bench(artifact_dir, target_name, inventory, eval_path, warmup, runs, min_sec
     from edgeq.targets import load_inventory, resolve_targets
 
     targets = resolve_targets(load_inventory(inventory), target_name)
-    results = bench_fleet(artifact_dir, targets, parallel=parallel, eval_path=eval_path, warmup=warmup, runs=runs,
+    runs_done = bench_fleet(artifact_dir, targets, parallel=parallel, eval_path=eval_path, warmup=warmup, runs=runs,
                           min_seconds=min_seconds, threads=threads, power=power, output_dir=output_dir,
                           idle_seconds=idle_seconds, timeout_s=timeout_s)
-    print_results(results)
-    if any(r["status"] != "ok" for r in results):
+    print_results(runs_done)
+    if not all(run.ok for run in runs_done):
         raise SystemExit(1)

@@ -51,8 +51,7 @@ def report(results, baselines, html_path, markdown_path, csv_path, json_path, ju
             click.secho(f"error: {row.broken}", fg="red", err=True)
     for fmt, path in written.items():
         click.echo(f"wrote {fmt} report: {path}", err=True)
-    for line in result.problem_lines():
-        if not line.split(": ", 1)[-1].startswith("unreadable result"):
-            click.echo(f"  {line}", err=True)
+    for line in result.problem_lines(unreadable=False):
+        click.echo(f"  {line}", err=True)
     click.secho(result.headline(), fg="green" if result.passed else "red", err=True)
     sys.exit(result.exit_code)

@@ -206,8 +206,8 @@ class Transport(ABC):
         if check and result.exit_code != 0:
             raise RemoteCommandError(
                 f"{self.target.label}: '{describe_argv(argv)}' failed with exit code {result.exit_code}"
-                + (f": {stderr_tail(result.stderr)}" if result.stderr.strip() else "")
-            )
+                + (f": {stderr_tail(result.stderr)}" if result.stderr.strip() else ""),
+                host=self.target.name, argv=argv, exit_code=result.exit_code)
         return result
 
     def home(self) -> str:

@@ -169,19 +169,20 @@ def device_op(transport: Transport, target: Target, op: str, params: dict, *, py
     """Run one device operation (JSON in on stdin, one JSON line out) with ``python`` (default the
     target's) and return its answer."""
     python = python or target.python
-    result = transport.run(device_argv(transport, target, python, op), timeout=timeout, check=False,
-                           input=json.dumps(params).encode())
+    argv = device_argv(transport, target, python, op)
+    result = transport.run(argv, timeout=timeout, check=False, input=json.dumps(params).encode())
     data = _last_json(result.stdout)
     label = target.label
+    where = {"host": target.name, "argv": argv, "exit_code": result.exit_code}
     if result.exit_code == 127 or (data is None and "not found" in result.stderr):
         raise _no_python(target, python)
     if data is None:
         raise RemoteCommandError(f"{label}: device step '{op}' failed (exit {result.exit_code})"
-                                 + (f": {stderr_tail(result.stderr)}" if result.stderr.strip() else ""))
+                                 + (f": {stderr_tail(result.stderr)}" if result.stderr.strip() else ""), **where)
     if data.get("error") == "os":
-        raise DeployError(f"{label}: {op} failed on the device: {data.get('message')}")
+        raise DeployError(f"{label}: {op} failed on the device: {data.get('message')}", **where)
     if data.get("error") in ("usage", "internal"):
-        raise RemoteCommandError(f"{label}: device step '{op}' failed: {data.get('message')}")
+        raise RemoteCommandError(f"{label}: device step '{op}' failed: {data.get('message')}", **where)
     return data
 
 

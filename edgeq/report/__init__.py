@@ -16,10 +16,11 @@ from edgeq.errors import ReportError
 from edgeq.files import write_text_atomic
 from edgeq.report.model import COLUMNS, EXIT_REGRESSION, Report, Row, build_report
 from edgeq.report.regression import Thresholds, Verdict, compare_latency_samples, compare_results
-from edgeq.report.results import BrokenInput, LoadedResults, ResultFile, ResultRecord, load_results
+from edgeq.report.results import BrokenInput, LoadedResults, ResultRecord, load_results
+from edgeq.result import BenchResult
 
 __all__ = [
-    "COLUMNS", "EXIT_REGRESSION", "BrokenInput", "LoadedResults", "Report", "ResultFile", "ResultRecord", "Row",
+    "COLUMNS", "EXIT_REGRESSION", "BrokenInput", "LoadedResults", "BenchResult", "Report", "ResultRecord", "Row",
     "Thresholds", "Verdict", "build_report", "compare_latency_samples", "compare_results", "create_report",
     "load_results", "render", "write_reports",
 ]

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgeq.report.regression import Thresholds, Verdict, compare_results, match_baselines
-from edgeq.report.results import BrokenInput, LoadedResults, ResultRecord, model_name
+from edgeq.report.results import BrokenInput, LoadedResults, ResultRecord
 
 #: Exit status of ``edgeq report`` / ``edgeq lab run`` when the report was written but something regressed
 #: or failed (1 is an error that stopped edgeq, 2 a usage error).
@@ -18,7 +18,7 @@ EXIT_REGRESSION = 3
 
 # Columns of the flat row (CSV, JSON), in order.
 COLUMNS = [
-    "target", "status", "verdict", "problems", "model", "format", "precision", "profile", "artifact_id",
+    "target", "status", "failure_kind", "verdict", "problems", "model", "format", "precision", "profile", "artifact_id",
     "size_bytes", "validation_status", "device", "arch", "emulated", "runtime", "ran", "p50_ms", "p90_ms", "p99_ms",
     "mean_ms", "cv", "samples", "throughput_ips", "top1", "top1_reference", "top1_drop", "energy_mj",
     "inferences_per_j", "power_sensor", "power_note", "peak_rss_mb", "model_load_delta_mb", "started_at",
@@ -87,7 +87,8 @@ class Row:
         problems = []
         result = self.record.result
         if result.status == "failed":
-            problems.append(f"run failed: {result.error or 'no error message'}")
+            kind = f" ({result.failure.kind})" if result.failure else ""
+            problems.append(f"run failed{kind}: {result.error or 'no error message'}")
         if self.gate_failed:
             problems.append("accuracy gate failed at conversion")
         problems.extend(f"{v.metric} regressed: {v.detail}" for v in self.regressions)
@@ -112,13 +113,14 @@ class Row:
         artifact = result.artifact
         env = result.env
         row.update(
-            model=model_name(artifact.model), format=artifact.format, precision=artifact.precision,
+            model=artifact.display_name, format=artifact.format, precision=artifact.precision,
             profile=artifact.profile, artifact_id=artifact.id, size_bytes=artifact.size_bytes,
             validation_status=artifact.validation_status, device=env.get("cpu_model"), arch=env.get("arch"),
             emulated=bool(env.get("emulated")) if "emulated" in env else None,
             runtime=_runtime(result), ran=what_ran(result.runtime.execution if result.runtime else None),
             started_at=result.started_at, duration_s=result.duration_s,
             error=result.error, file=str(self.record.path), throughput_ips=result.throughput_ips,
+            failure_kind=result.failure.kind if result.failure else None,
         )
         if result.latency_ms is not None:
             lat = result.latency_ms
@@ -240,9 +242,11 @@ class Report:
         baseline = "" if self.baseline_given else " (no baseline)"
         return f"{'PASS' if self.passed else 'FAIL'}: {what} in {c['results']} result(s){baseline}"
 
-    def problem_lines(self) -> list[str]:
-        """``target model-format-precision: problem`` for every problem, in row order."""
-        return [f"{row.target} {row.label}: {problem}" for row in self.rows for problem in row.problems()]
+    def problem_lines(self, *, unreadable: bool = True) -> list[str]:
+        """``target model-format-precision: problem`` for every problem, in row order; ``unreadable=False``
+        leaves out the rows whose result file could not be read (the CLI names those on its own)."""
+        return [f"{row.target} {row.label}: {problem}" for row in self.rows
+                if unreadable or row.status != "broken" for problem in row.problems()]
 
     def targets(self) -> list[str]:
         return list(dict.fromkeys(row.target for row in self.rows))

@@ -1,4 +1,4 @@
-"""Reading bench result files (schema version 1, see docs/ARCHITECTURE.md "Results").
+"""Reading bench result files (``edgeq.result.BenchResult``, schema 1 or 2).
 
 Paths given by the user are files or directories; directories are searched
 recursively for ``*.json``. How bad input is treated:
@@ -17,130 +17,23 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path, PurePath
-from typing import Any, Literal
+from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic import ValidationError as PydanticValidationError
 
 from edgeq.config import format_validation_error
 from edgeq.errors import ReportError
+from edgeq.result import READABLE_SCHEMA_VERSIONS, BenchResult
 
 log = logging.getLogger(__name__)
-
-RESULT_SCHEMA_VERSION = 1
-
-
-class _Lenient(BaseModel):
-    # Result files are written by edgeq's bench; fields added later within schema 1 must not break reading.
-    model_config = ConfigDict(extra="allow")
-
-
-class ResultArtifact(_Lenient):
-    id: str | None = Field(default=None, description="None when the artifact was never built")
-    model: str
-    format: str
-    precision: str
-    profile: str | None = None
-    size_bytes: int | None = None
-    source_sha256: str | None = None
-    validation_status: str | None = None
-
-
-class LatencyStats(_Lenient):
-    p50: float
-    p90: float | None = None
-    p95: float | None = None
-    p99: float | None = None
-    mean: float | None = None
-    std: float | None = None
-    cv: float | None = None
-    min: float | None = None
-    max: float | None = None
-    count: int | None = None
-    samples: list[float] = Field(default_factory=list)
-
-
-class Agreement(_Lenient):
-    top1_agreement: float | None = None
-    cosine_similarity: float | None = None
-    max_abs_error: float | None = None
-
-
-class AccuracyStats(_Lenient):
-    samples: int | None = None
-    top1: float | None = None
-    top5: float | None = None
-    top1_reference: float | None = None
-    top1_drop: float | None = None
-    agreement: Agreement | None = None
-
-
-class MemoryStats(_Lenient):
-    baseline_rss: float | None = None
-    after_load_rss: float | None = None
-    peak_rss: float | None = None
-    model_load_delta: float | None = None
-
-
-class PowerInfo(_Lenient):
-    available: bool = False
-    sensor: str | None = None
-    reason: str | None = None
-    idle_w: float | None = None
-    avg_w: float | None = None
-    active_w: float | None = None
-
-
-class RuntimeInfo(_Lenient):
-    name: str | None = None
-    version: str | None = None
-    execution: Any = None
-
-
-class ResultFile(_Lenient):
-    """One bench result: one target x one artifact."""
-
-    schema_version: int
-    target: str
-    status: Literal["ok", "failed"]
-    error: str | None = None
-    started_at: str | None = None
-    duration_s: float | None = None
-    artifact: ResultArtifact
-    env: dict[str, Any] = Field(default_factory=dict)
-    runtime: RuntimeInfo | None = None
-    settings: dict[str, Any] = Field(default_factory=dict)
-    load_ms: float | None = None
-    first_inference_ms: float | None = None
-    latency_ms: LatencyStats | None = None
-    throughput_ips: float | None = None
-    accuracy: AccuracyStats | None = None
-    memory_mb: MemoryStats | None = None
-    power: PowerInfo | None = None
-    energy_j_per_inference: float | None = None
-
-    @field_validator("env", "settings", mode="before")
-    @classmethod
-    def _none_is_empty(cls, value):
-        # A failed run has no environment: bench writes null.
-        return {} if value is None else value
-
-
-def model_name(model: str) -> str:
-    """A model's name for people: bench records the source path; its file name without suffix is the name."""
-    if "/" in model or "\\" in model or model.endswith((".keras", ".h5", ".onnx")):
-        return PurePath(model.replace("\\", "/").rstrip("/")).stem or model
-    return model
-
 
 @dataclass
 class ResultRecord:
     """A result file that was read and validated."""
 
     path: Path
-    result: ResultFile
+    result: BenchResult
 
     @property
     def target(self) -> str:
@@ -155,13 +48,13 @@ class ResultRecord:
     def build_key(self) -> tuple[str, str, str, str]:
         """(target, model, format, precision): the fallback match key when the artifact was rebuilt."""
         a = self.result.artifact
-        return (self.result.target, model_name(a.model), a.format, a.precision)
+        return (self.result.target, a.display_name, a.format, a.precision)
 
     @property
     def label(self) -> str:
         """``model-format-precision``, the artifact's name for people (and JUnit)."""
         a = self.result.artifact
-        return f"{model_name(a.model)}-{a.format}-{a.precision}"
+        return f"{a.display_name}-{a.format}-{a.precision}"
 
     @property
     def ok(self) -> bool:
@@ -221,10 +114,11 @@ def _parse_result(path: Path, from_directory: bool) -> ResultRecord:
     if not isinstance(data, dict):
         raise ValueError(f"not a result file (top level is {type(data).__name__}, expected an object)")
     version = data.get("schema_version")
-    if version != RESULT_SCHEMA_VERSION:
-        raise ValueError(f"schema_version {version!r} is not supported (this edgeq reads {RESULT_SCHEMA_VERSION})")
+    if version not in READABLE_SCHEMA_VERSIONS:
+        readable = " and ".join(map(str, READABLE_SCHEMA_VERSIONS))
+        raise ValueError(f"schema_version {version!r} is not supported (this edgeq reads {readable})")
     try:
-        result = ResultFile.model_validate(data)
+        result = BenchResult.model_validate(data)
     except PydanticValidationError as exc:
         # format_validation_error prefixes the source; the caller adds the path itself.
         raise ValueError(format_validation_error(exc, "field")[len("field: "):]) from exc

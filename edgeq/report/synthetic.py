@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgeq.result import RESULT_SCHEMA_VERSION
+
 
 def synthetic_latency_run(rng: np.random.Generator, n: int, *, median_ms: float = 5.0, slowdown: float = 0.0,
                           run_jitter: float = 0.015, spread: float = 0.08, autocorrelation: float = 0.6,
@@ -46,13 +48,17 @@ def synthetic_result(target: str = "local", *, model: str = "digits", fmt: str =
                      artifact_id: str = "0123456789abcdef", samples: np.ndarray | list[float] | None = None,
                      top1: float | None = 0.95, top1_reference: float | None = 0.96,
                      energy_j: float | None = None, status: str = "ok", error: str | None = None,
-                     validation_status: str = "passed", emulated: bool = False,
+                     validation_status: str = "passed", emulated: bool = False, failure_kind: str = "remote",
                      started_at: str = "2024-01-01T02:00:00+00:00") -> dict:
-    """A schema-1 result file (as a dict) with the given properties; statistics computed from ``samples``."""
+    """A result file (as a dict, current schema) with the given properties; statistics computed from
+    ``samples``. A failed one fails with ``failure_kind``."""
+    failure = ({"kind": failure_kind, "message": error or "no error message", "host": target}
+               if status != "ok" else None)
     result: dict = {
-        "schema_version": 1, "target": target, "status": status, "error": error, "started_at": started_at,
-        "duration_s": 1.5,
-        "artifact": {"id": artifact_id, "model": model, "format": fmt, "precision": precision,
+        "schema_version": RESULT_SCHEMA_VERSION, "target": target, "status": status, "error": error,
+        "failure": failure, "started_at": started_at, "duration_s": 1.5,
+        "artifact": {"id": artifact_id, "name": model, "source_path": f"models/{model}.keras", "format": fmt,
+                     "precision": precision,
                      "profile": "x86-avx2", "size_bytes": 24_576, "source_sha256": "ab" * 32,
                      "validation_status": validation_status},
         "env": {"arch": "x86_64", "cpu_model": "Synthetic CPU", "cpu_count": 2, "governor": "performance",
