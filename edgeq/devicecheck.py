@@ -8,18 +8,13 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgeq.device.runtimes import runtime_module
 from edgeq.errors import ConnectError, DeployError, EdgeqError, Failure, RemoteCommandError
 from edgeq.profiles import load_profile
 from edgeq.remote import open_transport
 from edgeq.remote.device import device_lock, device_op, device_python, device_workdir
 from edgeq.targets import Target
 
-# Modules that provide each format's runtime on a device, in the order the runner tries them.
-RUNTIME_MODULES = {
-    "tflite": ["ai_edge_litert.interpreter", "tflite_runtime.interpreter", "tensorflow"],
-    "onnx": ["onnxruntime"],
-    "openvino": ["openvino"],
-}
 SETUP_TIMEOUT = 1800.0
 
 
@@ -87,7 +82,7 @@ def check_target(target: Target) -> TargetCheck:
             workdir = device_workdir(transport, target)
             python = device_python(transport, target)
             facts = device_op(transport, target, "facts",
-                              {"workdir": workdir, "modules": RUNTIME_MODULES[profile.format]}, python=python,
+                              {"workdir": workdir, "modules": runtime_module(profile.format).PROBE_MODULES}, python=python,
                               timeout=180)
     except EdgeqError as exc:
         check.failure = exc.failure(target.name)

@@ -17,12 +17,12 @@ from pydantic import Field, model_validator
 
 from edgeq.config import StrictModel, load_yaml_file, suggest, validate_model
 from edgeq.errors import ProfileError
-from edgeq.names import FORMATS, PRECISIONS, Format, Precision
+from edgeq.names import PRECISIONS, Format, Precision, format_names
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable  # Python 3.11+; only an annotation here
 
-__all__ = ["FORMATS", "PRECISIONS", "Format", "Precision", "DeviceProfile", "load_profile", "list_profiles"]
+__all__ = ["PRECISIONS", "Format", "Precision", "format_names", "DeviceProfile", "load_profile", "list_profiles"]
 
 PowerSensor = Literal["ina3221", "rapl", "rpi-pmic", "nvml", "command", "none"]
 CalibrationMethod = Literal["minmax", "entropy", "percentile"]

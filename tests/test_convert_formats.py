@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from edgeq.convert import CAPABILITIES
+from edgeq.convert import capabilities
 from edgeq.manifest import read_manifest, sha256_file, sha256_tree, verify_artifact
 from edgeq.profiles import load_profile
 
 pytestmark = pytest.mark.slow
 
 # bf16 runs only on CPUs with native bf16: test_bf16_is_pinned_or_refused covers it on every host.
-MATRIX = [(c.format, c.precision) for c in CAPABILITIES if c.precision != "bf16"]
+MATRIX = [(c.format, c.precision) for c in capabilities() if c.precision != "bf16"]
 MODEL_FILES = {"tflite": {"model.tflite"}, "onnx": {"model.onnx"}, "openvino": {"model.xml", "model.bin"}}
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from edgeq.names import FORMATS as FORMAT_CHOICES
 from edgeq.names import PRECISIONS as PRECISION_CHOICES
+from edgeq.names import format_names
 
 METHOD_CHOICES = ("minmax", "entropy", "percentile")
 IO_CHOICES = ("int8", "uint8", "float32")
@@ -28,7 +28,7 @@ def _pct(value: float | None) -> str:
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--profile", "profile_name", required=True, help="Device profile name (e.g. rpi4) or YAML path.")
-@click.option("--format", "fmt", type=click.Choice(FORMAT_CHOICES), help="Artifact format [profile's].")
+@click.option("--format", "fmt", type=click.Choice(format_names()), help="Artifact format [profile's].")
 @click.option("--precision", type=click.Choice(PRECISION_CHOICES), help="Precision [profile's].")
 @click.option("--calibration", type=click.Path(path_type=Path), help="Calibration .npz (needed for int8).")
 @click.option("--calibration-samples", type=click.IntRange(min=1), default=300, show_default=True,

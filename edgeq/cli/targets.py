@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from edgeq.cli.deploy import inventory_option, print_error, run_per_target
-from edgeq.names import FORMATS
+from edgeq.names import format_names
 
 
 def _targets(inventory, name):
@@ -107,7 +107,7 @@ def trust_command(name, inventory) -> None:
 @click.option("--wheelhouse", type=click.Path(file_okay=False, exists=True),
               help="Install from these local .whl files (uploaded; pip --no-index) instead of the device's index.")
 @click.option("--system-site-packages", is_flag=True, help="Let the venv see the device's system packages.")
-@click.option("--format", "fmt", type=click.Choice(FORMATS),
+@click.option("--format", "fmt", type=click.Choice(format_names()),
               help="Install the runtime for this format instead of the profile's own.")
 def setup_command(name, inventory, wheelhouse, system_site_packages, fmt) -> None:
     """Create a venv in the workdir of NAME and install its profile's runtime packages."""

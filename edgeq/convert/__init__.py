@@ -4,7 +4,7 @@ Importing this package stays light: backends (TensorFlow, ONNX, OpenVINO) load i
 """
 
 from edgeq.convert.core import convert, tool_versions
-from edgeq.convert.formats import CAPABILITIES, Capability, export_formats, find_capability, supported_pairs
+from edgeq.convert.formats import Capability, capabilities, export_formats, find_capability, supported_pairs
 
-__all__ = ["CAPABILITIES", "Capability", "convert", "export_formats", "find_capability", "supported_pairs",
+__all__ = ["Capability", "capabilities", "convert", "export_formats", "find_capability", "supported_pairs",
            "tool_versions"]

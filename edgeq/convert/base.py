@@ -5,13 +5,49 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeq.convert.source import SourceModel
 from edgeq.data import Dataset
 from edgeq.profiles import DeviceProfile
+
+
+@dataclass(frozen=True)
+class Capability:
+    """One buildable artifact kind: a row of the capability table (like ultralytics' ``export_formats()``)."""
+
+    format: str
+    precision: str
+    sources: tuple[str, ...]  # source kinds accepted: keras, savedmodel, onnx
+    needs_calibration: bool
+    extra: str  # the pip extra whose packages build it
+    calibration_methods: tuple[str, ...]  # accepted --calibration-method values (empty: no calibration)
+    how: str  # one line for people: which library call builds it
+
+
+TF_SOURCES = ("keras", "savedmodel")
+ALL_SOURCES = ("keras", "savedmodel", "onnx")
+
+
+@dataclass(frozen=True)
+class FormatBackend:
+    """Everything the controller knows about one artifact format, declared by its backend module as
+    ``BACKEND`` (``edgeq.convert.registry`` finds it; the device side is ``edgeq.device.runtimes.<name>``).
+
+    ``required_modules(precision, source_kind)`` lists the (module, extra) pairs a conversion needs, checked
+    before any work; ``tools`` maps tool_versions keys to the distributions that provide them.
+    """
+
+    name: str
+    extra: str
+    capabilities: tuple[Capability, ...]
+    build: Callable[[BuildRequest], BuildResult]
+    required_modules: Callable[[str, str], list[tuple[str, str]]]
+    tools: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    uses_profile_calibration_method: bool = False  # the profile's calibration_method is this format's default
+    quantized_io_precisions: tuple[str, ...] = ()  # precisions that take --quantized-io
 
 
 @dataclass

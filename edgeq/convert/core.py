@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import shutil
 import tempfile
@@ -13,6 +12,7 @@ from importlib import metadata
 from pathlib import Path
 
 from edgeq import __version__
+from edgeq.convert import registry
 from edgeq.convert.base import BuildRequest, BuildResult
 from edgeq.convert.formats import find_capability
 from edgeq.convert.source import SourceModel, detect_kind, load_source
@@ -33,21 +33,12 @@ from edgeq.profiles import CalibrationMethod, DeviceProfile
 
 log = logging.getLogger(__name__)
 
-BACKENDS = {"tflite": "edgeq.convert.tflite", "onnx": "edgeq.convert.onnx", "openvino": "edgeq.convert.openvino"}
-
-# tool_versions key -> distributions that provide it (first installed wins).
-DISTRIBUTIONS = {
-    "tensorflow": ("tensorflow-cpu", "tensorflow"), "keras": ("keras",), "ai-edge-litert": ("ai-edge-litert",),
-    "onnx": ("onnx",), "onnxruntime": ("onnxruntime", "onnxruntime-gpu"), "tf2onnx": ("tf2onnx",),
-    "onnxconverter-common": ("onnxconverter-common",), "openvino": ("openvino",), "nncf": ("nncf",),
-}
-
-
 def tool_versions(tools: tuple[str, ...]) -> dict[str, str]:
-    """edgeq's version plus each named tool's installed version."""
+    """edgeq's version plus each named tool's installed version (distributions from the format registry)."""
     versions = {"edgeq": __version__}
+    distributions = registry.tool_distributions()
     for tool in tools:
-        for dist in DISTRIBUTIONS.get(tool, (tool,)):
+        for dist in distributions.get(tool, (tool,)):
             try:
                 versions[tool] = metadata.version(dist)
                 break
@@ -105,8 +96,9 @@ def convert(
     source = load_source(model_path)
     calib = _load_calibration(source, calibration, calibration_samples) if capability.needs_calibration else None
     dataset = load_dataset(eval_path, source.inputs, role="eval") if eval_path is not None else None
-    if quantized_io is not None and not (fmt == "tflite" and precision == "int8"):
-        log.warning("--quantized-io applies to tflite int8 only; ignored for %s %s", fmt, precision)
+    backend = registry.backend(fmt)
+    if quantized_io is not None and precision not in backend.quantized_io_precisions:
+        log.warning("--quantized-io does not apply to %s %s; ignored", fmt, precision)
         quantized_io = None
 
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -115,8 +107,8 @@ def convert(
     try:
         request = BuildRequest(source=source, precision=precision, out_dir=staging, scratch=scratch, profile=profile,
                                calibration=calib, calibration_method=calibration_method or
-                               (profile.calibration_method if fmt == "onnx" else None), quantized_io=quantized_io)
-        backend = importlib.import_module(BACKENDS[fmt])
+                               (profile.calibration_method if backend.uses_profile_calibration_method else None),
+                               quantized_io=quantized_io)
         result: BuildResult = backend.build(request)
         manifest = _manifest(source, profile, fmt, precision, staging, result, calib, calibration_samples,
                              started)
@@ -144,15 +136,9 @@ def convert(
 
 def _require_backends(fmt: str, precision: str, kind: str) -> None:
     """Fail before any work when an extra this conversion needs is missing (the hint names the extra)."""
+    # The source's loader (TensorFlow for Keras and SavedModel), then what the format's backend needs.
     needed = [("tensorflow", "tflite")] if kind != "onnx" else []
-    if fmt == "onnx":
-        needed += [("onnx", "onnx"), ("onnxruntime", "onnx")]
-        needed += [("tf2onnx", "onnx")] if kind != "onnx" else []
-        needed += [("onnxconverter_common", "onnx")] if precision == "fp16" else []
-    elif fmt == "openvino":
-        needed += [("openvino", "openvino")] + ([("nncf", "openvino")] if precision == "int8" else [])
-    if precision == "bf16":
-        needed += [("openvino", "openvino")]
+    needed += registry.backend(fmt).required_modules(precision, kind)
     for module, extra in needed:
         require_backend(module, extra)
 

@@ -8,7 +8,14 @@ import re
 import shutil
 from pathlib import Path
 
-from edgeq.convert.base import BuildRequest, BuildResult, captured_stdout
+from edgeq.convert.base import (
+    ALL_SOURCES,
+    BuildRequest,
+    BuildResult,
+    Capability,
+    FormatBackend,
+    captured_stdout,
+)
 from edgeq.convert.source import _first_line, conversion_failure, load_onnx_model, unsupported_ops
 from edgeq.errors import ConversionError, require_backend
 from edgeq.profiles import DeviceProfile
@@ -295,3 +302,27 @@ def _quantize_static(request: BuildRequest, prepared: Path, target: Path, method
             reduce_range=reduce_range,
             calibrate_method=methods[method],
         )
+
+
+def _required_modules(precision: str, source_kind: str) -> list[tuple[str, str]]:
+    needed = [("onnx", "onnx"), ("onnxruntime", "onnx")]
+    needed += [("tf2onnx", "onnx")] if source_kind != "onnx" else []
+    needed += [("onnxconverter_common", "onnx")] if precision == "fp16" else []
+    return needed
+
+
+BACKEND = FormatBackend(
+    name="onnx", extra="onnx", build=build, required_modules=_required_modules,
+    capabilities=(
+        Capability("onnx", "fp32", ALL_SOURCES, False, "onnx", (),
+                   "tf2onnx (opset 17), or the ONNX source shape-inferred"),
+        Capability("onnx", "fp16", ALL_SOURCES, False, "onnx", (),
+                   "onnxconverter-common convert_float_to_float16(keep_io_types=True)"),
+        Capability("onnx", "int8", ALL_SOURCES, True, "onnx", ("minmax", "entropy", "percentile"),
+                   "onnxruntime quant_pre_process + quantize_static (QDQ, per-channel)"),
+        Capability("onnx", "dynamic", ALL_SOURCES, False, "onnx", (), "onnxruntime quantize_dynamic (int8 weights)"),
+    ),
+    tools={"onnx": ("onnx",), "onnxruntime": ("onnxruntime", "onnxruntime-gpu"), "tf2onnx": ("tf2onnx",),
+           "onnxconverter-common": ("onnxconverter-common",)},
+    uses_profile_calibration_method=True,
+)

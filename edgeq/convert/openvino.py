@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import logging
 
-from edgeq.convert.base import BuildRequest, BuildResult, captured_stdout
+from edgeq.convert.base import (
+    ALL_SOURCES,
+    BuildRequest,
+    BuildResult,
+    Capability,
+    FormatBackend,
+    captured_stdout,
+)
 from edgeq.convert.source import conversion_failure
 from edgeq.errors import ConversionError, require_backend
 
@@ -60,3 +67,21 @@ def _quantize(request: BuildRequest, model):
                                  subset_size=len(items))
     except Exception as exc:  # nncf raises RuntimeError/ValueError on unsupported graphs
         raise conversion_failure(request.source, "openvino", "int8", exc) from exc
+
+
+def _required_modules(precision: str, source_kind: str) -> list[tuple[str, str]]:
+    return [("openvino", "openvino")] + ([("nncf", "openvino")] if precision == "int8" else [])
+
+
+BACKEND = FormatBackend(
+    name="openvino", extra="openvino", build=build, required_modules=_required_modules,
+    capabilities=(
+        Capability("openvino", "fp32", ALL_SOURCES, False, "openvino", (), "openvino.convert_model + save_model"),
+        Capability("openvino", "fp16", ALL_SOURCES, False, "openvino", (),
+                   "openvino.save_model(compress_to_fp16=True)"),
+        Capability("openvino", "bf16", ALL_SOURCES, False, "openvino", (),
+                   "openvino.save_model (fp16 weights), run with INFERENCE_PRECISION_HINT bf16 (AVX512_BF16/AMX CPUs)"),
+        Capability("openvino", "int8", ALL_SOURCES, True, "openvino", ("minmax",), "nncf.quantize (PTQ)"),
+    ),
+    tools={"openvino": ("openvino",), "nncf": ("nncf",)},
+)

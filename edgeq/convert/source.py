@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.data import InputSpec
+from edgeq.device.runtimes.onnx import ORT_TYPES
 from edgeq.errors import ConversionError, require_backend
 from edgeq.manifest import sha256_file, sha256_tree
 
@@ -193,10 +194,6 @@ def _load_savedmodel(path: Path) -> SourceModel:
                        _signature=signature, _keep_alive=loaded)
 
 
-_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
-               "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(int32)": "int32", "tensor(int64)": "int64"}
-
-
 def _load_onnx(path: Path) -> SourceModel:
     onnx = require_backend("onnx", "onnx")
     ort = require_backend("onnxruntime", "onnx")
@@ -207,7 +204,7 @@ def _load_onnx(path: Path) -> SourceModel:
     except Exception as exc:  # DecodeError, ValidationError, ORT Fail: the file is not a usable model
         raise ConversionError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from exc
     inputs = [InputSpec(name=i.name, shape=[d if isinstance(d, int) and d > 0 else None for d in i.shape],
-                        dtype=_ORT_DTYPES.get(i.type, i.type)) for i in session.get_inputs()]
+                        dtype=ORT_TYPES.get(i.type, i.type)) for i in session.get_inputs()]
     outputs = [o.name for o in session.get_outputs()]
     return SourceModel(path=path, kind="onnx", sha256=_onnx_sha256(path, external), inputs=inputs,
                        outputs=outputs, _ort_session=session)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from edgeq.convert.base import BuildRequest, BuildResult
+from edgeq.convert.base import TF_SOURCES, BuildRequest, BuildResult, Capability, FormatBackend
 from edgeq.convert.source import conversion_failure
 from edgeq.errors import ConversionError, require_backend
 
@@ -76,3 +76,23 @@ def _source_names(tf, flatbuffer: bytes) -> dict[str, str]:
             if tensor_name and tensor_name != source_name:
                 names[tensor_name] = source_name
     return names
+
+
+def _required_modules(precision: str, source_kind: str) -> list[tuple[str, str]]:
+    return [("tensorflow", "tflite")]
+
+
+BACKEND = FormatBackend(
+    name="tflite", extra="tflite", build=build, required_modules=_required_modules,
+    capabilities=(
+        Capability("tflite", "fp32", TF_SOURCES, False, "tflite", (), "TFLiteConverter.from_saved_model"),
+        Capability("tflite", "fp16", TF_SOURCES, False, "tflite", (), "TFLiteConverter, float16 weights"),
+        Capability("tflite", "int8", TF_SOURCES, True, "tflite", ("minmax",),
+                   "TFLiteConverter full-integer PTQ (representative dataset)"),
+        Capability("tflite", "dynamic", TF_SOURCES, False, "tflite", (),
+                   "TFLiteConverter dynamic-range int8 weights"),
+    ),
+    tools={"tensorflow": ("tensorflow-cpu", "tensorflow"), "keras": ("keras",),
+           "ai-edge-litert": ("ai-edge-litert",)},
+    quantized_io_precisions=("int8",),
+)

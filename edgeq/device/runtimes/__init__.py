@@ -1,26 +1,37 @@
 """Runtimes, one module per artifact format: ``tflite``, ``onnx``, ``openvino``.
 
-Each module defines ``FORMAT``, ``import_runtime()`` -> (runtime name, version) and
-``open(model_path, threads, providers, device, precision)`` -> Session. A module is imported only when an
+Each module is named after its format and defines ``FORMAT``, ``PROBE_MODULES`` (what ``targets check``
+imports to tell whether the format can run), ``import_runtime()`` -> (runtime name, version) and
+``open(model_path, threads, providers, device, precision)`` -> Session. The modules here *are* the list of
+formats (``formats()``): the controller's names and its format registry are checked against it. A module is imported only when an
 artifact of its format is opened, so the runtime (and numpy) load only where they are used. Host
 validation imports this package as an ordinary module; on a device it runs from the zipapp.
 """
 
 import importlib
 import os
+import pkgutil
 
 from ..errors import RunnerError
 
-# Artifact format -> the module of this package that runs it. Adding a format adds a module and a line here.
-RUNTIME_MODULES = {"tflite": "tflite", "onnx": "onnx", "openvino": "openvino"}
+_NOT_RUNTIMES = {"base"}  # modules here that are not a format
+_FORMATS = None
+
+
+def formats():
+    """The artifact formats that have a runtime module here, sorted by name."""
+    global _FORMATS
+    if _FORMATS is None:  # pkgutil lists modules from a directory and from the zipapp alike
+        _FORMATS = tuple(sorted(info.name for info in pkgutil.iter_modules(__path__)
+                                if not info.ispkg and info.name not in _NOT_RUNTIMES))
+    return _FORMATS
 
 
 def runtime_module(fmt):
     """The runtime module for artifact format ``fmt``."""
-    name = RUNTIME_MODULES.get(fmt)
-    if name is None:
-        raise RunnerError("unknown artifact format '%s'" % fmt)
-    return importlib.import_module("." + name, __name__)
+    if fmt not in formats():
+        raise RunnerError("unknown artifact format '%s' (known: %s)" % (fmt, ", ".join(formats())))
+    return importlib.import_module("." + fmt, __name__)
 
 
 def open_session(model_path, fmt, threads=None, providers=None, openvino_device="CPU", precision=None):

@@ -3,7 +3,8 @@
 from ..errors import RunnerError, RuntimeMissing
 from .base import Session
 
-_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+# ONNX Runtime's type names -> numpy's (host validation reads source models with this map too).
+ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
               "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(int32)": "int32",
               "tensor(int64)": "int64", "tensor(bool)": "bool"}
 
@@ -35,9 +36,9 @@ class OnnxSession(Session):
         options.add_session_config_entry(ORT_ARM64_BF16_FASTMATH, "0")
         self.session = ort.InferenceSession(str(model_path), sess_options=options, providers=usable)
         self.inputs = [{"name": i.name, "shape": [d if isinstance(d, int) else None for d in i.shape],
-                        "dtype": _ORT_TYPES.get(i.type, i.type), "quant": None} for i in self.session.get_inputs()]
+                        "dtype": ORT_TYPES.get(i.type, i.type), "quant": None} for i in self.session.get_inputs()]
         self.outputs = [{"name": o.name, "shape": [d if isinstance(d, int) else None for d in o.shape],
-                         "dtype": _ORT_TYPES.get(o.type, o.type), "quant": None} for o in self.session.get_outputs()]
+                         "dtype": ORT_TYPES.get(o.type, o.type), "quant": None} for o in self.session.get_outputs()]
         used = self.session.get_providers()
         self.execution = {"providers_requested": requested, "providers_available": available,
                           "providers_used": used, "provider": used[0] if used else None, "threads": threads,
@@ -55,6 +56,7 @@ class OnnxSession(Session):
 
 
 FORMAT = "onnx"
+PROBE_MODULES = ["onnxruntime"]  # what ``targets check`` imports on a device
 
 
 def open(model_path, threads=None, providers=None, device=None, precision=None):  # noqa: A001 - the runtime interface

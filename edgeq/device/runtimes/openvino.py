@@ -131,6 +131,7 @@ def _ov_layer_precisions(compiled):
 
 
 FORMAT = "openvino"
+PROBE_MODULES = ["openvino"]  # what ``targets check`` imports on a device
 
 
 def open(model_path, threads=None, providers=None, device="CPU", precision=None):  # noqa: A001 - the runtime interface
