@@ -147,6 +147,12 @@ class ReportError(EdgeqError):
     kind = "artifact"
 
 
+class TuneError(EdgeqError):
+    """A tune request that cannot be served: its budget, the formats it may use, no candidate left."""
+
+    kind = "artifact"
+
+
 def require_backend(module: str, extra: str):
     """Import a heavy optional module, or raise a MissingBackendError naming the extra to install."""
     import importlib

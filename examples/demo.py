@@ -5,7 +5,9 @@
 2. convert it to TFLite, ONNX and OpenVINO in INT8 and FP16 for this machine's profile,
    validating each artifact against the FP32 model on held-out data;
 3. benchmark every artifact on ``local`` (latency, accuracy, memory, power where a sensor exists);
-4. write ``demo-out/report.html`` (and Markdown) from the results.
+4. write ``demo-out/report.html`` (and Markdown) from the results;
+5. ``edgeq tune``: every candidate the profile allows, scored on the host against FP32, the passing ones
+   benchmarked on ``local``, the fastest within a 1-point top-1 budget kept (``demo-out/tune/tune.html``).
 
 Each step runs the real ``edgeq`` command, printed before it runs, so the demo doubles as a tutorial.
 """
@@ -79,6 +81,12 @@ def main() -> None:
     print(f"\nwrote {OUT / 'report.html'}")
     if failed or report.returncode != 0:
         sys.exit("demo: a benchmark or the report failed (see above)")
+
+    print("\n== 5. tune: the fastest artifact on this machine within 1 point of FP32 top-1")
+    edgeq("tune", str(data["model"]), "--target", "local", "--calibration", str(data["calib"]),
+          "--eval", str(data["eval"]), "--max-accuracy-drop", "0.01", "--max-time", "10m", "--runs", "200",
+          "--output", str(OUT / "tune"))
+    print(f"\nwrote {OUT / 'tune' / 'tune.html'}")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ COMMANDS = {
     "bench": "edgeq.cli.bench:bench",
     "report": "edgeq.cli.report:report",
     "lab": "edgeq.cli.lab:lab",
+    "tune": "edgeq.cli.tune:tune",
 }
 
 

@@ -48,6 +48,7 @@ class FormatBackend:
     tools: dict[str, tuple[str, ...]] = field(default_factory=dict)
     uses_profile_calibration_method: bool = False  # the profile's calibration_method is this format's default
     quantized_io_precisions: tuple[str, ...] = ()  # precisions that take --quantized-io
+    float_node_precisions: tuple[str, ...] = ()  # precisions that can keep named nodes in float
 
 
 @dataclass
@@ -62,6 +63,7 @@ class BuildRequest:
     calibration: Dataset | None = None
     calibration_method: str | None = None
     quantized_io: str | None = None
+    float_nodes: tuple[str, ...] = ()  # nodes kept in float in an otherwise quantized model (mixed precision)
 
 
 @dataclass

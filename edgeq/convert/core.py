@@ -60,6 +60,7 @@ def convert(
     quantized_io: str | None = None,
     eval_path: Path | str | None = None,
     max_accuracy_drop: float | None = None,
+    float_nodes: list[str] | tuple[str, ...] = (),
     force: bool = False,
 ) -> Manifest:
     """Convert ``model`` for ``profile`` into the artifact directory ``output`` and return its manifest.
@@ -68,7 +69,8 @@ def convert(
     name). With ``eval_path`` the artifact is run against the FP32 source on the host and, when
     ``max_accuracy_drop`` is set, gated: over budget the artifact is still written, marked
     ``status: failed``, and ValidationError is raised. The directory is written atomically (temp
-    dir beside it, then rename); an existing ``output`` is refused unless ``force``.
+    dir beside it, then rename); an existing ``output`` is refused unless ``force``. ``float_nodes`` keeps
+    those nodes of a quantized model in float (mixed precision; recorded in ``options.float_nodes``).
     """
     started = time.perf_counter()
     output = Path(output)
@@ -97,6 +99,10 @@ def convert(
     calib = _load_calibration(source, calibration, calibration_samples) if capability.needs_calibration else None
     dataset = load_dataset(eval_path, source.inputs, role="eval") if eval_path is not None else None
     backend = registry.backend(fmt)
+    if float_nodes and precision not in backend.float_node_precisions:
+        raise ConversionError(f"{model_path}: {fmt} {precision} cannot keep nodes in float",
+                              hint=f"float nodes apply to {fmt} {', '.join(backend.float_node_precisions)}"
+                              if backend.float_node_precisions else f"no {fmt} precision keeps nodes in float")
     if quantized_io is not None and precision not in backend.quantized_io_precisions:
         log.warning("--quantized-io does not apply to %s %s; ignored", fmt, precision)
         quantized_io = None
@@ -108,7 +114,7 @@ def convert(
         request = BuildRequest(source=source, precision=precision, out_dir=staging, scratch=scratch, profile=profile,
                                calibration=calib, calibration_method=calibration_method or
                                (profile.calibration_method if backend.uses_profile_calibration_method else None),
-                               quantized_io=quantized_io)
+                               quantized_io=quantized_io, float_nodes=tuple(float_nodes))
         result: BuildResult = backend.build(request)
         manifest = _manifest(source, profile, fmt, precision, staging, result, calib, calibration_samples,
                              started)

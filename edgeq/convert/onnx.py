@@ -57,6 +57,9 @@ def build(request: BuildRequest) -> BuildResult:
         activation_type = activation_type_for(request.profile)
         options.update({"quant_format": "QDQ", "per_channel": True, "activation_type": activation_type,
                         "weight_type": "int8", "reduce_range": reduce_range})
+        if request.float_nodes:
+            _check_node_names(prepared, request.float_nodes, request.source.path)
+            options["float_nodes"] = sorted(request.float_nodes)
         _quantize_static(request, prepared, target, method, reduce_range, activation_type)
         _canonical_constants(target)
         return BuildResult(model_file=MODEL_FILE, calibration_method=method, options=options, tools=tools)
@@ -301,7 +304,18 @@ def _quantize_static(request: BuildRequest, prepared: Path, target: Path, method
             weight_type=quantization.QuantType.QInt8,
             reduce_range=reduce_range,
             calibrate_method=methods[method],
+            nodes_to_exclude=list(request.float_nodes),
         )
+
+
+def _check_node_names(model_path: Path, wanted: tuple[str, ...], source: Path) -> None:
+    """ConversionError naming the float nodes the (pre-processed) model does not have."""
+    onnx = require_backend("onnx", "onnx")
+    present = {node.name for node in onnx.load(str(model_path), load_external_data=False).graph.node}
+    missing = sorted(set(wanted) - present)
+    if missing:
+        raise ConversionError(f"{source}: no node named {', '.join(repr(m) for m in missing[:5])} to keep in float",
+                              hint="float nodes are node names of the pre-processed ONNX model")
 
 
 def _required_modules(precision: str, source_kind: str) -> list[tuple[str, str]]:
@@ -325,4 +339,5 @@ BACKEND = FormatBackend(
     tools={"onnx": ("onnx",), "onnxruntime": ("onnxruntime", "onnxruntime-gpu"), "tf2onnx": ("tf2onnx",),
            "onnxconverter-common": ("onnxconverter-common",)},
     uses_profile_calibration_method=True,
+    float_node_precisions=("int8",),
 )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import math
 import re
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -173,53 +174,74 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 def accuracy_latency_chart(rows: list[Row], colors: dict[str, str]) -> str:
     """Top-1 accuracy against median latency; the Pareto front (fastest for its accuracy) is drawn and labelled."""
-    items = []
+    points = []
     for row in rows:
         if row.record is None or not row.record.ok:
             continue
         result = row.record.result
         if result.latency_ms is None or result.accuracy is None or result.accuracy.top1 is None:
             continue
-        items.append((row, result.latency_ms.p50, result.accuracy.top1 * 100.0))
-    if not items:
+        points.append(ScatterPoint(f"{row.target} · {row.label}", result.latency_ms.p50, result.accuracy.top1 * 100.0,
+                                   colors.get(row.target, PALETTE[0]), f"{row.target} {row.label}"))
+    if not points:
         return _placeholder("no results with both accuracy and latency")
+    return scatter_chart(points, "median latency (ms)", "top-1 accuracy (%)", "top-1 accuracy against median latency",
+                         y_unit="top-1 ", y_suffix="%")
+
+
+@dataclass
+class ScatterPoint:
+    label: str  # shown beside the point when it is on the Pareto front
+    x: float  # lower is better (latency)
+    y: float  # higher is better (accuracy, agreement)
+    color: str
+    tooltip: str
+    highlight: bool = False  # drawn as a ring (the chosen point)
+
+
+def scatter_chart(points: list[ScatterPoint], x_label: str, y_label: str, title: str, *, y_unit: str = "",
+                  y_suffix: str = "") -> str:
+    """y (higher better) against x (lower better); the Pareto front is drawn as a staircase and labelled."""
     height, left, bottom, top = 360, 70, 300, 14
-    xs = Scale.fit([x for _, x, _ in items], left, WIDTH - 40)
-    ys = Scale.fit([y for _, _, y in items], bottom, top)
-    body = _x_axis(xs, bottom, "median latency (ms)")
+    xs = Scale.fit([p.x for p in points], left, WIDTH - 40)
+    ys = Scale.fit([p.y for p in points], bottom, top)
+    body = _x_axis(xs, bottom, x_label)
     body.append(f'<line class="axis" x1="{left}" y1="{top}" x2="{left}" y2="{bottom}"/>')
     for tick in ys.ticks(5):
         y = ys(tick)
         body.append(f'<line class="grid" x1="{left}" y1="{y:.1f}" x2="{WIDTH - 40}" y2="{y:.1f}"/>')
         body.append(f'<text class="tick" x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{_fmt(tick)}</text>')
     body.append(f'<text class="axis-label" x="16" y="{(top + bottom) / 2:.0f}" text-anchor="middle" '
-                f'transform="rotate(-90 16 {(top + bottom) / 2:.0f})">top-1 accuracy (%)</text>')
-    front = pareto_front([(x, y) for _, x, y in items])
+                f'transform="rotate(-90 16 {(top + bottom) / 2:.0f})">{esc(y_label)}</text>')
+    front = pareto_front([(p.x, p.y) for p in points])
     if len(front) > 1:
-        # A staircase: between two front points the better accuracy is only reached at the slower latency.
+        # A staircase: between two front points the better y is only reached at the larger x.
         coords = []
         for a, b in zip(front, front[1:], strict=False):
-            coords += [(xs(items[a][1]), ys(items[a][2])), (xs(items[b][1]), ys(items[a][2]))]
-        coords.append((xs(items[front[-1]][1]), ys(items[front[-1]][2])))
-        points = " ".join(f"{x:.1f},{y:.1f}" for x, y in coords)
+            coords += [(xs(points[a].x), ys(points[a].y)), (xs(points[b].x), ys(points[a].y))]
+        coords.append((xs(points[front[-1]].x), ys(points[front[-1]].y)))
+        line = " ".join(f"{x:.1f},{y:.1f}" for x, y in coords)
         # fill="none" on the element too: the chart must not turn into a filled wedge where the page's CSS
         # is missing (an SVG copied out of the report, a mail client stripping <style>).
-        body.append(f'<polyline class="pareto-front" fill="none" stroke="#111" points="{points}"/>')
+        body.append(f'<polyline class="pareto-front" fill="none" stroke="#111" points="{line}"/>')
     front_set = set(front)
-    for i, (row, x, y) in enumerate(items):
-        color = colors.get(row.target, PALETTE[0])
+    for i, point in enumerate(points):
         on_front = i in front_set
         css = "point pareto" if on_front else "point"
-        tooltip = f"{row.target} {row.label}: {x:.4g} ms, top-1 {y:.2f}%{' (Pareto front)' if on_front else ''}"
-        body.append(f'<circle class="{css}" cx="{xs(x):.1f}" cy="{ys(y):.1f}" r="{6 if on_front else 4.5}" '
-                    f'fill="{color}"><title>{esc(tooltip)}</title></circle>')
-        if on_front:
+        tooltip = (f"{point.tooltip}: {point.x:.4g} ms, {y_unit}{point.y:.4g}{y_suffix}"
+                   f"{' (Pareto front)' if on_front else ''}")
+        cx, cy = xs(point.x), ys(point.y)
+        if point.highlight:
+            body.append(f'<circle class="chosen" cx="{cx:.1f}" cy="{cy:.1f}" r="10" fill="none" '
+                        f'stroke="#111" stroke-width="2"/>')
+        body.append(f'<circle class="{css}" cx="{cx:.1f}" cy="{cy:.1f}" r="{6 if on_front else 4.5}" '
+                    f'fill="{point.color}"><title>{esc(tooltip)}</title></circle>')
+        if on_front or point.highlight:
             # Labels right of points in the left half, left of them in the right half: never cut off.
-            right_half = xs(x) > WIDTH / 2
-            anchor, dx = ("end", -8) if right_half else ("start", 8)
-            body.append(f'<text class="point-label" x="{xs(x) + dx:.1f}" y="{ys(y) - 7:.1f}" '
-                        f'text-anchor="{anchor}">{esc(row.target)} · {esc(row.label)}</text>')
-    return _svg(height, body, "top-1 accuracy against median latency")
+            anchor, dx = ("end", -8) if cx > WIDTH / 2 else ("start", 8)
+            body.append(f'<text class="point-label" x="{cx + dx:.1f}" y="{cy - 7:.1f}" '
+                        f'text-anchor="{anchor}">{esc(point.label)}</text>')
+    return _svg(height, body, title)
 
 
 def energy_chart(rows: list[Row], colors: dict[str, str]) -> str:

@@ -1,0 +1,96 @@
+"""Tune's candidates: one ordinary edgeq artifact each, described by its format, precision and scheme.
+
+The stages, cheapest and fastest first (the issue's A-E):
+- A ``int8``: full INT8 static, calibration methods one at a time (minmax, then percentile, then entropy
+  where the format has them), keeping the best; and ``dynamic`` (int8 weights) where the format has it;
+- B ``mixed``: INT8 with the most sensitive layers kept in float (formats whose backend can keep nodes float);
+- D ``float16``: fp16, and bf16 where the host can validate it;
+- E ``fp32``: always passes, the baseline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeq.convert import capabilities
+from edgeq.tune.budget import Score
+
+STAGES = {"int8": "A", "dynamic": "A", "mixed": "B", "fp16": "D", "bf16": "D", "fp32": "E"}
+CALIBRATION_ORDER = ("minmax", "percentile", "entropy")
+
+
+@dataclass
+class Candidate:
+    """One artifact tune built (or tried to), and what was measured on it."""
+
+    format: str
+    precision: str
+    scheme: str  # int8 | dynamic | mixed | fp16 | bf16 | fp32
+    calibration_method: str | None = None
+    float_nodes: tuple[str, ...] = ()
+    directory: Path | None = None
+    artifact_id: str | None = None
+    size_bytes: int | None = None
+    seconds: float = 0.0  # build + host evaluation
+    screen: Score | None = None  # on the screening subset, when there was one
+    score: Score | None = None  # on the whole eval set
+    error: str | None = None  # why it could not be built or evaluated
+    rejected_by: str | None = None  # "screen" when the subset already ruled it out
+    bench: dict[str, Any] = field(default_factory=dict)  # p50/p90 ms, energy, status, result file
+    pareto: bool = False
+    chosen: bool = False
+    index: int = 0  # its place in the search, which makes ``id`` unique
+
+    @property
+    def id(self) -> str:
+        return f"{self.index:02d}-{self.name}"
+
+    @property
+    def stage(self) -> str:
+        return STAGES[self.scheme]
+
+    @property
+    def name(self) -> str:
+        parts = [self.format, self.scheme]
+        if self.calibration_method and self.scheme in ("int8", "mixed"):
+            parts.append(self.calibration_method)
+        if self.float_nodes:
+            parts.append(f"k{len(self.float_nodes)}")
+        return "-".join(parts)
+
+    @property
+    def measured(self) -> Score | None:
+        """The whole-set score, else the screening subset's (a candidate the screen ruled out has only that)."""
+        return self.score or self.screen
+
+    @property
+    def passed(self) -> bool:
+        return self.score is not None and self.score.passed
+
+    @property
+    def quantized(self) -> bool:
+        return self.scheme in ("int8", "dynamic", "mixed")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "name": self.name, "stage": self.stage, "format": self.format, "precision": self.precision,
+            "scheme": self.scheme, "calibration_method": self.calibration_method,
+            "float_nodes": list(self.float_nodes), "artifact": str(self.directory) if self.directory else None,
+            "artifact_id": self.artifact_id, "size_bytes": self.size_bytes, "seconds": round(self.seconds, 3),
+            "screen": self.screen.to_json() if self.screen else None,
+            "host": self.score.to_json() if self.score else None, "passed": self.passed,
+            "error": self.error, "rejected_by": self.rejected_by, "device": self.bench or None,
+            "pareto": self.pareto, "chosen": self.chosen,
+        }
+
+
+def buildable(fmt: str, source_kind: str) -> dict[str, tuple[str, ...]]:
+    """precision -> its calibration methods, for what ``fmt`` can build from a ``source_kind`` model."""
+    return {c.precision: c.calibration_methods for c in capabilities() if c.format == fmt and source_kind in c.sources}
+
+
+def calibration_methods(methods: tuple[str, ...]) -> list[str]:
+    """The methods to try, in tune's order (cheapest, most often right first)."""
+    return [m for m in CALIBRATION_ORDER if m in methods] or list(methods[:1])

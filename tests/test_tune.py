@@ -1,0 +1,134 @@
+"""``edgeq tune`` on a model that full INT8 breaks: real ORT conversions, benches on `local` and over SSH."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edgeq.cli import cli
+from edgeq.manifest import read_manifest, verify_artifact
+from edgeq.profiles import load_profile
+from edgeq.targets import load_inventory, local_target, resolve_targets
+from edgeq.tune import Budget, tune
+from tests.tune_fixtures import SENSITIVE_NODES
+
+pytestmark = pytest.mark.slow
+
+QUICK = {"runs": 20, "min_seconds": 0.05}
+# Pinned: the local target's detected profile depends on the CPU, and so would int8 settings (reduce_range).
+PROFILE = "x86-avx2"
+
+
+@pytest.fixture
+def tune_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEQ_LOCAL_WORKDIR", str(tmp_path / "local-device"))
+    monkeypatch.setenv("EDGEQ_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _tune(paths, output, **kwargs):
+    kwargs.setdefault("budget", Budget(max_accuracy_drop=0.02))
+    kwargs.setdefault("formats", ["onnx"])  # ONNX only: no bf16 candidate, whose presence depends on the CPU
+    return tune(paths["model"], kwargs.pop("target", local_target()), load_profile(PROFILE),
+                calibration=paths["calibration"], eval_path=kwargs.pop("eval_path", paths["eval"]),
+                output=output, **QUICK, **kwargs)
+
+
+def test_tune_keeps_the_sensitive_layers_in_float(sensitive_model, tmp_path, tune_env):
+    result = _tune(sensitive_model, tmp_path / "tuned")
+
+    full = [c for c in result.candidates if c.scheme == "int8"]
+    assert [c.calibration_method for c in full] == ["minmax", "percentile", "entropy"]  # one at a time
+    assert all(not c.passed and c.measured.top1_drop > 0.5 for c in full), [c.to_json() for c in full]
+    mixed = [c for c in result.candidates if c.scheme == "mixed" and c.passed]
+    assert len(mixed) == 1, "the search stops at the first mixed candidate that meets the budget"
+    winner = mixed[0]
+    assert set(winner.float_nodes) == SENSITIVE_NODES
+    assert winner.score.top1_drop <= 0.02 and winner.score.samples == 300
+    low, high = winner.score.top1_drop_ci95
+    assert low <= winner.score.top1_drop <= high
+    manifest = read_manifest(winner.directory)  # an ordinary artifact that records its float layers
+    assert (manifest.format, manifest.precision) == ("onnx", "int8")
+    assert manifest.options["float_nodes"] == sorted(SENSITIVE_NODES)
+
+    # Every passing candidate was measured on the device; the chosen one is the fastest of them there.
+    passing = [c for c in result.candidates if c.passed]
+    assert {c.scheme for c in passing} >= {"fp32", "fp16", "mixed"}
+    assert all(c.bench["status"] == "ok" and c.bench["p50_ms"] > 0 for c in passing)
+    assert result.chosen is min(passing, key=lambda c: c.bench["p50_ms"])
+    assert verify_artifact(result.chosen_dir).id == result.chosen.artifact_id
+    assert result.device_accuracy["top1"] == pytest.approx(result.chosen.score.top1, abs=0.01)
+
+    data = json.loads((tmp_path / "tuned" / "tune.json").read_text())
+    assert data["chosen"] == result.chosen.id and len(data["candidates"]) == len(result.candidates)
+    row = next(c for c in data["candidates"] if c["id"] == winner.id)
+    assert row["stage"] == "B" and row["host"]["top1_drop"] == winner.score.top1_drop
+    assert row["device"]["p50_ms"] == winner.bench["p50_ms"]
+    assert any(c["pareto"] for c in data["candidates"])
+    page = (tmp_path / "tuned" / "tune.html").read_text()
+    assert 'class="chosen"' in page and winner.id in page
+    assert winner.id in (tmp_path / "tuned" / "tune.md").read_text()
+
+
+def test_a_budget_no_quantized_candidate_meets_returns_float_and_says_why(sensitive_model, tmp_path, tune_env):
+    result = _tune(sensitive_model, tmp_path / "tuned", budget=Budget(min_cosine=0.999999),
+                   eval_path=sensitive_model["eval_unlabelled"])
+    assert not any(c.passed for c in result.candidates if c.quantized)
+    assert result.chosen.scheme in ("fp32", "fp16")
+    assert "no quantized candidate met it" in result.reason
+    assert all(c.measured.top1_drop is None for c in result.candidates if c.measured)  # no labels, no top-1
+
+
+def test_limits_and_the_fp32_cache(sensitive_model, tmp_path, tune_env):
+    first = _tune(sensitive_model, tmp_path / "a", max_time_s=0)
+    assert [c.scheme for c in first.candidates] == ["fp32"]  # the baseline is built whatever the limits
+    assert any("--max-time" in note for note in first.notes)
+    assert first.reference_cached is False
+
+    second = _tune(sensitive_model, tmp_path / "b", max_candidates=3)
+    assert len(second.candidates) == 3 and any("--max-candidates 3" in n for n in second.notes)
+    assert second.reference_cached is True  # same model, same eval data: the FP32 pass is not repeated
+
+
+def test_cli_tune_and_its_one_line_errors(sensitive_model, tmp_path, tune_env):
+    common = [str(sensitive_model["model"]), "--profile", PROFILE, "--calibration",
+              str(sensitive_model["calibration"]), "--runs", "20"]
+    result = CliRunner().invoke(cli, ["tune", *common, "--eval", str(sensitive_model["eval"]),
+                                      "--max-accuracy-drop", "0.02", "--format", "onnx", "--max-candidates", "2",
+                                      "-o", str(tmp_path / "cli")])
+    assert result.exit_code == 0, result.output
+    assert "chosen: 01-onnx-fp32" in result.output and (tmp_path / "cli" / "chosen" / "manifest.json").exists()
+
+    cases = [
+        (["--eval", str(sensitive_model["eval_unlabelled"]), "--max-accuracy-drop", "0.01"],
+         "--max-accuracy-drop needs labels"),
+        (["--eval", str(sensitive_model["eval"]), "--min-cosine", "0.99", "--profile", "jetson-nano",
+          "--format", "openvino"], "profile 'jetson-nano' does not allow format 'openvino'"),
+        (["--eval", str(sensitive_model["eval"])], "give one accuracy budget"),
+        (["--eval", str(sensitive_model["eval"]), "--min-cosine", "0.99", "-o", str(tmp_path / "cli")],
+         "output directory is not empty"),
+    ]
+    for extra, message in cases:
+        args = ["tune", *common, *extra]
+        if "-o" not in extra:
+            args += ["-o", str(tmp_path / "other")]
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1, (extra, result.output)
+        assert message in result.output and "Traceback" not in result.output
+        assert [line for line in result.output.splitlines() if line.startswith("error: ")], result.output
+
+
+@pytest.mark.sshd
+def test_tune_on_an_sshd_device(sensitive_model, trusted_inventory, tmp_path, tune_env):
+    (target,) = resolve_targets(load_inventory(trusted_inventory.path), "dev-0")
+    result = _tune(sensitive_model, tmp_path / "tuned", target=target, max_candidates=8)
+    assert result.target == "dev-0"
+    passing = [c for c in result.candidates if c.passed]
+    assert {c.scheme for c in passing} == {"fp32", "mixed"}
+    for candidate in passing:
+        assert candidate.bench["status"] == "ok", candidate.bench
+        assert json.loads(Path(candidate.bench["result"]).read_text())["target"] == "dev-0"
+        assert (trusted_inventory.workdirs["dev-0"] / "releases" / candidate.artifact_id).is_dir()
+    assert result.chosen in passing and result.device_accuracy is not None

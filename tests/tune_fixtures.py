@@ -1,0 +1,56 @@
+"""A model that full INT8 breaks and mixed precision fixes, built in the test: one channel of a hidden
+activation is scaled 1000x (and scaled back in the next layer's weights), so its per-tensor activation
+scale flattens every other channel to zero. Keeping that activation's producer and consumer in float
+restores the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SENSITIVE_NODES = {"wide_range", "fc2"}  # the producer and the consumer of the wide-range activation
+
+
+def write_sensitive_model(directory: Path) -> dict[str, Path]:
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(0, 0.5, (16, 32)).astype(np.float32)
+    b1 = rng.normal(0, 0.1, (32,)).astype(np.float32)
+    scale = np.ones(32, np.float32)
+    scale[0] = 1000.0
+    w2 = rng.normal(0, 0.5, (32, 10)).astype(np.float32)
+    w2[0] /= 1000.0  # the float model is unchanged by the scaling; an int8 one is not
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h0"], name="fc1"),
+             helper.make_node("Add", ["h0", "b1"], ["h"], name="fc1_bias"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu1"),
+             helper.make_node("Mul", ["r", "scale"], ["m"], name="wide_range"),
+             helper.make_node("MatMul", ["m", "W2"], ["logits"], name="fc2")]
+    graph = helper.make_graph(
+        nodes, "sensitive", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(b1, "b1"),
+         numpy_helper.from_array(scale, "scale"), numpy_helper.from_array(w2, "W2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {"model": directory / "sensitive.onnx", "calibration": directory / "calib.npz",
+             "eval": directory / "eval.npz", "eval_unlabelled": directory / "eval-unlabelled.npz"}
+    onnx.save(model, str(paths["model"]))
+    np.savez(paths["calibration"], x=rng.normal(0, 1, (200, 16)).astype(np.float32))
+    x = rng.normal(0, 1, (300, 16)).astype(np.float32)
+    session = ort.InferenceSession(str(paths["model"]), providers=["CPUExecutionProvider"])
+    labels = np.argmax(session.run(None, {"x": x})[0], axis=1)  # the FP32 model is right on every sample
+    np.savez(paths["eval"], x=x, labels=labels)
+    np.savez(paths["eval_unlabelled"], x=x)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def sensitive_model(tmp_path_factory) -> dict[str, Path]:
+    return write_sensitive_model(tmp_path_factory.mktemp("sensitive"))
