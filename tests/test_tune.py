@@ -72,6 +72,31 @@ def test_tune_keeps_the_sensitive_layers_in_float(sensitive_model, tmp_path, tun
     assert winner.id in (tmp_path / "tuned" / "tune.md").read_text()
 
 
+def test_openvino_int8_settings_one_at_a_time_then_accuracy_control(sensitive_model, tmp_path, tune_env):
+    result = _tune(sensitive_model, tmp_path / "tuned", formats=["openvino"], max_candidates=5)
+    assert [c.scheme for c in result.candidates] == ["fp32", "int8", "int8", "int8", "mixed"]
+    plain, asym, full_bc = result.candidates[1:4]
+    assert (plain.settings, asym.settings) == ({}, {"int8_preset": "mixed"})
+    better = max((plain, asym), key=lambda c: c.measured.metric())  # kept, then the next setting on top
+    assert full_bc.settings == {**better.settings, "fast_bias_correction": False}
+    for candidate in (plain, asym, full_bc):
+        options = read_manifest(candidate.directory).options
+        assert options["nncf_preset"] == candidate.settings.get("int8_preset", "performance")
+        assert options["fast_bias_correction"] is candidate.settings.get("fast_bias_correction", True)
+        assert not candidate.passed  # the wide-range channel breaks every full-INT8 variant
+
+    control = result.candidates[4]
+    assert control.accuracy_control and control.settings == max((plain, asym, full_bc),
+                                                                key=lambda c: c.measured.metric()).settings
+    options = read_manifest(control.directory).options
+    assert options["accuracy_control"]["max_drop"] == pytest.approx(0.01)  # half the budget: ours decides
+    if control.rejected_by is not None:  # NNCF reverted every weighted layer: not a quantized model
+        assert control.rejected_by == "no int8 layer left" and options["int8_layers"] == 0
+    else:
+        assert options["int8_layers"] > 0 and set(control.float_nodes) == set(options["float_layers"])
+    assert any("--max-candidates 5" in note for note in result.notes)
+
+
 def test_a_budget_no_quantized_candidate_meets_returns_float_and_says_why(sensitive_model, tmp_path, tune_env):
     result = _tune(sensitive_model, tmp_path / "tuned", budget=Budget(min_cosine=0.999999),
                    eval_path=sensitive_model["eval_unlabelled"])
@@ -123,7 +148,7 @@ def test_cli_tune_and_its_one_line_errors(sensitive_model, tmp_path, tune_env):
 @pytest.mark.sshd
 def test_tune_on_an_sshd_device(sensitive_model, trusted_inventory, tmp_path, tune_env):
     (target,) = resolve_targets(load_inventory(trusted_inventory.path), "dev-0")
-    result = _tune(sensitive_model, tmp_path / "tuned", target=target, max_candidates=8)
+    result = _tune(sensitive_model, tmp_path / "tuned", target=target, max_candidates=9)
     assert result.target == "dev-0"
     passing = [c for c in result.candidates if c.passed]
     assert {c.scheme for c in passing} == {"fp32", "mixed"}

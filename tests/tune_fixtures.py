@@ -19,13 +19,16 @@ def write_sensitive_model(directory: Path) -> dict[str, Path]:
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
+    w0 = rng.normal(0, 0.4, (16, 16)).astype(np.float32)
     w1 = rng.normal(0, 0.5, (16, 32)).astype(np.float32)
     b1 = rng.normal(0, 0.1, (32,)).astype(np.float32)
     scale = np.ones(32, np.float32)
     scale[0] = 1000.0
     w2 = rng.normal(0, 0.5, (32, 10)).astype(np.float32)
     w2[0] /= 1000.0  # the float model is unchanged by the scaling; an int8 one is not
-    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h0"], name="fc1"),
+    nodes = [helper.make_node("MatMul", ["x", "W0"], ["g0"], name="fc0"),  # an ordinary layer, int8-friendly
+             helper.make_node("Relu", ["g0"], ["g"], name="relu0"),
+             helper.make_node("MatMul", ["g", "W1"], ["h0"], name="fc1"),
              helper.make_node("Add", ["h0", "b1"], ["h"], name="fc1_bias"),
              helper.make_node("Relu", ["h"], ["r"], name="relu1"),
              helper.make_node("Mul", ["r", "scale"], ["m"], name="wide_range"),
@@ -33,7 +36,7 @@ def write_sensitive_model(directory: Path) -> dict[str, Path]:
     graph = helper.make_graph(
         nodes, "sensitive", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
-        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(b1, "b1"),
+        [numpy_helper.from_array(w0, "W0"), numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(b1, "b1"),
          numpy_helper.from_array(scale, "scale"), numpy_helper.from_array(w2, "W2")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8

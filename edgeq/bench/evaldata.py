@@ -44,7 +44,9 @@ def _num_classes(spec: TensorSpec | None) -> int | None:
 
 def _read_eval(eval_path: str | Path, manifest: Manifest) -> Dataset:
     # Quantized artifacts take float data too: the runner quantizes with the artifact's own parameters.
-    specs = [InputSpec(name=t.name, shape=list(t.shape), dtype="float32") for t in manifest.inputs]
+    # Integer inputs (token ids, byte values) are data, not quantized floats: they stay integers.
+    specs = [InputSpec(name=t.name, shape=list(t.shape), dtype=t.dtype if t.dtype.startswith(("int", "uint")) and
+                       t.scale is None else "float32") for t in manifest.inputs]
     return load_dataset(eval_path, specs, role="eval")
 
 

@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from edgeq.convert.source import SourceModel
 from edgeq.data import Dataset
 from edgeq.profiles import DeviceProfile
@@ -49,6 +51,21 @@ class FormatBackend:
     uses_profile_calibration_method: bool = False  # the profile's calibration_method is this format's default
     quantized_io_precisions: tuple[str, ...] = ()  # precisions that take --quantized-io
     float_node_precisions: tuple[str, ...] = ()  # precisions that can keep named nodes in float
+    int8_tunables: tuple[str, ...] = ()  # the int8 settings besides calibration it accepts (preset, ...)
+
+
+@dataclass(frozen=True)
+class AccuracyControl:
+    """Quantize, then keep layers in float until ``metric`` is within ``max_drop`` of the float model's
+    (NNCF's ``quantize_with_accuracy_control``). ``metric(outputs, indices)`` gets the first output of each
+    validation sample (and the samples' indices into ``inputs``) and returns (metric, per-sample values),
+    higher better."""
+
+    inputs: dict[str, np.ndarray]  # validation inputs keyed by source input name
+    metric: Callable[[list[np.ndarray], list[int]], tuple[float, list[float]]]
+    max_drop: float
+    max_iterations: int = 8  # at most this many layers (groups of quantizers) go back to float
+    ranking_subset: int = 100
 
 
 @dataclass
@@ -64,6 +81,9 @@ class BuildRequest:
     calibration_method: str | None = None
     quantized_io: str | None = None
     float_nodes: tuple[str, ...] = ()  # nodes kept in float in an otherwise quantized model (mixed precision)
+    int8_preset: str | None = None  # NNCF preset: performance (symmetric) or mixed (asymmetric activations)
+    fast_bias_correction: bool | None = None  # NNCF: fast (default) or full bias correction
+    accuracy_control: AccuracyControl | None = None
 
 
 @dataclass

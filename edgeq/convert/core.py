@@ -13,7 +13,7 @@ from pathlib import Path
 
 from edgeq import __version__
 from edgeq.convert import registry
-from edgeq.convert.base import BuildRequest, BuildResult
+from edgeq.convert.base import AccuracyControl, BuildRequest, BuildResult
 from edgeq.convert.formats import find_capability
 from edgeq.convert.source import SourceModel, detect_kind, load_source
 from edgeq.convert.validate import validate
@@ -61,6 +61,9 @@ def convert(
     eval_path: Path | str | None = None,
     max_accuracy_drop: float | None = None,
     float_nodes: list[str] | tuple[str, ...] = (),
+    int8_preset: str | None = None,
+    fast_bias_correction: bool | None = None,
+    accuracy_control: AccuracyControl | None = None,
     force: bool = False,
 ) -> Manifest:
     """Convert ``model`` for ``profile`` into the artifact directory ``output`` and return its manifest.
@@ -71,6 +74,8 @@ def convert(
     ``status: failed``, and ValidationError is raised. The directory is written atomically (temp
     dir beside it, then rename); an existing ``output`` is refused unless ``force``. ``float_nodes`` keeps
     those nodes of a quantized model in float (mixed precision; recorded in ``options.float_nodes``).
+    ``int8_preset``, ``fast_bias_correction`` and ``accuracy_control`` tune int8 where the format's backend
+    takes them (``FormatBackend.int8_tunables``: OpenVINO's NNCF).
     """
     started = time.perf_counter()
     output = Path(output)
@@ -103,6 +108,14 @@ def convert(
         raise ConversionError(f"{model_path}: {fmt} {precision} cannot keep nodes in float",
                               hint=f"float nodes apply to {fmt} {', '.join(backend.float_node_precisions)}"
                               if backend.float_node_precisions else f"no {fmt} precision keeps nodes in float")
+    asked = {"int8_preset": int8_preset, "fast_bias_correction": fast_bias_correction,
+             "accuracy_control": accuracy_control}
+    for name, value in asked.items():
+        if value is not None and (precision != "int8" or name not in backend.int8_tunables):
+            raise ConversionError(f"{model_path}: {fmt} {precision} does not take {name}",
+                                  hint=f"{fmt} int8 takes: {', '.join(backend.int8_tunables) or 'none of them'}")
+    if int8_preset not in (None, "performance", "mixed"):
+        raise ConversionError(f"int8_preset must be performance or mixed, got '{int8_preset}'")
     if quantized_io is not None and precision not in backend.quantized_io_precisions:
         log.warning("--quantized-io does not apply to %s %s; ignored", fmt, precision)
         quantized_io = None
@@ -114,7 +127,8 @@ def convert(
         request = BuildRequest(source=source, precision=precision, out_dir=staging, scratch=scratch, profile=profile,
                                calibration=calib, calibration_method=calibration_method or
                                (profile.calibration_method if backend.uses_profile_calibration_method else None),
-                               quantized_io=quantized_io, float_nodes=tuple(float_nodes))
+                               quantized_io=quantized_io, float_nodes=tuple(float_nodes), int8_preset=int8_preset,
+                               fast_bias_correction=fast_bias_correction, accuracy_control=accuracy_control)
         result: BuildResult = backend.build(request)
         manifest = _manifest(source, profile, fmt, precision, staging, result, calib, calibration_samples,
                              started)

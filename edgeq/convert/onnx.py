@@ -44,7 +44,7 @@ def build(request: BuildRequest) -> BuildResult:
     _fp32_model(request, fp32)
     try:
         if request.precision == "fp16":
-            _to_fp16(fp32, target)
+            _to_fp16(fp32, target, options)
             _canonical_constants(target)
             return BuildResult(model_file=MODEL_FILE, options=options, tools=(*tools, "onnxconverter-common"))
         prepared = _pre_process(fp32, request.scratch / "preprocessed.onnx", options)
@@ -55,12 +55,14 @@ def build(request: BuildRequest) -> BuildResult:
         method = request.calibration_method or request.profile.calibration_method
         reduce_range = needs_reduce_range(request.profile)
         activation_type = activation_type_for(request.profile)
-        options.update({"quant_format": "QDQ", "per_channel": True, "activation_type": activation_type,
+        per_channel = _opset_for_per_channel(prepared, options)
+        options.update({"quant_format": "QDQ", "per_channel": per_channel, "activation_type": activation_type,
                         "weight_type": "int8", "reduce_range": reduce_range})
         if request.float_nodes:
             _check_node_names(prepared, request.float_nodes, request.source.path)
             options["float_nodes"] = sorted(request.float_nodes)
-        _quantize_static(request, prepared, target, method, reduce_range, activation_type)
+        options.update(_quantize_static(request, prepared, target, method, reduce_range, activation_type,
+                                        per_channel))
         _canonical_constants(target)
         return BuildResult(model_file=MODEL_FILE, calibration_method=method, options=options, tools=tools)
     except ConversionError:
@@ -230,11 +232,34 @@ def _canonical_constants(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def _to_fp16(fp32: Path, target: Path) -> None:
+def _to_fp16(fp32: Path, target: Path, options: dict[str, object]) -> None:
     onnx = require_backend("onnx", "onnx")
     float16 = require_backend("onnxconverter_common.float16", "onnx")
     model = float16.convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True)
+    retyped = _retype_float_casts(onnx, model)
+    if retyped:
+        options["fp16_casts_retyped"] = retyped
     onnx.save(model, str(target))
+
+
+def _retype_float_casts(onnx, model) -> int:
+    """Make Cast-to-float nodes cast to float16 where the converter declared their output float16.
+
+    onnxconverter-common retypes every float tensor of the graph as float16, but leaves the ``to`` of Cast
+    nodes that cast *to* float (common in exported graphs, e.g. jax2tf's one_hot): ORT then refuses the model
+    ("Type (tensor(float16)) of output arg ... does not match expected type (tensor(float))"). Returns the
+    number of nodes changed."""
+    fp16_tensors = {v.name for v in [*model.graph.value_info, *model.graph.output]
+                    if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16}
+    changed = 0
+    for node in model.graph.node:
+        if node.op_type != "Cast" or node.output[0] not in fp16_tensors:
+            continue
+        for attribute in node.attribute:
+            if attribute.name == "to" and attribute.i == onnx.TensorProto.FLOAT:
+                attribute.i = onnx.TensorProto.FLOAT16
+                changed += 1
+    return changed
 
 
 def _pre_process(fp32: Path, target: Path, options: dict[str, object]) -> Path:
@@ -247,9 +272,21 @@ def _pre_process(fp32: Path, target: Path, options: dict[str, object]) -> Path:
         # Symbolic shape inference needs sympy (not an edgeq dependency); ONNX's own shape inference
         # still runs, which is enough for models with static non-batch dimensions.
         symbolic = False
-    options["symbolic_shape_inference"] = symbolic
+    if symbolic:
+        try:
+            with captured_stdout(log):
+                shape_inference.quant_pre_process(str(fp32), str(target), skip_symbolic_shape=False)
+            options["symbolic_shape_inference"] = True
+            return target
+        except Exception as exc:  # noqa: BLE001 - ORT raises bare Exceptions ("Incomplete symbolic shape inference")
+            # Real models with dynamic spatial dimensions or data-dependent shapes defeat the symbolic pass;
+            # ONNX's own shape inference and the graph optimizations still apply, which quantization needs.
+            log.info("%s: symbolic shape inference failed (%s); using ONNX shape inference", fp32, _first_line(exc))
+            options["symbolic_shape_inference"] = f"failed, fell back to onnx shape inference: {_first_line(exc)}"
+    else:
+        options["symbolic_shape_inference"] = False
     with captured_stdout(log):
-        shape_inference.quant_pre_process(str(fp32), str(target), skip_symbolic_shape=not symbolic)
+        shape_inference.quant_pre_process(str(fp32), str(target), skip_symbolic_shape=True)
     return target
 
 
@@ -269,8 +306,35 @@ def activation_type_for(profile: DeviceProfile) -> str:
     return "uint8" if profile.arch == "x86_64" else "int8"
 
 
+PER_CHANNEL_OPSET = 13  # DequantizeLinear's ``axis`` (per-channel scales) arrived in opset 13
+
+
+def _opset_for_per_channel(prepared: Path, options: dict[str, object]) -> bool:
+    """Make ``prepared`` opset >= 13 so per-channel QDQ is valid; True when it is (per-channel), False when
+    the upgrade failed (quantize per-tensor). Both are recorded in ``options``."""
+    onnx = require_backend("onnx", "onnx")
+    model = onnx.load(str(prepared))
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), PER_CHANNEL_OPSET)
+    if opset >= PER_CHANNEL_OPSET:
+        return True
+    try:
+        from onnx import version_converter
+
+        upgraded = version_converter.convert_version(model, PER_CHANNEL_OPSET)
+        onnx.checker.check_model(upgraded)
+    except Exception as exc:  # noqa: BLE001 - the converter raises plain RuntimeErrors per unsupported op
+        log.warning("%s: opset %d cannot be upgraded to %d (%s); quantizing per-tensor", prepared, opset,
+                    PER_CHANNEL_OPSET, _first_line(exc))
+        options["per_channel_off"] = f"opset {opset} could not be upgraded to {PER_CHANNEL_OPSET}: {_first_line(exc)}"
+        return False
+    onnx.save(upgraded, str(prepared))
+    options["opset_upgraded"] = {"from": opset, "to": PER_CHANNEL_OPSET}
+    return True
+
+
 def _quantize_static(request: BuildRequest, prepared: Path, target: Path, method: str, reduce_range: bool,
-                     activation_type: str) -> None:
+                     activation_type: str, per_channel: bool = True) -> dict[str, object]:
+    """Write the QDQ model; returns the settings that had to differ from the defaults (for the manifest)."""
     quantization = require_backend("onnxruntime.quantization", "onnx")
     calibration = request.calibration
     if calibration is None:
@@ -294,18 +358,33 @@ def _quantize_static(request: BuildRequest, prepared: Path, target: Path, method
 
     methods = {"minmax": quantization.CalibrationMethod.MinMax, "entropy": quantization.CalibrationMethod.Entropy,
                "percentile": quantization.CalibrationMethod.Percentile}
-    with captured_stdout(log):
-        quantization.quantize_static(
-            str(prepared), str(target), Reader(),
-            quant_format=quantization.QuantFormat.QDQ,
-            per_channel=True,
-            activation_type={"uint8": quantization.QuantType.QUInt8,
-                             "int8": quantization.QuantType.QInt8}[activation_type],
-            weight_type=quantization.QuantType.QInt8,
-            reduce_range=reduce_range,
-            calibrate_method=methods[method],
-            nodes_to_exclude=list(request.float_nodes),
-        )
+
+    def quantize(extra_options: dict) -> None:
+        with captured_stdout(log):
+            quantization.quantize_static(
+                str(prepared), str(target), Reader(),
+                quant_format=quantization.QuantFormat.QDQ,
+                per_channel=per_channel,
+                activation_type={"uint8": quantization.QuantType.QUInt8,
+                                 "int8": quantization.QuantType.QInt8}[activation_type],
+                weight_type=quantization.QuantType.QInt8,
+                reduce_range=reduce_range,
+                calibrate_method=methods[method],
+                nodes_to_exclude=list(request.float_nodes),
+                extra_options=extra_options,
+            )
+
+    try:
+        quantize({})
+    except ValueError as exc:
+        # ORT's int32-bias weight-scale adjustment indexes a per-channel bias as if it were 1-D and fails
+        # on biases of another shape (seen on Magika's Conv, ORT 1.32): quantize without that adjustment.
+        if "truth value of an array" not in str(exc):
+            raise
+        log.info("%s: ORT's int32-bias weight adjustment failed (%s); quantizing without it", prepared, exc)
+        quantize({"QDQDisableWeightAdjustForInt32Bias": True})
+        return {"int32_bias_weight_adjust": False}
+    return {}
 
 
 def _check_node_names(model_path: Path, wanted: tuple[str, ...], source: Path) -> None:

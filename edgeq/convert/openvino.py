@@ -1,4 +1,5 @@
-"""OpenVINO IR backend: fp32, fp16 (compressed weights), int8 through NNCF post-training quantization."""
+"""OpenVINO IR backend: fp32, fp16 (compressed weights), int8 through NNCF post-training quantization
+(optionally with accuracy control: the layers that lose most kept in float)."""
 
 from __future__ import annotations
 
@@ -37,10 +38,19 @@ def build(request: BuildRequest) -> BuildResult:
     options: dict[str, object] = {}
     method = None
     if request.precision == "int8":
-        model = _quantize(request, model)
+        preset = request.int8_preset or "performance"
+        fast = request.fast_bias_correction if request.fast_bias_correction is not None else True
+        model = _quantize(request, model, preset, fast)
         tools += ("nncf",)
         method = "minmax"
-        options.update({"nncf_preset": "performance", "fast_bias_correction": True})
+        options.update({"nncf_preset": preset, "fast_bias_correction": fast})
+        if request.accuracy_control is not None:
+            control = request.accuracy_control
+            floats, total = float_layers(model)
+            options.update({"accuracy_control": {"max_drop": control.max_drop,
+                                                 "max_iterations": control.max_iterations,
+                                                 "ranking_subset": control.ranking_subset},
+                            "float_layers": floats, "int8_layers": total - len(floats)})
     # save_model compresses weights to fp16 by default; fp32 and int8 keep what they computed. bf16 artifacts
     # store fp16 weights too (half the size; IR has no bf16 weight storage here) and compute in bf16: the
     # precision hint that makes them bf16 is set by the runtime from the manifest's precision.
@@ -51,7 +61,25 @@ def build(request: BuildRequest) -> BuildResult:
     return BuildResult(model_file=MODEL_FILE, calibration_method=method, options=options, tools=tools)
 
 
-def _quantize(request: BuildRequest, model):
+# Ops whose inputs NNCF quantizes with a FakeQuantize when they run in int8: one without is a float layer.
+WEIGHTED_OPS = {"Convolution", "GroupConvolution", "MatMul", "ConvolutionBackpropData"}
+
+
+def float_layers(model) -> tuple[list[str], int]:
+    """(the weighted layers of a quantized model whose activations are not quantized, so run in float;
+    the number of weighted layers)."""
+    names, total = [], 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() not in WEIGHTED_OPS:
+            continue
+        total += 1
+        feeds = [op.input_value(i).get_node().get_type_name() for i in range(op.get_input_size())]
+        if "FakeQuantize" not in feeds:
+            names.append(op.get_friendly_name())
+    return sorted(names), total
+
+
+def _quantize(request: BuildRequest, model, preset: str, fast_bias_correction: bool):
     nncf = require_backend("nncf", "openvino")
     calibration = request.calibration
     if calibration is None:
@@ -61,12 +89,40 @@ def _quantize(request: BuildRequest, model):
     items = [calibration.batch(i)[names[0]] if len(names) == 1 else calibration.batch(i)
              for i in range(calibration.samples)]
     logging.getLogger("nncf").setLevel(logging.WARNING)
+    presets = {"performance": nncf.QuantizationPreset.PERFORMANCE, "mixed": nncf.QuantizationPreset.MIXED}
+    common = {"preset": presets[preset], "subset_size": len(items), "fast_bias_correction": fast_bias_correction}
     try:
         with captured_stdout(log):
-            return nncf.quantize(model, nncf.Dataset(items), preset=nncf.QuantizationPreset.PERFORMANCE,
-                                 subset_size=len(items))
+            if request.accuracy_control is None:
+                return nncf.quantize(model, nncf.Dataset(items), **common)
+            return _quantize_with_accuracy_control(nncf, request, model, items, names, common)
     except Exception as exc:  # nncf raises RuntimeError/ValueError on unsupported graphs
         raise conversion_failure(request.source, "openvino", "int8", exc) from exc
+
+
+def _quantize_with_accuracy_control(nncf, request: BuildRequest, model, items: list, names: list[str], common: dict):
+    """NNCF ranks the quantizers by how much reverting each one helps on a capped subset, then reverts the
+    best ones, one at a time, until the metric is within ``max_drop`` or ``max_iterations`` is spent."""
+    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+
+    control = request.accuracy_control
+    count = len(next(iter(control.inputs.values())))
+    # Items carry their index, so the metric can line each output up with its label or FP32 reference.
+    validation = [(i, {n: control.inputs[n][i : i + 1] for n in names}) for i in range(count)]
+
+    def feed(item):
+        return item[1][names[0]] if len(names) == 1 else item[1]
+
+    def validate(compiled, data) -> tuple[float, list[float]]:
+        data = list(data)
+        outputs = [compiled(feed(item))[0] for item in data]
+        return control.metric(outputs, [item[0] for item in data])
+
+    return nncf.quantize_with_accuracy_control(
+        model, nncf.Dataset(items), nncf.Dataset(validation, feed), validate, max_drop=control.max_drop,
+        drop_type=nncf.DropType.ABSOLUTE, **common,
+        advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
+            max_num_iterations=control.max_iterations, ranking_subset_size=min(control.ranking_subset, count)))
 
 
 def _required_modules(precision: str, source_kind: str) -> list[tuple[str, str]]:
@@ -84,4 +140,5 @@ BACKEND = FormatBackend(
         Capability("openvino", "int8", ALL_SOURCES, True, "openvino", ("minmax",), "nncf.quantize (PTQ)"),
     ),
     tools={"openvino": ("openvino",), "nncf": ("nncf",)},
+    int8_tunables=("int8_preset", "fast_bias_correction", "accuracy_control"),
 )

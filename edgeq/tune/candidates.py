@@ -29,7 +29,9 @@ class Candidate:
     precision: str
     scheme: str  # int8 | dynamic | mixed | fp16 | bf16 | fp32
     calibration_method: str | None = None
-    float_nodes: tuple[str, ...] = ()
+    float_nodes: tuple[str, ...] = ()  # asked for (ONNX), or as the backend chose them (OpenVINO accuracy control)
+    settings: dict[str, Any] = field(default_factory=dict)  # further int8 settings (NNCF preset, bias correction)
+    accuracy_control: bool = False  # the backend picks the float layers against the budget itself
     directory: Path | None = None
     artifact_id: str | None = None
     size_bytes: int | None = None
@@ -56,7 +58,13 @@ class Candidate:
         parts = [self.format, self.scheme]
         if self.calibration_method and self.scheme in ("int8", "mixed"):
             parts.append(self.calibration_method)
-        if self.float_nodes:
+        if self.settings.get("int8_preset") == "mixed":
+            parts.append("asym")
+        if self.settings.get("fast_bias_correction") is False:
+            parts.append("fullbc")
+        if self.accuracy_control:
+            parts.append("ac")
+        elif self.float_nodes:
             parts.append(f"k{len(self.float_nodes)}")
         return "-".join(parts)
 
@@ -77,7 +85,8 @@ class Candidate:
         return {
             "id": self.id, "name": self.name, "stage": self.stage, "format": self.format, "precision": self.precision,
             "scheme": self.scheme, "calibration_method": self.calibration_method,
-            "float_nodes": list(self.float_nodes), "artifact": str(self.directory) if self.directory else None,
+            "float_nodes": list(self.float_nodes), "settings": self.settings,
+            "accuracy_control": self.accuracy_control, "artifact": str(self.directory) if self.directory else None,
             "artifact_id": self.artifact_id, "size_bytes": self.size_bytes, "seconds": round(self.seconds, 3),
             "screen": self.screen.to_json() if self.screen else None,
             "host": self.score.to_json() if self.score else None, "passed": self.passed,

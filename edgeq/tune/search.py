@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.convert import convert, registry
+from edgeq.convert.base import AccuracyControl
 from edgeq.convert.source import SourceModel, load_source
 from edgeq.convert.validate import primary_output_index, run_artifact
 from edgeq.data import Dataset, check_labels_range, load_dataset
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 SCREEN_SAMPLES = 100  # the host screen's subset; only eval sets at least twice this size are screened
 MIXED_K = (2, 4, 8)  # layers kept in float, after single layers (k=1) were tried one by one
 OBJECTIVES = ("latency", "energy", "size")
+# Formats whose mixed precision starts from a sensitivity shortlist (OpenVINO uses NNCF's accuracy control).
+SHORTLISTS = {"onnx": sensitivity.shortlist}
 
 
 class Progress:
@@ -107,15 +110,40 @@ class _Search:
                 precision=candidate.precision,
                 calibration=self.calibration if candidate.precision == "int8" else None,
                 calibration_samples=self.calibration_samples, calibration_method=candidate.calibration_method,
-                float_nodes=candidate.float_nodes, force=True)
+                float_nodes=() if candidate.accuracy_control else candidate.float_nodes,
+                accuracy_control=self._accuracy_control() if candidate.accuracy_control else None,
+                force=True, **candidate.settings)
+            candidate.float_nodes = tuple(manifest.options.get("float_layers", candidate.float_nodes))
             candidate.artifact_id = manifest.id
             candidate.size_bytes = sum(f.size for f in manifest.files)
-            self._evaluate(candidate, manifest)
+            if manifest.options.get("int8_layers") == 0:  # accuracy control reverted everything: an fp32 model
+                candidate.rejected_by = "no int8 layer left"
+                candidate.error = f"accuracy control kept all {len(candidate.float_nodes)} layers in float"
+            else:
+                self._evaluate(candidate, manifest)
         except EdgeqError as exc:
             candidate.error = exc.message
             log.info("%s: %s", candidate.name, exc.message)
         candidate.seconds = time.monotonic() - started
         return candidate
+
+    def _accuracy_control(self) -> AccuracyControl:
+        """The budget as the backend's own accuracy control sees it, with half the budget as its target:
+        its metric runs on the backend's float model, ours on the source, and ours decides."""
+        labels, reference = self.dataset.labels, self.reference
+
+        if self.budget.max_accuracy_drop is not None:
+            def metric(outputs, indices):
+                correct = [float(np.argmax(o) == labels[i]) for o, i in zip(outputs, indices, strict=True)]
+                return float(np.mean(correct)), correct
+            max_drop = self.budget.max_accuracy_drop / 2
+        else:
+            def metric(outputs, indices):
+                values = [float(score(reference[i : i + 1], np.asarray(o), None, self.budget).cosine_mean)
+                          for o, i in zip(outputs, indices, strict=True)]
+                return float(np.mean(values)), values
+            max_drop = (1.0 - self.budget.min_cosine) / 2
+        return AccuracyControl(inputs=dict(self.dataset.inputs), metric=metric, max_drop=max_drop)
 
     def _evaluate(self, candidate: Candidate, manifest: Manifest) -> None:
         session = open_session(candidate.directory / manifest.model_file, manifest.format,
@@ -156,38 +184,67 @@ def allowed_formats(profile: DeviceProfile, source_kind: str, wanted: list[str] 
     return chosen
 
 
+def _better(tried: Candidate | None, best: Candidate | None) -> Candidate | None:
+    if tried is None or tried.measured is None:
+        return best
+    return tried if best is None or tried.measured.metric() > best.measured.metric() else best
+
+
+# NNCF's settings, tried one at a time after the calibration method, each kept only if it scores better.
+INT8_SETTINGS = ({"int8_preset": "mixed"}, {"fast_bias_correction": False})
+
+
+def _search_int8(search: _Search, fmt: str, methods: tuple[str, ...]) -> Candidate | None:
+    """Stage A, full INT8: one parameter at a time, keeping the best (as NNCF's hyperparameter tuner does);
+    returns the best candidate (None when none could be built or the search is out of budget)."""
+    best = None
+    for method in calibration_methods(methods):
+        tried = search.try_candidate(Candidate(fmt, "int8", "int8", calibration_method=method))
+        best = _better(tried, best)
+        if tried is None or tried.passed:
+            return best
+    tunables = registry.backend(fmt).int8_tunables
+    for setting in INT8_SETTINGS:
+        if best is None or best.passed or not set(setting) <= set(tunables):
+            continue
+        tried = search.try_candidate(Candidate(fmt, "int8", "int8", best.calibration_method,
+                                               settings={**best.settings, **setting}))
+        if tried is None:
+            return best
+        best = _better(tried, best)
+    return best
+
+
 def _search_format(search: _Search, fmt: str) -> None:
-    """Stages A and B for one format: full INT8 (one calibration method at a time), dynamic, then mixed."""
+    """Stages A and B for one format: full INT8, dynamic, then mixed precision when INT8 missed the budget."""
     can = buildable(fmt, search.source.kind)
-    best: Candidate | None = None
-    if "int8" in can:
-        for method in calibration_methods(can["int8"]):
-            tried = search.try_candidate(Candidate(fmt, "int8", "int8", calibration_method=method))
-            if tried is None:
-                return
-            if tried.measured is not None and (best is None or tried.measured.metric() > best.measured.metric()):
-                best = tried
-            if tried.passed:
-                break
+    best = _search_int8(search, fmt, can["int8"]) if "int8" in can else None
     if "dynamic" in can and search.try_candidate(Candidate(fmt, "dynamic", "dynamic")) is None:
         return
-    if best is not None and not best.passed and registry.backend(fmt).float_node_precisions:
+    if best is None or best.passed or search.out_of_budget():
+        return
+    backend = registry.backend(fmt)
+    if "accuracy_control" in backend.int8_tunables:
+        search.try_candidate(Candidate(fmt, "int8", "mixed", best.calibration_method, settings=best.settings,
+                                       accuracy_control=True))
+    elif fmt in SHORTLISTS and "int8" in backend.float_node_precisions:
         _search_mixed(search, fmt, best)
 
 
 def _search_mixed(search: _Search, fmt: str, full_int8: Candidate) -> None:
-    """Stage B: keep the most sensitive layers in float. Shortlist by quantization loss, measure each alone
-    (leave-one-out), then keep the best k = 2, 4, 8 together until one meets the budget."""
-    if fmt != "onnx":  # the only backend with a sensitivity shortlist so far
-        return
+    """Stage B by shortlist: keep the most sensitive layers in float. Shortlist by quantization loss,
+    measure each alone (leave-one-out), then keep the best k = 2, 4, 8 together until one meets the budget."""
     model_file = full_int8.directory / "model.onnx"
     calib = load_dataset(search.calibration, search.source.inputs, role="calibration")
     search.progress.step("ranking layers by quantization loss")
-    shortlist = sensitivity.shortlist(model_file, calib)
+    shortlist = SHORTLISTS[fmt](model_file, calib)
+    if not shortlist.ranked_by.startswith("worst"):
+        search.notes.append(f"{fmt}: layers not ranked by sensitivity: {shortlist.ranked_by}")
     method = full_int8.calibration_method
     singles: list[tuple[float, sensitivity.SensitiveTensor]] = []
     for tensor in shortlist.tensors:
-        tried = search.try_candidate(Candidate(fmt, "int8", "mixed", method, tensor.nodes))
+        tried = search.try_candidate(Candidate(fmt, "int8", "mixed", method, tensor.nodes,
+                                               settings=full_int8.settings))
         if tried is None:
             return
         if tried.passed:
@@ -203,7 +260,7 @@ def _search_mixed(search: _Search, fmt: str, full_int8: Candidate) -> None:
             search.notes.append(f"{fmt}: no mixed candidate of the {k} most sensitive layers: keeping their "
                                 f"{len(nodes)} nodes float would leave nothing quantized")
             return
-        tried = search.try_candidate(Candidate(fmt, "int8", "mixed", method, nodes))
+        tried = search.try_candidate(Candidate(fmt, "int8", "mixed", method, nodes, settings=full_int8.settings))
         if tried is None or tried.passed:
             return
 

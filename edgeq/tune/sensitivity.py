@@ -86,12 +86,23 @@ def _node_groups(model) -> dict[str, tuple[str, ...]]:
 class Shortlist:
     tensors: list[SensitiveTensor]  # worst first
     quantized_nodes: frozenset[str]  # every compute node with a quantized activation: all of them float is fp32
+    ranked_by: str = "worst-channel SQNR"  # or why there is no ranking (then: weighted layers in graph order)
+
+
+WEIGHTED_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm"}
+
+
+def _weighted_groups(model, groups: dict[str, tuple[str, ...]]) -> list[tuple[str, tuple[str, ...]]]:
+    """The groups whose tensor feeds a weighted layer, in graph order."""
+    weighted = {n.name for n in model.graph.node if n.op_type in WEIGHTED_OPS}
+    return [(tensor, nodes) for tensor, nodes in groups.items() if weighted & set(nodes)]
 
 
 def shortlist(qdq_model_path: Path, calibration: Dataset, *, samples: int = 32, limit: int = 8) -> Shortlist:
     """The ``limit`` activations of the QDQ model at ``qdq_model_path`` that lose the most, worst first."""
     onnx = require_backend("onnx", "onnx")
     quantization = require_backend("onnxruntime.quantization", "onnx")
+    ort = require_backend("onnxruntime", "onnx")
     from onnxruntime.quantization import qdq_loss_debug
 
     groups = _node_groups(onnx.load(str(qdq_model_path)))
@@ -108,12 +119,23 @@ def shortlist(qdq_model_path: Path, calibration: Dataset, *, samples: int = 32, 
             i = next(self._index, None)
             return None if i is None else {k: v[i : i + 1] for k, v in calibration.inputs.items()}
 
-    with tempfile.TemporaryDirectory(prefix="edgeq-sensitivity-") as tmp:
-        augmented = Path(tmp) / "augmented.onnx"
-        with captured_stdout(log):
-            qdq_loss_debug.modify_model_output_intermediate_tensors(str(qdq_model_path), str(augmented))
-            activations = qdq_loss_debug.collect_activations(str(augmented), Reader(),
-                                                             execution_providers=["CPUExecutionProvider"])
+    try:
+        with tempfile.TemporaryDirectory(prefix="edgeq-sensitivity-") as tmp:
+            augmented = Path(tmp) / "augmented.onnx"
+            with captured_stdout(log):
+                qdq_loss_debug.modify_model_output_intermediate_tensors(str(qdq_model_path), str(augmented))
+                quiet = ort.SessionOptions()
+                quiet.log_severity_level = 4  # a failure is reported below, once, not as ORT's log line too
+                activations = qdq_loss_debug.collect_activations(str(augmented), Reader(), session_options=quiet,
+                                                                 execution_providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - ORT fails on some graphs (per-axis DQ of reshaped weights)
+        # No ranking: the leave-one-out that follows measures every candidate anyway, so fall back to the
+        # layers that carry weights, in graph order, which is where INT8 loses accuracy most often.
+        reason = str(exc).splitlines()[0][:160]
+        log.info("%s: qdq_loss_debug failed (%s); shortlisting weighted layers unranked", qdq_model_path, reason)
+        weighted = _weighted_groups(onnx.load(str(qdq_model_path)), groups)
+        return Shortlist([SensitiveTensor(t, math.nan, nodes) for t, nodes in weighted[:limit]], every,
+                         ranked_by=f"none (ORT's qdq_loss_debug failed: {reason})")
     matched = qdq_loss_debug.create_activation_matching(activations)
     found = []
     for tensor, pair in matched.items():
