@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("bench_convert.py", "bench_harness.py", "bench_transfer.py", "bench_regression.py")
+SCRIPTS = ("bench_convert.py", "bench_harness.py", "bench_transfer.py", "bench_regression.py", "bench_tune.py")
 
 
 def main() -> int:

@@ -84,6 +84,7 @@ class BuildRequest:
     int8_preset: str | None = None  # NNCF preset: performance (symmetric) or mixed (asymmetric activations)
     fast_bias_correction: bool | None = None  # NNCF: fast (default) or full bias correction
     accuracy_control: AccuracyControl | None = None
+    int8_op_types: str | None = None  # ONNX: quantize "all" supported ops (default) or only "weighted" ones
 
 
 @dataclass

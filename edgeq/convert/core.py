@@ -64,6 +64,7 @@ def convert(
     int8_preset: str | None = None,
     fast_bias_correction: bool | None = None,
     accuracy_control: AccuracyControl | None = None,
+    int8_op_types: str | None = None,
     force: bool = False,
 ) -> Manifest:
     """Convert ``model`` for ``profile`` into the artifact directory ``output`` and return its manifest.
@@ -74,8 +75,9 @@ def convert(
     ``status: failed``, and ValidationError is raised. The directory is written atomically (temp
     dir beside it, then rename); an existing ``output`` is refused unless ``force``. ``float_nodes`` keeps
     those nodes of a quantized model in float (mixed precision; recorded in ``options.float_nodes``).
-    ``int8_preset``, ``fast_bias_correction`` and ``accuracy_control`` tune int8 where the format's backend
-    takes them (``FormatBackend.int8_tunables``: OpenVINO's NNCF).
+    ``int8_preset``, ``fast_bias_correction``, ``accuracy_control`` (OpenVINO's NNCF) and ``int8_op_types``
+    (ONNX: ``weighted`` quantizes only Conv/MatMul/Gemm) tune int8 where the format's backend takes them
+    (``FormatBackend.int8_tunables``).
     """
     started = time.perf_counter()
     output = Path(output)
@@ -109,13 +111,15 @@ def convert(
                               hint=f"float nodes apply to {fmt} {', '.join(backend.float_node_precisions)}"
                               if backend.float_node_precisions else f"no {fmt} precision keeps nodes in float")
     asked = {"int8_preset": int8_preset, "fast_bias_correction": fast_bias_correction,
-             "accuracy_control": accuracy_control}
+             "accuracy_control": accuracy_control, "int8_op_types": int8_op_types}
     for name, value in asked.items():
         if value is not None and (precision != "int8" or name not in backend.int8_tunables):
             raise ConversionError(f"{model_path}: {fmt} {precision} does not take {name}",
                                   hint=f"{fmt} int8 takes: {', '.join(backend.int8_tunables) or 'none of them'}")
     if int8_preset not in (None, "performance", "mixed"):
         raise ConversionError(f"int8_preset must be performance or mixed, got '{int8_preset}'")
+    if int8_op_types not in (None, "all", "weighted"):
+        raise ConversionError(f"int8_op_types must be all or weighted, got '{int8_op_types}'")
     if quantized_io is not None and precision not in backend.quantized_io_precisions:
         log.warning("--quantized-io does not apply to %s %s; ignored", fmt, precision)
         quantized_io = None
@@ -128,7 +132,8 @@ def convert(
                                calibration=calib, calibration_method=calibration_method or
                                (profile.calibration_method if backend.uses_profile_calibration_method else None),
                                quantized_io=quantized_io, float_nodes=tuple(float_nodes), int8_preset=int8_preset,
-                               fast_bias_correction=fast_bias_correction, accuracy_control=accuracy_control)
+                               fast_bias_correction=fast_bias_correction, accuracy_control=accuracy_control,
+                               int8_op_types=int8_op_types)
         result: BuildResult = backend.build(request)
         manifest = _manifest(source, profile, fmt, precision, staging, result, calib, calibration_samples,
                              started)

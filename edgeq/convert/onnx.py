@@ -16,16 +16,20 @@ from edgeq.convert.base import (
     FormatBackend,
     captured_stdout,
 )
+from edgeq.convert.onnx_int8 import (
+    activation_type_for,
+    check_node_names,
+    needs_reduce_range,
+    opset_for_per_channel,
+    quantize_static,
+)
 from edgeq.convert.source import _first_line, conversion_failure, load_onnx_model, unsupported_ops
 from edgeq.errors import ConversionError, require_backend
-from edgeq.profiles import DeviceProfile
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 OPSET = 17
-# Calibration batches for models with a free batch dimension (fewer, larger ORT calls; same min/max).
-CALIBRATION_BATCH = 16
 
 
 def build(request: BuildRequest) -> BuildResult:
@@ -55,13 +59,14 @@ def build(request: BuildRequest) -> BuildResult:
         method = request.calibration_method or request.profile.calibration_method
         reduce_range = needs_reduce_range(request.profile)
         activation_type = activation_type_for(request.profile)
-        per_channel = _opset_for_per_channel(prepared, options)
+        per_channel = opset_for_per_channel(prepared, options)
         options.update({"quant_format": "QDQ", "per_channel": per_channel, "activation_type": activation_type,
-                        "weight_type": "int8", "reduce_range": reduce_range})
+                        "weight_type": "int8", "reduce_range": reduce_range,
+                        "op_types": request.int8_op_types or "all"})
         if request.float_nodes:
-            _check_node_names(prepared, request.float_nodes, request.source.path)
+            check_node_names(prepared, request.float_nodes, request.source.path)
             options["float_nodes"] = sorted(request.float_nodes)
-        options.update(_quantize_static(request, prepared, target, method, reduce_range, activation_type,
+        options.update(quantize_static(request, prepared, target, method, reduce_range, activation_type,
                                         per_channel))
         _canonical_constants(target)
         return BuildResult(model_file=MODEL_FILE, calibration_method=method, options=options, tools=tools)
@@ -69,18 +74,6 @@ def build(request: BuildRequest) -> BuildResult:
         raise
     except Exception as exc:  # onnxruntime.quantization / onnxconverter-common raise plain exceptions
         raise conversion_failure(request.source, "onnx", request.precision, exc) from exc
-
-
-def needs_reduce_range(profile: DeviceProfile) -> bool:
-    """7-bit weights where the profile asks for them (x86 without VNNI).
-
-    ONNX Runtime's U8S8 kernels on AVX2 / AVX-512 without VNNI use vpmaddubsw, whose int16
-    pair sums saturate with full 8-bit weights (ORT's quantization docs: "reduce_range ...
-    designed for the U8S8 format on AVX2 and AVX512 (non-VNNI) machines"). Measured on the
-    digits model on this project's AVX2 host: top-1 94.7% fp32 -> 92.7% without, 95.6% with.
-    ARM and VNNI CPUs keep the full 8 bits.
-    """
-    return profile.onnx_reduce_range
 
 
 def _fp32_model(request: BuildRequest, target: Path) -> None:
@@ -296,107 +289,6 @@ def _quantize_dynamic(prepared: Path, target: Path) -> None:
         quantization.quantize_dynamic(str(prepared), str(target), weight_type=quantization.QuantType.QInt8)
 
 
-def activation_type_for(profile: DeviceProfile) -> str:
-    """uint8 activations (U8S8) on x86, int8 (S8S8) elsewhere.
-
-    ONNX Runtime's x86 kernels are built around U8S8 (vpmaddubsw, VNNI's vpdpbusd take unsigned x signed
-    bytes); S8S8 QDQ models run slower there. ORT's quantization guide recommends U8S8 on x86-64 and S8S8
-    on ARM. Measured on MobileNetV2 on this project's AVX2 host, 1 thread: see benchmarks/results/.
-    """
-    return "uint8" if profile.arch == "x86_64" else "int8"
-
-
-PER_CHANNEL_OPSET = 13  # DequantizeLinear's ``axis`` (per-channel scales) arrived in opset 13
-
-
-def _opset_for_per_channel(prepared: Path, options: dict[str, object]) -> bool:
-    """Make ``prepared`` opset >= 13 so per-channel QDQ is valid; True when it is (per-channel), False when
-    the upgrade failed (quantize per-tensor). Both are recorded in ``options``."""
-    onnx = require_backend("onnx", "onnx")
-    model = onnx.load(str(prepared))
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), PER_CHANNEL_OPSET)
-    if opset >= PER_CHANNEL_OPSET:
-        return True
-    try:
-        from onnx import version_converter
-
-        upgraded = version_converter.convert_version(model, PER_CHANNEL_OPSET)
-        onnx.checker.check_model(upgraded)
-    except Exception as exc:  # noqa: BLE001 - the converter raises plain RuntimeErrors per unsupported op
-        log.warning("%s: opset %d cannot be upgraded to %d (%s); quantizing per-tensor", prepared, opset,
-                    PER_CHANNEL_OPSET, _first_line(exc))
-        options["per_channel_off"] = f"opset {opset} could not be upgraded to {PER_CHANNEL_OPSET}: {_first_line(exc)}"
-        return False
-    onnx.save(upgraded, str(prepared))
-    options["opset_upgraded"] = {"from": opset, "to": PER_CHANNEL_OPSET}
-    return True
-
-
-def _quantize_static(request: BuildRequest, prepared: Path, target: Path, method: str, reduce_range: bool,
-                     activation_type: str, per_channel: bool = True) -> dict[str, object]:
-    """Write the QDQ model; returns the settings that had to differ from the defaults (for the manifest)."""
-    quantization = require_backend("onnxruntime.quantization", "onnx")
-    calibration = request.calibration
-    if calibration is None:
-        raise ConversionError(f"{request.source.path}: onnx int8 needs calibration data")
-    free_batch = all(spec.shape and spec.shape[0] is None for spec in request.source.inputs)
-    # Histogram calibrators (entropy, percentile) stack per-batch outputs with np.asarray, which fails
-    # on a short last batch: feed them one sample at a time.
-    step = CALIBRATION_BATCH if free_batch and method == "minmax" else 1
-
-    class Reader(quantization.CalibrationDataReader):
-        """Feeds the calibration set in order (ORT's smallest data interface: get_next)."""
-
-        def __init__(self):
-            self._starts = iter(range(0, calibration.samples, step))
-
-        def get_next(self):
-            start = next(self._starts, None)
-            if start is None:
-                return None
-            return {name: arr[start : start + step] for name, arr in calibration.inputs.items()}
-
-    methods = {"minmax": quantization.CalibrationMethod.MinMax, "entropy": quantization.CalibrationMethod.Entropy,
-               "percentile": quantization.CalibrationMethod.Percentile}
-
-    def quantize(extra_options: dict) -> None:
-        with captured_stdout(log):
-            quantization.quantize_static(
-                str(prepared), str(target), Reader(),
-                quant_format=quantization.QuantFormat.QDQ,
-                per_channel=per_channel,
-                activation_type={"uint8": quantization.QuantType.QUInt8,
-                                 "int8": quantization.QuantType.QInt8}[activation_type],
-                weight_type=quantization.QuantType.QInt8,
-                reduce_range=reduce_range,
-                calibrate_method=methods[method],
-                nodes_to_exclude=list(request.float_nodes),
-                extra_options=extra_options,
-            )
-
-    try:
-        quantize({})
-    except ValueError as exc:
-        # ORT's int32-bias weight-scale adjustment indexes a per-channel bias as if it were 1-D and fails
-        # on biases of another shape (seen on Magika's Conv, ORT 1.32): quantize without that adjustment.
-        if "truth value of an array" not in str(exc):
-            raise
-        log.info("%s: ORT's int32-bias weight adjustment failed (%s); quantizing without it", prepared, exc)
-        quantize({"QDQDisableWeightAdjustForInt32Bias": True})
-        return {"int32_bias_weight_adjust": False}
-    return {}
-
-
-def _check_node_names(model_path: Path, wanted: tuple[str, ...], source: Path) -> None:
-    """ConversionError naming the float nodes the (pre-processed) model does not have."""
-    onnx = require_backend("onnx", "onnx")
-    present = {node.name for node in onnx.load(str(model_path), load_external_data=False).graph.node}
-    missing = sorted(set(wanted) - present)
-    if missing:
-        raise ConversionError(f"{source}: no node named {', '.join(repr(m) for m in missing[:5])} to keep in float",
-                              hint="float nodes are node names of the pre-processed ONNX model")
-
-
 def _required_modules(precision: str, source_kind: str) -> list[tuple[str, str]]:
     needed = [("onnx", "onnx"), ("onnxruntime", "onnx")]
     needed += [("tf2onnx", "onnx")] if source_kind != "onnx" else []
@@ -419,4 +311,5 @@ BACKEND = FormatBackend(
            "onnxconverter-common": ("onnxconverter-common",)},
     uses_profile_calibration_method=True,
     float_node_precisions=("int8",),
+    int8_tunables=("int8_op_types",),
 )

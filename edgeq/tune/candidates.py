@@ -58,6 +58,8 @@ class Candidate:
         parts = [self.format, self.scheme]
         if self.calibration_method and self.scheme in ("int8", "mixed"):
             parts.append(self.calibration_method)
+        if self.settings.get("int8_op_types") == "weighted":
+            parts.append("weighted")
         if self.settings.get("int8_preset") == "mixed":
             parts.append("asym")
         if self.settings.get("fast_bias_correction") is False:

@@ -190,8 +190,9 @@ def _better(tried: Candidate | None, best: Candidate | None) -> Candidate | None
     return tried if best is None or tried.measured.metric() > best.measured.metric() else best
 
 
-# NNCF's settings, tried one at a time after the calibration method, each kept only if it scores better.
-INT8_SETTINGS = ({"int8_preset": "mixed"}, {"fast_bias_correction": False})
+# Settings tried one at a time after the calibration method, each kept only if it scores better, where the
+# format's backend takes them: ORT on weighted layers only; NNCF's asymmetric preset, full bias correction.
+INT8_SETTINGS = ({"int8_op_types": "weighted"}, {"int8_preset": "mixed"}, {"fast_bias_correction": False})
 
 
 def _search_int8(search: _Search, fmt: str, methods: tuple[str, ...]) -> Candidate | None:
