@@ -137,6 +137,8 @@ def test_cli_tune_and_its_one_line_errors(sensitive_model, tmp_path, tune_env):
         (["--eval", str(sensitive_model["eval"])], "give one accuracy budget"),
         (["--eval", str(sensitive_model["eval"]), "--min-cosine", "0.99", "-o", str(tmp_path / "cli")],
          "output directory is not empty"),
+        (["--eval", str(sensitive_model["eval"]), "--min-cosine", "0.99", "-o", str(sensitive_model["model"].parent),
+          "--force"], "not an edgeq tune output directory; refusing to replace it"),
     ]
     for extra, message in cases:
         args = ["tune", *common, *extra]

@@ -282,8 +282,13 @@ def tune(model: Path | str, target: Target, profile: DeviceProfile, *, calibrati
     if objective == "energy" and profile.power.sensor == "none":
         raise TuneError(f"profile '{profile.name}' has no power sensor: --objective energy cannot be measured",
                         hint="use --objective latency or size, or set power.sensor in the profile")
-    if root.exists() and any(root.iterdir()) and not force:
-        raise TuneError(f"{root}: output directory is not empty", hint="use --force to replace it")
+    if root.exists() and any(root.iterdir()):
+        if not force:
+            raise TuneError(f"{root}: output directory is not empty", hint="use --force to replace it")
+        if not (root / "tune.json").exists() and not (root / "candidates").is_dir():
+            # --force deletes the directory: only ever one that an earlier tune wrote.
+            raise TuneError(f"{root}: not an edgeq tune output directory; refusing to replace it",
+                            hint="give --output a new or empty directory")
     model, calibration, eval_path = Path(model), Path(calibration), Path(eval_path)
     source = load_source(model)
     fmts = allowed_formats(profile, source.kind, formats)
