@@ -32,6 +32,8 @@ def _bench_one(candidate: Candidate, target: Target, output: Path, runs: int, mi
         candidate.bench.update(p50_ms=result.latency_ms.p50, p90_ms=result.latency_ms.p90,
                                energy_j_per_inference=result.energy_j_per_inference,
                                emulated=bool(result.env.get("emulated")))
+        if result.power is not None and not result.power.available:
+            candidate.bench["no_energy_because"] = f"{result.power.sensor}: {result.power.reason}"
     elif result.failure is not None:
         candidate.bench["error"] = result.failure.message
         candidate.bench["failure_kind"] = result.failure.kind
@@ -44,6 +46,9 @@ def choose(result, target: Target, eval_path: Path, *, runs: int, min_seconds: f
     for candidate in passing:
         progress.step(candidate.id)
         _bench_one(candidate, target, result.output, runs, min_seconds)
+    no_energy = next((c.bench["no_energy_because"] for c in passing if c.bench.get("no_energy_because")), None)
+    if no_energy:
+        result.notes.append(f"no energy figures from {target.name}: {no_energy}")
     measured = [c for c in passing if _objective_value(c, result.objective) is not None]
     objective = result.objective
     if not measured and objective == "energy":
