@@ -164,3 +164,20 @@ def test_tune_on_an_sshd_device(sensitive_model, trusted_inventory, tmp_path, tu
         assert json.loads(Path(candidate.bench["result"]).read_text())["target"] == "dev-0"
         assert (trusted_inventory.workdirs["dev-0"] / "releases" / candidate.artifact_id).is_dir()
     assert result.chosen in passing and result.device_accuracy is not None
+
+
+@pytest.mark.sshd
+def test_a_group_is_tuned_once_per_device_class(sensitive_model, trusted_inventory, tmp_path, tune_env):
+    result = CliRunner().invoke(cli, [
+        "tune", str(sensitive_model["model"]), "--target", "fleet", "-i", str(trusted_inventory.path),
+        "--calibration", str(sensitive_model["calibration"]), "--eval", str(sensitive_model["eval"]),
+        "--max-accuracy-drop", "0.02", "--format", "onnx", "--max-candidates", "2", "--runs", "20",
+        "-o", str(tmp_path / "fleet")])
+    assert result.exit_code == 0, result.output
+    # dev-0..dev-2 share the x86-avx2 profile: one class, measured on its first device.
+    assert "fleet: 3 targets in 1 device class" in result.output
+    assert "x86-avx2 (dev-0, dev-1, dev-2), measured on dev-0" in result.output
+    data = json.loads((tmp_path / "fleet" / "x86-avx2" / "tune.json").read_text())
+    assert data["target"] == "dev-0" and data["profile"] == "x86-avx2"
+    assert (tmp_path / "fleet" / "x86-avx2" / "chosen" / "manifest.json").exists()
+    assert not (trusted_inventory.workdirs["dev-1"] / "releases").exists()  # only the measured device was used

@@ -40,7 +40,8 @@ class _RichProgress:
 
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("-t", "--target", "target_name", help="The device to measure on (default: local).")
+@click.option("-t", "--target", "target_name",
+              help="The device to measure on, or a group: tuned once per device class (profile) [local].")
 @click.option("--profile", "profile_name", help="Device profile [the target's].")
 @click.option("-i", "--inventory", type=click.Path(dir_okay=False), help="Targets YAML (default: $EDGEQ_INVENTORY).")
 @click.option("--calibration", type=click.Path(path_type=Path), required=True, help="Calibration .npz (int8).")
@@ -58,31 +59,51 @@ class _RichProgress:
 @click.option("--force", is_flag=True, help="Replace a non-empty DIR.")
 def tune(model, target_name, profile_name, inventory, calibration, eval_path, max_accuracy_drop, min_cosine, objective,
          formats, max_time, max_candidates, calibration_samples, runs, output, force) -> None:
-    """Find the fastest artifact of MODEL that meets the accuracy budget on a device, and put it in DIR/chosen."""
+    """Find the fastest artifact of MODEL that meets the accuracy budget on a device, and put it in DIR/chosen
+    (for a group: DIR/<profile>/chosen per device class, each measured on the class's first target)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
 
     from edgeq.profiles import load_profile
     from edgeq.targets import LOCAL_TARGET, load_inventory, resolve_targets
     from edgeq.tune import Budget
     from edgeq.tune import tune as run_tune
-    from edgeq.tune.output import COLUMNS, row
+    from edgeq.tune.fleet import ClassResult, tune_fleet
 
     budget = Budget(max_accuracy_drop=max_accuracy_drop, min_cosine=min_cosine)
     targets = resolve_targets(load_inventory(inventory), target_name or LOCAL_TARGET)
-    if len(targets) != 1:
-        raise click.UsageError(f"--target '{target_name}' is a group of {len(targets)}: tune one device at a time")
-    target = targets[0]
-    profile = load_profile(profile_name or target.profile)
-    console = Console(stderr=True)
+    if len(targets) > 1 and profile_name:
+        raise click.UsageError("--profile applies to one target; a group is tuned once per profile of its targets")
+    options = {"calibration": calibration, "eval_path": eval_path, "budget": budget, "objective": objective,
+               "formats": list(formats) or None, "max_time_s": _duration(max_time), "max_candidates": max_candidates,
+               "calibration_samples": calibration_samples, "runs": runs, "force": force}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=False) as bars:
-        result = run_tune(model, target, profile, calibration=calibration, eval_path=eval_path, budget=budget,
-                          output=output, objective=objective, formats=list(formats) or None,
-                          max_time_s=_duration(max_time), max_candidates=max_candidates,
-                          calibration_samples=calibration_samples, runs=runs, force=force,
-                          progress=_RichProgress(bars))
+                  console=Console(stderr=True), transient=False) as bars:
+        if len(targets) == 1:
+            classes = [ClassResult(targets[0].profile, targets[0], targets, run_tune(
+                model, targets[0], load_profile(profile_name or targets[0].profile), output=output,
+                progress=_RichProgress(bars), **options))]
+        else:
+            classes = tune_fleet(model, targets, output=output, progress=_RichProgress(bars), **options)
+    for device_class in classes:
+        _print_result(device_class.result)
+    if len(classes) > 1 or len(targets) > 1:
+        plural = "class" if len(classes) == 1 else "classes"
+        click.echo(f"\n{target_name}: {len(targets)} targets in {len(classes)} device {plural}")
+        for c in classes:
+            members = ", ".join(t.name for t in c.members)
+            click.echo(f"  {c.profile} ({members}), measured on {c.measured_on.name}: "
+                       f"{c.result.chosen.id if c.result.chosen else 'nothing chosen'} -> {c.result.chosen_dir or '-'}")
+    if any(c.result.chosen is None for c in classes):
+        raise SystemExit(1)
+
+
+def _print_result(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgeq.tune.output import COLUMNS, row
+
     table = Table(title=f"tune on {result.target} (profile {result.profile}), {result.budget.describe()}")
     for column in COLUMNS:
         table.add_column(column, no_wrap=column in ("candidate", "host metric"))
@@ -93,10 +114,10 @@ def tune(model, target_name, profile_name, inventory, calibration, eval_path, ma
         click.echo(f"note: {note}", err=True)
     if result.chosen is None:
         click.secho(f"error: {result.reason}", fg="red", err=True)
-        raise SystemExit(1)
+        return
     click.echo(f"chosen: {result.reason}")
     if result.device_accuracy:
         acc = result.device_accuracy
         parts = [f"{k} {acc[k]:.4f}" for k in ("top1", "top1_drop", "top1_agreement") if acc.get(k) is not None]
         click.echo(f"on {result.target}: " + (", ".join(parts) or "accuracy not available"))
-    click.echo(f"wrote {result.chosen_dir}, {output / 'tune.json'}, {output / 'tune.html'}")
+    click.echo(f"wrote {result.chosen_dir}, {result.output / 'tune.json'}, {result.output / 'tune.html'}")
