@@ -64,7 +64,10 @@ def _run(directory, manifest, x):
 
 
 @pytest.mark.parametrize("precision", ["int8", "dynamic"])
-def test_quantizing_falls_back_when_symbolic_shape_inference_gives_up(tmp_path, precision):
+def test_quantizing_falls_back_when_symbolic_shape_inference_gives_up(tmp_path, precision, monkeypatch):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # ORT dumps sym_shape_infer_temp.onnx + external data into the cwd on failure
     model = _data_dependent_expand(tmp_path / "expand.onnx")
     x = RNG.normal(0, 1, (64, 16)).astype(np.float32)
     np.savez(tmp_path / "calib.npz", x=x)
@@ -73,6 +76,7 @@ def test_quantizing_falls_back_when_symbolic_shape_inference_gives_up(tmp_path, 
                        calibration=tmp_path / "calib.npz" if precision == "int8" else None)
     assert manifest.options["symbolic_shape_inference"].startswith("failed, fell back to onnx shape inference")
     assert "Incomplete symbolic shape inference" in manifest.options["symbolic_shape_inference"]
+    assert list(cwd.iterdir()) == []  # nothing left in the user's directory
     import onnxruntime as ort
 
     reference = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x[:8]})[0]

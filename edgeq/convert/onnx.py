@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from edgeq.convert.base import (
@@ -255,6 +258,16 @@ def _retype_float_casts(onnx, model) -> int:
     return changed
 
 
+@contextlib.contextmanager
+def _working_directory(path: Path) -> Iterator[None]:
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
 def _pre_process(fp32: Path, target: Path, options: dict[str, object]) -> Path:
     """ONNX Runtime's recommended pre-processing (shape inference + graph optimization) before quantizing."""
     shape_inference = require_backend("onnxruntime.quantization.shape_inference", "onnx")
@@ -267,8 +280,11 @@ def _pre_process(fp32: Path, target: Path, options: dict[str, object]) -> Path:
         symbolic = False
     if symbolic:
         try:
-            with captured_stdout(log):
-                shape_inference.quant_pre_process(str(fp32), str(target), skip_symbolic_shape=False)
+            # On failure ORT's symbolic pass dumps sym_shape_infer_temp.onnx and its external data into the
+            # current directory: run it from the scratch directory so nothing lands in the user's.
+            with captured_stdout(log), _working_directory(fp32.parent):
+                shape_inference.quant_pre_process(str(fp32.resolve()), str(target.resolve()),
+                                                  skip_symbolic_shape=False)
             options["symbolic_shape_inference"] = True
             return target
         except Exception as exc:  # noqa: BLE001 - ORT raises bare Exceptions ("Incomplete symbolic shape inference")
