@@ -13,7 +13,6 @@ import contextlib
 import functools
 import logging
 import os
-import select
 import socket
 import time
 from collections.abc import Sequence
@@ -93,6 +92,17 @@ def _transport_factory(sock, *, host_key_types: Sequence[str] = (), **kwargs) ->
     return transport
 
 
+POLL_SECONDS = 0.005
+
+
+def _wait_for_data() -> None:
+    """A short pause between polls of a channel. Not select() on the channel: its fileno() makes paramiko
+    create a pipe that the transport thread writes to on every packet, and closing the channel while data
+    still arrives (an output cap stopping a flood) races that write: os.write on the closed pipe raises EBADF
+    in the transport thread, which paramiko takes for a socket error and ends the whole connection."""
+    time.sleep(POLL_SECONDS)
+
+
 def _close_quietly(channel: paramiko.Channel) -> None:
     """Close a channel whose connection may already be dead (paramiko then raises EOFError/OSError)."""
     with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
@@ -121,7 +131,7 @@ class _SSHRunning(RunningCommand):
                 break
             if time.monotonic() > deadline:
                 raise RemoteCommandError(f"{self._label}: no answer from '{describe_argv(self._argv)}' in {timeout:g}s")
-            select.select([self._channel], [], [], 0.05)
+            _wait_for_data()
         line, _, self._buffer = self._buffer.partition(b"\n")
         return line.decode("utf-8", "replace")
 
@@ -263,7 +273,7 @@ class SSHTransport(Transport):
                     raise ConnectError(f"{self.target.label}: connection lost while running '{describe_argv(argv)}'")
                 if time.monotonic() > deadline:
                     raise RemoteCommandError(f"{self.target.label}: '{describe_argv(argv)}' timed out after {timeout:g}s")
-                select.select([channel], [], [], 0.05)
+                _wait_for_data()
             exit_code = channel.recv_exit_status()
         except TimeoutError as exc:
             raise RemoteCommandError(f"{self.target.label}: '{describe_argv(argv)}' timed out after {timeout:g}s") from exc
