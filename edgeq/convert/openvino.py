@@ -79,15 +79,19 @@ def float_layers(model) -> tuple[list[str], int]:
     return sorted(names), total
 
 
+def _model_input(sample: dict, names: list[str]):
+    """What an NNCF dataset item (and a compiled model call) takes: one array for one input, a dict by name
+    for several."""
+    return sample[names[0]] if len(names) == 1 else sample
+
+
 def _quantize(request: BuildRequest, model, preset: str, fast_bias_correction: bool):
     nncf = require_backend("nncf", "openvino")
     calibration = request.calibration
     if calibration is None:
         raise ConversionError(f"{request.source.path}: openvino int8 needs calibration data")
     names = [spec.name for spec in request.source.inputs]
-    # nncf.Dataset items are what the model takes: one array for one input, a dict by name for several.
-    items = [calibration.batch(i)[names[0]] if len(names) == 1 else calibration.batch(i)
-             for i in range(calibration.samples)]
+    items = [_model_input(calibration.batch(i), names) for i in range(calibration.samples)]
     logging.getLogger("nncf").setLevel(logging.WARNING)
     presets = {"performance": nncf.QuantizationPreset.PERFORMANCE, "mixed": nncf.QuantizationPreset.MIXED}
     common = {"preset": presets[preset], "subset_size": len(items), "fast_bias_correction": fast_bias_correction}
@@ -111,7 +115,7 @@ def _quantize_with_accuracy_control(nncf, request: BuildRequest, model, items: l
     validation = [(i, {n: control.inputs[n][i : i + 1] for n in names}) for i in range(count)]
 
     def feed(item):
-        return item[1][names[0]] if len(names) == 1 else item[1]
+        return _model_input(item[1], names)
 
     def validate(compiled, data) -> tuple[float, list[float]]:
         data = list(data)

@@ -45,10 +45,8 @@ def reference_outputs(source: SourceModel, dataset: Dataset) -> tuple[np.ndarray
         pass
     except (OSError, ValueError) as exc:  # unreadable or not an array: recompute, never trust it
         log.info("%s: cached fp32 outputs unreadable (%s); recomputing", path, exc)
-    feed = {spec.name: dataset.inputs[spec.name] for spec in source.inputs if spec.name in dataset.inputs}
-    if len(feed) != len(source.inputs) and len(source.inputs) == 1 and len(dataset.inputs) == 1:
-        feed = {source.inputs[0].name: next(iter(dataset.inputs.values()))}
-    reference = np.asarray(source.run(feed)[0])
+    # The eval set was read against the source's inputs, so its arrays are keyed as the source expects.
+    reference = np.asarray(source.run(dataset.inputs)[0])
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:

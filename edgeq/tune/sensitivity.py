@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.convert.base import captured_stdout
+from edgeq.convert.onnx_int8 import WEIGHTED_OP_TYPES
 from edgeq.data import Dataset
 from edgeq.errors import require_backend
 
@@ -89,12 +90,9 @@ class Shortlist:
     ranked_by: str = "worst-channel SQNR"  # or why there is no ranking (then: weighted layers in graph order)
 
 
-WEIGHTED_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm"}
-
-
 def _weighted_groups(model, groups: dict[str, tuple[str, ...]]) -> list[tuple[str, tuple[str, ...]]]:
     """The groups whose tensor feeds a weighted layer, in graph order."""
-    weighted = {n.name for n in model.graph.node if n.op_type in WEIGHTED_OPS}
+    weighted = {n.name for n in model.graph.node if n.op_type in WEIGHTED_OP_TYPES}
     return [(tensor, nodes) for tensor, nodes in groups.items() if weighted & set(nodes)]
 
 
