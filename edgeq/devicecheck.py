@@ -1,16 +1,17 @@
-"""``targets check`` and ``targets setup``: what a device has, and a venv with its runtime on it."""
+"""``targets check`` and ``targets setup``: what a device has, and a venv with its runtimes on it."""
 
 from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgeq.device.runtimes import runtime_module
+from edgeq.device.runtimes import formats, runtime_module
 from edgeq.errors import ConnectError, DeployError, EdgeqError, Failure, RemoteCommandError
-from edgeq.profiles import load_profile
+from edgeq.profiles import DeviceProfile, load_profile
 from edgeq.remote import open_transport
 from edgeq.remote.device import device_lock, device_op, device_python, device_workdir
 from edgeq.targets import Target
@@ -32,8 +33,10 @@ class TargetCheck:
     python: str | None = None
     python_path: str | None = None
     free_bytes: int | None = None
-    runtime_format: str | None = None
-    runtime: dict | None = None  # {"ok": bool, "module": ..., "version": ...} or {"ok": False, "error": ...}
+    runtime_format: str | None = None  # the profile's own format, the one deploy ships by default
+    allowed_formats: list[str] = field(default_factory=list)  # the profile's runtime_packages, own format first
+    # format -> {"ok": True, "module": ..., "version": ...} or {"ok": False, "error": ...}, for every format
+    runtimes: dict[str, dict] = field(default_factory=dict)
     power_sensors: list[dict] = field(default_factory=list)
 
     @property
@@ -45,9 +48,25 @@ class TargetCheck:
         return self.failure.hint if self.failure is not None else None
 
     @property
+    def runtime(self) -> dict | None:
+        """The profile's own format's runtime probe."""
+        return self.runtimes.get(self.runtime_format) if self.runtime_format else None
+
+    @property
+    def installed_formats(self) -> list[str]:
+        """The formats whose runtime imports on the device, in format order."""
+        return [fmt for fmt, probe in self.runtimes.items() if probe.get("ok")]
+
+    @property
+    def missing_formats(self) -> list[str]:
+        """The formats the profile allows whose runtime does not import on the device."""
+        return [fmt for fmt in self.allowed_formats if not self.runtimes.get(fmt, {}).get("ok")]
+
+    @property
     def ok(self) -> bool:
+        """Reachable, trusted, the profile's arch, and every runtime the profile allows imports."""
         return (self.reachable and self.host_key_trusted is not False and self.failure is None
-                and bool(self.runtime and self.runtime.get("ok")) and self.arch == self.profile_arch)
+                and bool(self.runtimes) and not self.missing_formats and self.arch == self.profile_arch)
 
 
 def _host_key_problem(exc: ConnectError) -> bool:
@@ -65,6 +84,7 @@ def check_target(target: Target) -> TargetCheck:
         profile = load_profile(target.profile)
         check.profile_arch = profile.arch
         check.runtime_format = profile.format
+        check.allowed_formats = allowed_formats(profile)
     except EdgeqError as exc:
         check.failure = exc.failure(target.name)
         return check
@@ -81,9 +101,10 @@ def check_target(target: Target) -> TargetCheck:
         with transport:
             workdir = device_workdir(transport, target)
             python = device_python(transport, target)
-            facts = device_op(transport, target, "facts",
-                              {"workdir": workdir, "modules": runtime_module(profile.format).PROBE_MODULES}, python=python,
-                              timeout=180)
+            # Every format edgeq knows, not only the profile's: check lists what is there.
+            probes = {fmt: runtime_module(fmt).PROBE_MODULES for fmt in formats()}
+            facts = device_op(transport, target, "facts", {"workdir": workdir, "runtimes": probes},
+                              python=python, timeout=180)
     except EdgeqError as exc:
         check.failure = exc.failure(target.name)
         return check
@@ -92,9 +113,23 @@ def check_target(target: Target) -> TargetCheck:
     check.python = facts.get("python")
     check.python_path = facts.get("executable")
     check.free_bytes = facts.get("free_bytes")
-    check.runtime = facts.get("runtime")
+    check.runtimes = facts.get("runtimes") or {}
     check.power_sensors = facts.get("power_sensors") or []
     return check
+
+
+def allowed_formats(profile: DeviceProfile) -> list[str]:
+    """The formats a profile's devices may run (its ``runtime_packages``), its own format first."""
+    return [profile.format, *[f for f in profile.runtime_packages if f != profile.format]]
+
+
+def setup_packages(profile: DeviceProfile, extra_formats: Sequence[str] = (),
+                   only_formats: Sequence[str] = ()) -> dict[str, list[str]]:
+    """format -> pip requirements ``targets setup`` installs: every format the profile allows plus
+    ``extra_formats``, or with ``only_formats`` just those (from the profile where it lists them, else the
+    runtime's own ``PACKAGES``)."""
+    wanted = dict.fromkeys([*only_formats] if only_formats else [*allowed_formats(profile), *extra_formats])
+    return {fmt: list(profile.runtime_packages.get(fmt) or runtime_module(fmt).PACKAGES) for fmt in wanted}
 
 
 @dataclass
@@ -103,14 +138,17 @@ class SetupResult:
 
     target: Target
     python: str
+    formats: list[str]
     packages: list[str]
     source: str  # "index" or "wheelhouse"
     seconds: float
 
 
 def setup_target(target: Target, wheelhouse: str | Path | None = None, system_site_packages: bool = False,
-                 format: str | None = None, timeout: float = SETUP_TIMEOUT) -> SetupResult:
-    """Create ``workdir/venv`` on the device, pip install the profile's runtime packages, record the venv.
+                 extra_formats: Sequence[str] = (), only_formats: Sequence[str] = (),
+                 timeout: float = SETUP_TIMEOUT) -> SetupResult:
+    """Create ``workdir/venv`` on the device, pip install the runtime packages of every format the profile
+    allows (and of ``extra_formats``; or of ``only_formats``) in one pip call, and record the venv.
 
     Packages come from the device's package index, or, with ``wheelhouse``, from the ``.whl`` files of
     that local directory, uploaded and installed with ``--no-index`` (devices without internet).
@@ -121,10 +159,9 @@ def setup_target(target: Target, wheelhouse: str | Path | None = None, system_si
     """
     started = time.monotonic()
     profile = load_profile(target.profile)
-    fmt = format or profile.format
-    packages = profile.runtime_packages.get(fmt)
-    if not packages:
-        raise DeployError(f"profile {profile.name}: runtime_packages has no entry for format '{fmt}'")
+    per_format = setup_packages(profile, extra_formats, only_formats)
+    # One pip call resolves every runtime together: versions that conflict fail here, not at bench time.
+    packages = list(dict.fromkeys(p for reqs in per_format.values() for p in reqs))
     wheels: list[Path] = []
     if wheelhouse is not None:
         wheelhouse = Path(wheelhouse)
@@ -153,7 +190,7 @@ def setup_target(target: Target, wheelhouse: str | Path | None = None, system_si
                     raise RemoteCommandError(f"{exc.message}; the device's previous venv and recorded "
                                              "interpreter are unchanged", hint=exc.hint) from exc
                 raise
-    return SetupResult(target, switched["python"], list(packages), "wheelhouse" if wheels else "index",
+    return SetupResult(target, switched["python"], list(per_format), packages, "wheelhouse" if wheels else "index",
                        time.monotonic() - started)
 
 

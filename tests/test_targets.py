@@ -130,7 +130,8 @@ def test_targets_list_and_check_on_sshd_devices(trusted_inventory):
     out = checked.output
     assert "reachable:        yes" in out and "host key trusted: yes" in out
     assert "arch:             x86_64" in out and f"{sys.version_info.major}.{sys.version_info.minor}" in out
-    assert "onnx runtime:     imports (onnxruntime" in out
+    for fmt, module in (("onnx", "onnxruntime"), ("openvino", "openvino"), ("tflite", "ai_edge_litert")):
+        assert f"{fmt + ' runtime:':<18}imports ({module}" in out  # every runtime the profile allows
     assert "power sensors:" in out and "free in workdir:" in out
 
 
@@ -211,12 +212,14 @@ def build_wheel(directory: Path, name: str = "edgeq_tiny_runtime", version: str 
 
 
 def tiny_runtime_setup(trusted_inventory, tmp_path):
-    """dev-0 with a profile whose runtime is the hand-made ``edgeq_tiny_runtime`` wheel, plain interpreter."""
+    """dev-0 with a profile allowing two formats whose runtimes are the hand-made ``edgeq_tiny_runtime`` and
+    ``edgeq_other_runtime`` wheels, and a plain interpreter (no runtime imports there)."""
     import yaml
 
     profile = write(tmp_path / "tiny-profile.yaml", yaml.safe_dump({
         "name": "tiny", "description": "test profile", "arch": "x86_64", "cpu": "any", "format": "tflite",
-        "precision": "int8", "threads": 1, "runtime_packages": {"tflite": ["edgeq_tiny_runtime"]}}))
+        "precision": "int8", "threads": 1,
+        "runtime_packages": {"tflite": ["edgeq_tiny_runtime"], "onnx": ["edgeq_other_runtime"]}}))
     data = yaml.safe_load(trusted_inventory.path.read_text())
     data["targets"]["dev-0"]["profile"] = str(profile)
     data["targets"]["dev-0"]["python"] = sys._base_executable  # a plain interpreter, as on a device
@@ -239,19 +242,21 @@ def test_setup_from_a_wheelhouse_and_a_failed_setup_keeps_the_venv(trusted_inven
     (workdir / "venv" / "marker").write_text("old")
     good = tmp_path / "good"
     build_wheel(good)
+    build_wheel(good, name="edgeq_other_runtime")
     args = ["targets", "setup", "dev-0", "-i", str(trusted_inventory.path), "--wheelhouse"]
     first = CliRunner().invoke(cli, [*args, str(good)])
     assert first.exit_code == 0, first.output
     assert f"into {workdir / 'venv' / 'bin' / 'python'}" in first.output and "from wheelhouse" in first.output
+    assert "runtimes for tflite, onnx: installed edgeq_tiny_runtime edgeq_other_runtime" in first.output
 
     def probe() -> str:
         with open_transport(target) as transport:
             python = device_python(transport, target)
             assert python == str(workdir / "venv" / "bin" / "python")
-            return transport.run([python, "-c", "import edgeq_tiny_runtime as m; print(m.__version__)"],
-                                 timeout=60).stdout.strip()
+            return transport.run([python, "-c", "import edgeq_tiny_runtime as m, edgeq_other_runtime as o; "
+                                  "print(m.__version__, o.__version__)"], timeout=60).stdout.strip()
 
-    assert probe() == "1.0"
+    assert probe() == "1.0 1.0"
     live = os.readlink(workdir / "venv")
     assert not (workdir / "venv" / "marker").exists()
     empty = tmp_path / "empty"
@@ -260,13 +265,45 @@ def test_setup_from_a_wheelhouse_and_a_failed_setup_keeps_the_venv(trusted_inven
     assert refused.exit_code == 1 and "no .whl files" in refused.output
 
     other = tmp_path / "other"
-    build_wheel(other, name="edgeq_other_runtime")  # lacks the profile's package: pip fails
+    build_wheel(other, name="edgeq_other_runtime")  # lacks the tflite runtime the profile allows: pip fails
     failed = CliRunner().invoke(cli, [*args, str(other)])
     assert failed.exit_code == 1
     assert "edgeq_tiny_runtime" in failed.output and "previous venv" in failed.output
-    assert probe() == "1.0"
+    assert probe() == "1.0 1.0"
     assert os.readlink(workdir / "venv") == live
     assert sorted(p.name for p in workdir.iterdir() if "venv" in p.name) == sorted(["venv", live])
+
+
+@pytest.mark.sshd
+def test_check_names_the_missing_runtimes_and_how_to_install_them(trusted_inventory, tmp_path):
+    """A device whose interpreter lacks the profile's runtimes: check lists each format, exits 1, and says
+    which are missing with the setup command as the hint."""
+    tiny_runtime_setup(trusted_inventory, tmp_path)
+    result = CliRunner().invoke(cli, ["targets", "check", "dev-0", "-i", str(trusted_inventory.path)])
+    assert result.exit_code == 1
+    lines = result.output.splitlines()
+    assert any(line.startswith("  tflite runtime:   does NOT import: ai_edge_litert") for line in lines)
+    assert any(line.startswith("  onnx runtime:     does NOT import: onnxruntime") for line in lines)
+    assert "  openvino runtime: not installed (profile " in result.output  # not in the profile: not an error
+    assert "error: dev-0: runtime missing for tflite, onnx" in result.output
+    assert "hint: install it with: edgeq targets setup dev-0" in result.output
+
+
+def test_setup_installs_every_allowed_runtime_and_format_adds_one():
+    """targets setup's package list: every format the profile allows, own format first, and --format adds
+    one it does not list (with that runtime's own requirements); --only installs just the named ones."""
+    from edgeq.device.runtimes import runtime_module
+    from edgeq.devicecheck import setup_packages
+    from edgeq.profiles import load_profile
+
+    profile = load_profile("jetson-orin-nano")
+    allowed = setup_packages(profile)
+    assert list(allowed) == [profile.format, *[f for f in profile.runtime_packages if f != profile.format]]
+    assert allowed == {fmt: profile.runtime_packages[fmt] for fmt in allowed}
+    missing = next(fmt for fmt in ("onnx", "openvino", "tflite") if fmt not in profile.runtime_packages)
+    added = setup_packages(profile, [missing, profile.format])
+    assert list(added) == [*allowed, missing] and added[missing] == runtime_module(missing).PACKAGES
+    assert setup_packages(profile, only_formats=["tflite"]) == {"tflite": profile.runtime_packages["tflite"]}
 
 
 def test_rollback_cli_without_history(tmp_path, monkeypatch):

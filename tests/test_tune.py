@@ -181,3 +181,47 @@ def test_a_group_is_tuned_once_per_device_class(sensitive_model, trusted_invento
     assert data["target"] == "dev-0" and data["profile"] == "x86-avx2"
     assert (tmp_path / "fleet" / "x86-avx2" / "chosen" / "manifest.json").exists()
     assert not (trusted_inventory.workdirs["dev-1"] / "releases").exists()  # only the measured device was used
+
+
+def _python_without(tmp_path: Path, blocked: tuple[str, ...]) -> str:
+    """An interpreter as on a device that has only some runtimes: a venv that sees this one's packages
+    (a .pth file) but cannot import ``blocked`` (``sys.modules[name] = None`` makes ``import name`` fail)."""
+    import site
+    import subprocess
+    import sys
+
+    venv = tmp_path / "partial-venv"
+    subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    (packages,) = (venv / "lib").glob("python3*/site-packages")
+    (packages / "edgeq_test_parent.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    (packages / "edgeq_test_block.pth").write_text(
+        "import sys; " + "; ".join(f"sys.modules[{name!r}] = None" for name in blocked) + "\n")
+    return str(venv / "bin" / "python")
+
+
+@pytest.mark.sshd
+def test_tune_uses_only_the_runtimes_the_device_has(sensitive_model, trusted_inventory, tmp_path, tune_env):
+    """A device with ONNX Runtime only: tune asks it first, tries no OpenVINO or TFLite candidate and says
+    why; asking for a missing format by name is a one-line error naming the setup command."""
+    import yaml
+
+    python = _python_without(tmp_path, ("openvino", "ai_edge_litert", "tflite_runtime", "tensorflow"))
+    data = yaml.safe_load(trusted_inventory.path.read_text())
+    data["targets"]["dev-0"]["python"] = python
+    trusted_inventory.path.write_text(yaml.safe_dump(data))
+    (target,) = resolve_targets(load_inventory(trusted_inventory.path), "dev-0")
+    result = _tune(sensitive_model, tmp_path / "tuned", target=target, formats=None, max_candidates=3,
+                   budget=Budget(max_accuracy_drop=0.99))
+    assert {c.format for c in result.candidates} == {"onnx"}
+    # (TFLite is never built from an ONNX source, so only OpenVINO is missing here.)
+    assert "openvino not tried: no runtime on dev-0 (install it: edgeq targets setup dev-0)" in result.notes
+    assert result.chosen is not None and result.chosen.bench["status"] == "ok"
+
+    refused = CliRunner().invoke(cli, [
+        "tune", str(sensitive_model["model"]), "--target", "dev-0", "-i", str(trusted_inventory.path),
+        "--calibration", str(sensitive_model["calibration"]), "--eval", str(sensitive_model["eval"]),
+        "--min-cosine", "0.9", "--format", "openvino", "-o", str(tmp_path / "refused")])
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    assert "error: dev-0: no openvino runtime on the device" in refused.output
+    assert "hint: install it: edgeq targets setup dev-0" in refused.output
+    assert not (tmp_path / "refused").exists()

@@ -47,11 +47,24 @@ def _size(value: int | None) -> str:
     return "-" if value is None else f"{value / 1e9:.1f} GB"
 
 
+def _runtime_state(check, fmt: str) -> str:
+    probe = check.runtimes[fmt]
+    role = "" if fmt in check.allowed_formats else f" (profile {check.target.profile} does not list it)"
+    if probe.get("ok"):
+        version = f" {probe['version']}" if probe.get("version") else ""
+        return f"imports ({probe['module']}{version}){role}"
+    if fmt not in check.allowed_formats:
+        return "not installed" + role
+    return f"does NOT import: {probe.get('error', 'not checked')}"
+
+
 @targets.command("check")
 @click.argument("name")
 @inventory_option
 def check_command(name, inventory) -> None:
-    """Report reachability, host key, arch, OS, Python, free disk, runtime and power sensors of NAME."""
+    """Report reachability, host key, arch, OS, Python, free disk, runtimes and power sensors of NAME.
+
+    Exits 1 unless every runtime NAME's profile allows imports there."""
     from edgeq.devicecheck import check_target
 
     failed = False
@@ -67,19 +80,17 @@ def check_command(name, inventory) -> None:
             click.echo(f"  os:               {check.os}")
             click.echo(f"  python:           {check.python} ({check.python_path})")
             click.echo(f"  free in workdir:  {_size(check.free_bytes)}")
-            runtime = check.runtime or {}
-            if runtime.get("ok"):
-                version = f" {runtime['version']}" if runtime.get("version") else ""
-                state = f"imports ({runtime['module']}{version})"
-            else:
-                state = f"does NOT import: {runtime.get('error', 'not checked')}"
-            click.echo(f"  {check.runtime_format + ' runtime:':<18}{state}")
+            for fmt in check.runtimes:
+                click.echo(f"  {fmt + ' runtime:':<18}{_runtime_state(check, fmt)}")
             sensors = ", ".join(
                 s["sensor"] + ("" if s.get("readable", True) else " (not readable)") for s in check.power_sensors
             ) or "none found"
             click.echo(f"  power sensors:    {sensors}")
         if check.error:
             print_error(check.error, check.hint)
+        elif check.missing_formats and check.reachable:
+            print_error(f"{target.name}: runtime missing for {', '.join(check.missing_formats)} (profile "
+                        f"{target.profile} allows it)", f"install it with: edgeq targets setup {target.name}")
         if not check.ok:
             failed = True
     if failed:
@@ -107,17 +118,22 @@ def trust_command(name, inventory) -> None:
 @click.option("--wheelhouse", type=click.Path(file_okay=False, exists=True),
               help="Install from these local .whl files (uploaded; pip --no-index) instead of the device's index.")
 @click.option("--system-site-packages", is_flag=True, help="Let the venv see the device's system packages.")
-@click.option("--format", "fmt", type=click.Choice(format_names()),
-              help="Install the runtime for this format instead of the profile's own.")
-def setup_command(name, inventory, wheelhouse, system_site_packages, fmt) -> None:
-    """Create a venv in the workdir of NAME and install its profile's runtime packages."""
+@click.option("--format", "extra_formats", type=click.Choice(format_names()), multiple=True,
+              help="Also install this format's runtime, beyond those the profile allows (repeatable).")
+@click.option("--only", "only_formats", type=click.Choice(format_names()), multiple=True,
+              help="Install only these formats' runtimes (repeatable), e.g. on a device short of space.")
+def setup_command(name, inventory, wheelhouse, system_site_packages, extra_formats, only_formats) -> None:
+    """Create a venv in the workdir of NAME with the runtime of every format its profile allows.
+
+    The venv is built beside the old one and replaces it only once pip succeeded."""
     from edgeq.devicecheck import setup_target
 
     def setup(target):
-        return setup_target(target, wheelhouse=wheelhouse, system_site_packages=system_site_packages, format=fmt)
+        return setup_target(target, wheelhouse=wheelhouse, system_site_packages=system_site_packages,
+                            extra_formats=extra_formats, only_formats=only_formats)
 
     def report(target, result) -> None:
-        click.echo(f"{target.name}: installed {' '.join(result.packages)} from {result.source} "
-                   f"into {result.python} ({result.seconds:.0f}s)")
+        click.echo(f"{target.name}: runtimes for {', '.join(result.formats)}: installed {' '.join(result.packages)} "
+                   f"from {result.source} into {result.python} ({result.seconds:.0f}s)")
 
     run_per_target(_targets(inventory, name), setup, report)

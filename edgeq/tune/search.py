@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeq import devicecheck
 from edgeq.convert import convert, registry
 from edgeq.convert.base import AccuracyControl
 from edgeq.convert.source import SourceModel, load_source
@@ -172,7 +173,7 @@ def _head(dataset: Dataset, count: int) -> Dataset:
 def allowed_formats(profile: DeviceProfile, source_kind: str, wanted: list[str] | None) -> list[str]:
     """The formats tune may use: those the profile's device can run (its ``runtime_packages``), its own
     format first, that edgeq can build from this kind of source."""
-    allowed = [profile.format, *[f for f in profile.runtime_packages if f != profile.format]]
+    allowed = devicecheck.allowed_formats(profile)
     for fmt in wanted or []:
         if fmt not in allowed:
             raise TuneError(f"profile '{profile.name}' does not allow format '{fmt}' (it allows "
@@ -182,6 +183,25 @@ def allowed_formats(profile: DeviceProfile, source_kind: str, wanted: list[str] 
         raise TuneError(f"none of the formats profile '{profile.name}' allows ({', '.join(allowed)}) can be "
                         f"built from a {source_kind} model")
     return chosen
+
+
+def runnable_formats(target: Target, fmts: list[str], wanted: list[str] | None, notes: list[str]) -> list[str]:
+    """``fmts`` less those whose runtime does not import on ``target`` (asked first, so that no candidate is
+    built for a runtime the device lacks); a format asked for by name must be there."""
+    check = devicecheck.check_target(target)
+    if check.failure is not None:
+        raise TuneError(check.failure.message, hint=check.failure.hint)
+    missing = [f for f in fmts if not check.runtimes.get(f, {}).get("ok")]
+    setup = f"edgeq targets setup {target.name}"
+    if wanted and missing:
+        raise TuneError(f"{target.name}: no {', '.join(missing)} runtime on the device", hint=f"install it: {setup}")
+    runnable = [f for f in fmts if f not in missing]
+    if not runnable:
+        raise TuneError(f"{target.name}: none of the runtimes for {', '.join(fmts)} imports on the device",
+                        hint=f"install them: {setup}")
+    if missing:
+        notes.append(f"{', '.join(missing)} not tried: no runtime on {target.name} (install it: {setup})")
+    return runnable
 
 
 def _better(tried: Candidate | None, best: Candidate | None) -> Candidate | None:
@@ -291,7 +311,8 @@ def tune(model: Path | str, target: Target, profile: DeviceProfile, *, calibrati
                             hint="give --output a new or empty directory")
     model, calibration, eval_path = Path(model), Path(calibration), Path(eval_path)
     source = load_source(model)
-    fmts = allowed_formats(profile, source.kind, formats)
+    notes: list[str] = []
+    fmts = runnable_formats(target, allowed_formats(profile, source.kind, formats), formats, notes)
     dataset = load_dataset(eval_path, source.inputs, role="eval")
     check_eval_for_budget(budget, dataset.labels, eval_path)
     load_dataset(calibration, source.inputs, role="calibration")  # a bad file fails now, not at stage A
@@ -304,7 +325,7 @@ def tune(model: Path | str, target: Target, profile: DeviceProfile, *, calibrati
     if dataset.labels is not None:
         check_labels_range(dataset, int(np.prod(reference.shape[1:])))
     search = _Search(model, profile, calibration, calibration_samples, budget, source, dataset, reference, root,
-                     started + max_time_s, max_candidates, progress)
+                     started + max_time_s, max_candidates, progress, notes=notes)
     progress.stage("host: build and score candidates")
     search.try_candidate(Candidate(fmts[0], "fp32", "fp32"), always=True)  # the baseline, first
     for fmt in fmts:

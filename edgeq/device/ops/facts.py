@@ -51,7 +51,8 @@ def _power_sensors():
 
 
 def op_facts(params):
-    """What ``targets check`` reports: arch, OS, Python, free disk, runtime import, power sensors."""
+    """What ``targets check`` reports: arch, OS, Python, free disk, power sensors, and for each format in
+    ``runtimes`` ({format: [modules to try]}) whether its runtime imports."""
     os_name = platform.platform()
     try:
         with open("/etc/os-release") as handle:
@@ -67,6 +68,6 @@ def op_facts(params):
         "python": platform.python_version(),
         "executable": sys.executable,
         "free_bytes": free_bytes(params["workdir"]),
-        "runtime": _import_check(params.get("modules", [])) if params.get("modules") else None,
+        "runtimes": {fmt: _import_check(modules) for fmt, modules in (params.get("runtimes") or {}).items()},
         "power_sensors": _power_sensors(),
     }

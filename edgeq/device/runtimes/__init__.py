@@ -1,7 +1,8 @@
 """Runtimes, one module per artifact format: ``tflite``, ``onnx``, ``openvino``.
 
 Each module is named after its format and defines ``FORMAT``, ``PROBE_MODULES`` (what ``targets check``
-imports to tell whether the format can run), ``import_runtime()`` -> (runtime name, version) and
+imports to tell whether the format can run), ``PACKAGES`` (its pip requirements on a device whose profile
+names none), ``import_runtime()`` -> (runtime name, version) and
 ``open(model_path, threads, providers, device, precision)`` -> Session. The modules here *are* the list of
 formats (``formats()``): the controller's names and its format registry are checked against it. A module is imported only when an
 artifact of its format is opened, so the runtime (and numpy) load only where they are used. Host

@@ -57,6 +57,8 @@ class OnnxSession(Session):
 
 FORMAT = "onnx"
 PROBE_MODULES = ["onnxruntime"]  # what ``targets check`` imports on a device
+# pip requirements for this runtime on a device whose profile names none (``targets setup --format``).
+PACKAGES = ["onnxruntime", "numpy"]
 
 
 def open(model_path, threads=None, providers=None, device=None, precision=None):  # noqa: A001 - the runtime interface

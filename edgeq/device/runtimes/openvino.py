@@ -132,6 +132,8 @@ def _ov_layer_precisions(compiled):
 
 FORMAT = "openvino"
 PROBE_MODULES = ["openvino"]  # what ``targets check`` imports on a device
+# pip requirements for this runtime on a device whose profile names none (``targets setup --format``).
+PACKAGES = ["openvino", "numpy"]
 
 
 def open(model_path, threads=None, providers=None, device="CPU", precision=None):  # noqa: A001 - the runtime interface

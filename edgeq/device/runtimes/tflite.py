@@ -109,6 +109,8 @@ def _tflite_interpreter():
 FORMAT = "tflite"
 # What ``targets check`` imports on a device to tell whether this format can run there, in the order tried.
 PROBE_MODULES = ["ai_edge_litert.interpreter", "tflite_runtime.interpreter", "tensorflow"]
+# pip requirements for this runtime on a device whose profile names none (``targets setup --format``).
+PACKAGES = ["ai-edge-litert", "numpy"]
 
 
 def open(model_path, threads=None, providers=None, device=None, precision=None):  # noqa: A001 - the runtime interface
