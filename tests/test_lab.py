@@ -21,6 +21,7 @@ from edgeq.lab import (
     previous_results,
     prune_history,
 )
+from edgeq.manifest import read_manifest
 from edgeq.profiles import load_profile
 from edgeq.report import EXIT_REGRESSION
 from edgeq.targets import Target
@@ -72,11 +73,15 @@ def test_lab_yaml_paths_are_relative_to_the_file(tmp_path):
 
 @pytest.mark.parametrize("changes, message", [
     ({"build": {"format": ["tflite"]}}, "build.format: unknown field"),
-    ({"build": {"precisions": ["int4"]}}, "build.precisions.0: Input should be 'int8', 'fp16', 'bf16', 'fp32' or 'dynamic'"),
+    ({"build": {"precisions": ["int4"]}}, "build.precisions.0: Input should be 'int8', 'fp16', 'bf16', 'fp32', 'dynamic' or 'auto'"),
     ({"run": {"targets": []}}, "run.targets: List should have at least 1 item"),
     ({"models": [{"name": "m", "path": "model.keras"}, {"name": "m", "path": "model.keras"}]},
      "duplicate name(s): m"),
     ({"models": [{"name": "m", "path": "missing.keras"}]}, "models.m.path: "),
+    ({"build": {"precisions": ["auto"]}}, "build: Value error, precisions: [auto] needs one budget"),
+    ({"build": {"precisions": ["int8"], "min_cosine": 0.99}}, "min_cosine is the budget of precisions: [auto]"),
+    ({"build": {"precisions": ["auto"], "min_cosine": 0.99}},
+     "models.m: precisions: [auto] tunes it, which needs both calibration and eval data"),
 ])
 def test_bad_lab_yaml_is_a_one_line_error(tmp_path, changes, message):
     path = minimal_lab(tmp_path, **changes)
@@ -107,6 +112,24 @@ def test_plan_uses_profile_defaults_and_refuses_targets_it_builds_nothing_for(tm
     assert [s.profile for s in per_target["b"]] == ["rpi4"]
     config.build.profiles = ["x86-avx2"]
     with pytest.raises(LabError, match=r"build.profiles does not include the profile of target\(s\) b \(rpi4\)"):
+        plan_builds(config, targets)
+
+
+def test_plan_of_auto_is_one_tuned_build_per_model_and_profile_measured_on_its_first_target(tmp_path):
+    for name in ("calib.npz", "eval.npz"):
+        (tmp_path / name).write_bytes(b"")  # planning reads neither
+    config = load_lab(minimal_lab(
+        tmp_path, models=[{"name": "m", "path": "model.keras", "calibration": "calib.npz", "eval": "eval.npz"}],
+        build={"precisions": ["auto", "fp32"], "max_accuracy_drop": 0.01}))
+    targets = [Target(name="a", host="h", profile="x86-avx2"), Target(name="b", host="h", profile="rpi4"),
+               Target(name="c", host="h", profile="rpi4")]
+    specs, per_target = plan_builds(config, targets)
+    assert [(s.profile, s.format, s.precision, s.measure_on and s.measure_on.name) for s in specs] == [
+        ("x86-avx2", "auto", "auto", "a"), ("x86-avx2", "onnx", "fp32", None),
+        ("rpi4", "auto", "auto", "b"), ("rpi4", "tflite", "fp32", None)]
+    assert [s.label for s in per_target["c"]] == ["m rpi4 auto/auto", "m rpi4 tflite/fp32"]
+    config.build.profiles = ["x86-avx2", "rpi4", "rpi5"]
+    with pytest.raises(LabError, match="no run target has profile 'rpi5'"):
         plan_builds(config, targets)
 
 
@@ -216,6 +239,47 @@ def test_local_regression_and_failed_conversion_fail_the_run_but_keep_results(lo
     assert types == {"digits-tflite-int8": "regression", "broken-tflite-int8": "run-failed"}
     # history.keep = 2: the first run was deleted.
     assert [p.name for p in history_runs(local_runs["history"])] == [r[1].name for r in local_runs["runs"][1:]]
+
+
+@pytest.mark.slow
+def test_precision_auto_tunes_once_and_reuses_the_choice(digits, tmp_path, monkeypatch):
+    """``precisions: [auto]``: the first run tunes on the target and benches the chosen artifact; the next
+    run reuses the choice (nothing re-tuned) and compares with the first; a changed budget tunes again."""
+    monkeypatch.setenv("EDGEQ_LOCAL_WORKDIR", str(tmp_path / "device"))
+    monkeypatch.setenv("EDGEQ_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("EDGEQ_INVENTORY", raising=False)
+    lab = write_lab(tmp_path / "lab.yaml", digits, artifacts=tmp_path / "artifacts", history=tmp_path / "history",
+                    targets=["local"])
+    config = yaml.safe_load(lab.read_text())
+    config["build"].update(precisions=["auto"], tune={"max_candidates": 4, "runs": 20})
+    lab.write_text(yaml.safe_dump(config))
+    runner = CliRunner()
+    first = runner.invoke(cli, ["lab", "run", str(lab)])
+    assert first.exit_code == 0, first.stderr
+    (tune_dir,) = (tmp_path / "artifacts" / "digits").glob("*/auto-auto")
+    tuned = json.loads((tune_dir / "tune.json").read_text())
+    chosen = next(c for c in tuned["candidates"] if c["chosen"])
+    assert chosen["passed"] and chosen["format"] == "tflite"
+    assert f": tuned -> tflite/{chosen['precision']} " in first.stderr
+    (data,) = results_of(history_runs(tmp_path / "history")[-1]).values()
+    assert data["status"] == "ok" and data["artifact"]["name"] == "digits"
+    assert (data["artifact"]["format"], data["artifact"]["precision"]) == ("tflite", chosen["precision"])
+    assert data["artifact"]["id"] == read_manifest(tune_dir / "chosen").id
+
+    tuned_at = (tune_dir / "tune.json").stat().st_mtime_ns
+    second = runner.invoke(cli, ["lab", "run", str(lab)])
+    assert second.exit_code == 0, second.stderr
+    assert ": reused -> tflite/" in second.stderr and ": tuned" not in second.stderr
+    assert (tune_dir / "tune.json").stat().st_mtime_ns == tuned_at
+    (row,) = json.loads((history_runs(tmp_path / "history")[-1] / "report.json").read_text())["rows"]
+    assert row["baseline_file"]  # matched the first night's result
+
+    config["build"]["max_accuracy_drop"] = 0.04
+    lab.write_text(yaml.safe_dump(config))
+    third = runner.invoke(cli, ["lab", "run", str(lab)])
+    assert third.exit_code == 0, third.stderr
+    assert ": tuned -> tflite/" in third.stderr
+    assert json.loads((tune_dir / "lab-tune-key.json").read_text())["budget"]["max_accuracy_drop"] == 0.04
 
 
 # -- end to end on the sshd test devices ------------------------------------------------------------------

@@ -16,8 +16,12 @@ LAB.yaml (paths relative to the file)::
     build:
       profiles: [x86-avx2]              # default: the profiles of the run targets
       formats: [tflite, onnx]           # default: each profile's own format
-      precisions: [int8]                # default: each profile's own precision
-      max_accuracy_drop: 0.01           # conversion gate, absolute top-1 (0.01 = 1 point)
+      precisions: [int8]                # default: each profile's own precision; auto: what `edgeq tune`
+                                        #   chooses, tuned on the profile's first target, re-tuned only
+                                        #   when the model, data, budget or profile change
+      max_accuracy_drop: 0.01           # conversion gate and tune budget, absolute top-1 (0.01 = 1 point)
+      # min_cosine: 0.99                # tune budget instead, for eval data without labels (auto only)
+      # tune: {max_time_s: 1200, max_candidates: 24, runs: 100}
     run:
       targets: [local]                  # target or group names from the inventory
       warmup: 10
@@ -25,8 +29,8 @@ LAB.yaml (paths relative to the file)::
       min_seconds: 2
     history: {dir: lab-history, keep: 30}
 
-The package: ``config`` (LAB.yaml), ``builds`` (convert or reuse), ``history`` (run folders) and ``run``
-(deploy, bench and report, one night).
+The package: ``config`` (LAB.yaml), ``builds`` (convert or reuse), ``tuned`` (``auto``: tune or reuse),
+``history`` (run folders) and ``run`` (deploy, bench and report, one night).
 """
 
 from edgeq.lab.builds import BuildOutcome, BuildSpec, build_artifact, plan_builds

@@ -1,5 +1,6 @@
 """The lab's builds: every (model, profile, format, precision) to convert, converted into the artifact cache
-or reused from it when nothing that made it has changed."""
+or reused from it when nothing that made it has changed; ``precisions: [auto]`` builds are tuned instead
+(``edgeq.lab.tuned``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from typing import Any, Literal
 
 from edgeq import __version__
 from edgeq.errors import EdgeqError, Failure, ValidationError, internal_failure
-from edgeq.lab.config import LabConfig, LabError, LabModel
+from edgeq.lab.config import AUTO, LabConfig, LabError, LabModel
+from edgeq.targets import Target
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +22,13 @@ log = logging.getLogger(__name__)
 class BuildSpec:
     model: LabModel
     profile: str
-    format: str
-    precision: str
+    format: str  # "auto" for a tuned build: tune chooses among build.formats (or all the profile allows)
+    precision: str  # "auto" for a tuned build
+    measure_on: Target | None = None  # a tuned build's device: the first run target of its profile
+
+    @property
+    def tuned(self) -> bool:
+        return self.precision == AUTO
 
     @property
     def label(self) -> str:
@@ -34,7 +41,7 @@ class BuildSpec:
 @dataclass
 class BuildOutcome:
     spec: BuildSpec
-    status: Literal["converted", "reused", "gate-failed", "failed"]
+    status: Literal["converted", "tuned", "reused", "gate-failed", "failed"]
     artifact_dir: Path | None = None
     manifest: Any = None
     seconds: float = 0.0
@@ -61,10 +68,17 @@ def plan_builds(config: LabConfig, targets) -> tuple[list[BuildSpec], dict[str, 
         profile = load_profile(profile_name)
         formats = config.build.formats or [profile.format]
         precisions = config.build.precisions or [profile.precision]
+        measure_on = next((t for t in targets if t.profile == profile_name), None)
+        if AUTO in precisions and measure_on is None:
+            raise LabError(f"build.precisions: auto is tuned on a device, and no run target has profile "
+                           f"'{profile_name}'", hint="leave build.profiles out or add a target of that profile")
         for model in config.models:
+            if AUTO in precisions:  # one tuned build per (model, profile): tune picks the format too
+                specs.append(BuildSpec(model, profile_name, AUTO, AUTO, measure_on))
             for fmt in formats:
                 for precision in precisions:
-                    specs.append(BuildSpec(model, profile_name, fmt, precision))
+                    if precision != AUTO:
+                        specs.append(BuildSpec(model, profile_name, fmt, precision))
     per_target = {t.name: [s for s in specs if s.profile == t.profile] for t in targets}
     return specs, per_target
 
@@ -106,6 +120,10 @@ def build_artifact(spec: BuildSpec, config: LabConfig) -> BuildOutcome:
     out_dir = spec.cache_dir(config.artifacts)
     try:
         profile = load_profile(spec.profile)
+        if spec.tuned:
+            from edgeq.lab.tuned import tuned_artifact
+
+            return tuned_artifact(spec, config, profile, out_dir, started)
         if out_dir.is_dir():
             try:
                 manifest = verify_artifact(out_dir, read_manifest(out_dir))

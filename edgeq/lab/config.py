@@ -9,7 +9,7 @@ from pydantic import Field, field_validator, model_validator
 
 from edgeq.config import StrictModel, load_yaml_file, validate_model
 from edgeq.errors import EdgeqError
-from edgeq.names import Format, Precision
+from edgeq.names import PRECISIONS, Format
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
@@ -28,16 +28,46 @@ class LabModel(StrictModel):
     eval: Path | None = Field(default=None, description=".npz eval data with labels (accuracy, gate)")
 
 
+# ``auto``: not a precision but "what ``edgeq tune`` chooses for the profile".
+AUTO = "auto"
+LabPrecision = Literal[(*PRECISIONS, AUTO)]  # type: ignore[valid-type]  # Literal[tuple] is Literal of its members
+
+
+class LabTune(StrictModel):
+    """Limits of the tune behind ``precisions: [auto]`` (tune reruns only when what it used changed)."""
+
+    max_time_s: float = Field(default=1200.0, gt=0, description="tune's --max-time, in seconds")
+    max_candidates: int = Field(default=24, ge=1)
+    runs: int = Field(default=100, ge=1, description="timed runs per candidate bench")
+
+
 class LabBuild(StrictModel):
     """What to build: every profile x format x precision for every model."""
 
     profiles: list[str] | None = Field(default=None, min_length=1,
                                        description="default: the profiles of the run targets")
-    formats: list[Format] | None = Field(default=None, min_length=1)
-    precisions: list[Precision] | None = Field(default=None, min_length=1)
-    max_accuracy_drop: float | None = Field(default=None, ge=0, le=1,
-                                            description="conversion gate: largest top-1 drop (0.01 = 1 point)")
+    formats: list[Format] | None = Field(default=None, min_length=1,
+                                         description="with auto: the formats tune may choose from")
+    precisions: list[LabPrecision] | None = Field(
+        default=None, min_length=1,
+        description="auto = the artifact `edgeq tune` chooses for each profile, measured on its first target")
+    max_accuracy_drop: float | None = Field(default=None, ge=0, lt=1,
+                                            description="conversion gate and tune budget: largest top-1 drop "
+                                            "(0.01 = 1 point)")
+    min_cosine: float | None = Field(default=None, gt=0, le=1,
+                                     description="tune budget for eval data without labels (auto only)")
     calibration_samples: int = Field(default=300, ge=1)
+    tune: LabTune = Field(default_factory=LabTune)
+
+    @model_validator(mode="after")
+    def _auto_has_one_budget(self) -> LabBuild:
+        auto = AUTO in (self.precisions or [])
+        if self.min_cosine is not None and not auto:
+            raise ValueError("min_cosine is the budget of precisions: [auto]; this build has no auto")
+        if auto and (self.max_accuracy_drop is None) == (self.min_cosine is None):
+            raise ValueError("precisions: [auto] needs one budget: max_accuracy_drop (eval with labels) "
+                             "or min_cosine")
+        return self
 
 
 class LabRun(StrictModel):
@@ -89,6 +119,11 @@ class LabConfig(StrictModel):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"models: duplicate name(s): {', '.join(duplicates)}")
+        if AUTO in (self.build.precisions or []):
+            for model in self.models:
+                if model.calibration is None or model.eval is None:
+                    raise ValueError(f"models.{model.name}: precisions: [auto] tunes it, which needs both "
+                                     "calibration and eval data")
         return self
 
     def resolve_paths(self, base: Path) -> LabConfig:

@@ -125,8 +125,10 @@ def run_lab(config: LabConfig, *, inventory: Path | str | None = None, baseline:
             progress(LabEvent("convert", "failed", f"{spec.label}: accuracy gate failed ({outcome.error}); "
                                                    "benching it anyway"))
         else:
+            chosen = f" -> {outcome.manifest.format}/{outcome.manifest.precision}" if spec.tuned else ""
             progress(LabEvent("convert", "reused" if outcome.status == "reused" else "ok",
-                              f"{spec.label}: {outcome.status} {outcome.manifest.id} ({outcome.seconds:.1f} s)"))
+                              f"{spec.label}: {outcome.status}{chosen} {outcome.manifest.id} "
+                              f"({outcome.seconds:.1f} s)"))
 
     unreachable: dict[str, Failure] = {}  # target name -> why its remaining artifacts are skipped
     for spec in specs:
