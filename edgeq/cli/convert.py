@@ -25,6 +25,28 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value * 100:.2f}%"
 
 
+def _input_shapes(ctx, param, values: tuple[str, ...]) -> dict[str | None, tuple[int, ...]]:
+    from edgeq.convert.shapes import parse_input_shape
+    from edgeq.errors import ConversionError
+
+    shapes: dict[str | None, tuple[int, ...]] = {}
+    for value in values:
+        try:
+            name, dims = parse_input_shape(value)
+        except ConversionError as exc:
+            raise click.BadParameter(exc.message.removeprefix("--input-shape ")) from None
+        if name in shapes:
+            raise click.BadParameter(f"{name or 'the input'} is given twice")
+        shapes[name] = dims
+    return shapes
+
+
+input_shape_option = click.option(
+    "--input-shape", "input_shapes", multiple=True, callback=_input_shapes, metavar="[NAME=]DxDx...",
+    help="Freeze the model's free dims for this input, e.g. images=1x3x640x640 (repeatable; the name may be "
+         "left out for a one-input model). OpenVINO artifacts get a free batch frozen to 1 by default.")
+
+
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--profile", "profile_name", required=True, help="Device profile name (e.g. rpi4) or YAML path.")
@@ -41,11 +63,13 @@ def _pct(value: float | None) -> str:
               help="Eval .npz (inputs + optional labels): validate the artifact against the FP32 source.")
 @click.option("--max-accuracy-drop", type=click.FloatRange(min=0), default=None,
               help="Fail when top-1 drops more than this fraction (0.01 = 1 point). Needs --eval.")
+@input_shape_option
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Artifact directory to create.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory (atomically).")
 def convert(model: Path, profile_name: str, fmt: str | None, precision: str | None, calibration: Path | None,
             calibration_samples: int, calibration_method: str | None, quantized_io: str | None,
-            eval_path: Path | None, max_accuracy_drop: float | None, output: Path, force: bool) -> None:
+            eval_path: Path | None, max_accuracy_drop: float | None, input_shapes: dict, output: Path,
+            force: bool) -> None:
     """Convert MODEL (.keras/.h5, SavedModel dir or .onnx) into an artifact directory for a device profile."""
     from edgeq.convert import convert as run_convert
     from edgeq.errors import ValidationError
@@ -59,7 +83,7 @@ def convert(model: Path, profile_name: str, fmt: str | None, precision: str | No
         manifest = run_convert(model, profile, output, format=fmt, precision=precision, calibration=calibration,
                                calibration_samples=calibration_samples, calibration_method=calibration_method,
                                quantized_io=quantized_io, eval_path=eval_path,
-                               max_accuracy_drop=max_accuracy_drop, force=force)
+                               max_accuracy_drop=max_accuracy_drop, input_shapes=input_shapes, force=force)
     except ValidationError:
         _summary(read_manifest(output), output)
         raise
@@ -74,6 +98,8 @@ def _summary(manifest, output: Path) -> None:
     for spec in manifest.inputs:
         quant = f" scale={spec.scale:.6g} zero_point={spec.zero_point}" if spec.scale is not None else ""
         click.echo(f"  input  {spec.name} {spec.shape} {spec.dtype}{quant}")
+    if manifest.options.get("input_shapes_from"):
+        click.echo(f"  shapes      {manifest.options['input_shapes_from']}")
     if manifest.calibration:
         cal = manifest.calibration
         click.echo(f"  calibration  {cal.samples_used}/{cal.samples_available} samples, {cal.method}")

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from edgeq.cli.convert import input_shape_option
+
 
 def _duration(text: str) -> float:
     """'90', '90s', '20m', '1h' -> seconds."""
@@ -55,10 +57,11 @@ class _RichProgress:
 @click.option("--max-candidates", type=click.IntRange(min=1), default=24, show_default=True)
 @click.option("--calibration-samples", type=click.IntRange(min=1), default=300, show_default=True)
 @click.option("--runs", type=click.IntRange(min=1), default=100, show_default=True, help="Timed runs per device bench.")
+@input_shape_option
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="DIR for candidates, chosen/, tune.*")
 @click.option("--force", is_flag=True, help="Replace a non-empty DIR.")
 def tune(model, target_name, profile_name, inventory, calibration, eval_path, max_accuracy_drop, min_cosine, objective,
-         formats, max_time, max_candidates, calibration_samples, runs, output, force) -> None:
+         formats, max_time, max_candidates, calibration_samples, runs, input_shapes, output, force) -> None:
     """Find the fastest artifact of MODEL that meets the accuracy budget on a device, and put it in DIR/chosen
     (for a group: DIR/<profile>/chosen per device class, each measured on the class's first target)."""
     from rich.console import Console
@@ -76,7 +79,8 @@ def tune(model, target_name, profile_name, inventory, calibration, eval_path, ma
         raise click.UsageError("--profile applies to one target; a group is tuned once per profile of its targets")
     options = {"calibration": calibration, "eval_path": eval_path, "budget": budget, "objective": objective,
                "formats": list(formats) or None, "max_time_s": _duration(max_time), "max_candidates": max_candidates,
-               "calibration_samples": calibration_samples, "runs": runs, "force": force}
+               "calibration_samples": calibration_samples, "runs": runs, "input_shapes": input_shapes,
+               "force": force}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=Console(stderr=True), transient=False) as bars:
         if len(targets) == 1:

@@ -52,6 +52,7 @@ class FormatBackend:
     quantized_io_precisions: tuple[str, ...] = ()  # precisions that take --quantized-io
     float_node_precisions: tuple[str, ...] = ()  # precisions that can keep named nodes in float
     int8_tunables: tuple[str, ...] = ()  # the int8 settings besides calibration it accepts (preset, ...)
+    freeze_free_batch: bool = False  # build a free batch dim as 1 unless --input-shape says otherwise
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class BuildRequest:
     fast_bias_correction: bool | None = None  # NNCF: fast (default) or full bias correction
     accuracy_control: AccuracyControl | None = None
     int8_op_types: str | None = None  # ONNX: quantize "all" supported ops (default) or only "weighted" ones
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)  # source input name -> frozen shape
 
 
 @dataclass

@@ -7,6 +7,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -15,9 +16,10 @@ from edgeq import __version__
 from edgeq.convert import registry
 from edgeq.convert.base import AccuracyControl, BuildRequest, BuildResult
 from edgeq.convert.formats import find_capability
+from edgeq.convert.shapes import frozen_inputs, resolve_input_shapes
 from edgeq.convert.source import SourceModel, detect_kind, load_source
 from edgeq.convert.validate import validate
-from edgeq.data import MIN_CALIBRATION_SAMPLES, Dataset, load_dataset, subsample
+from edgeq.data import MIN_CALIBRATION_SAMPLES, Dataset, InputSpec, load_dataset, subsample
 from edgeq.errors import ConversionError, ValidationError, require_backend
 from edgeq.manifest import (
     CalibrationInfo,
@@ -65,6 +67,7 @@ def convert(
     fast_bias_correction: bool | None = None,
     accuracy_control: AccuracyControl | None = None,
     int8_op_types: str | None = None,
+    input_shapes: Mapping[str | None, Sequence[int]] | None = None,
     force: bool = False,
 ) -> Manifest:
     """Convert ``model`` for ``profile`` into the artifact directory ``output`` and return its manifest.
@@ -77,7 +80,8 @@ def convert(
     those nodes of a quantized model in float (mixed precision; recorded in ``options.float_nodes``).
     ``int8_preset``, ``fast_bias_correction``, ``accuracy_control`` (OpenVINO's NNCF) and ``int8_op_types``
     (ONNX: ``weighted`` quantizes only Conv/MatMul/Gemm) tune int8 where the format's backend takes them
-    (``FormatBackend.int8_tunables``).
+    (``FormatBackend.int8_tunables``). ``input_shapes`` (input name, or None for the only input -> dims)
+    freezes free dimensions; see ``edgeq.convert.shapes``.
     """
     started = time.perf_counter()
     output = Path(output)
@@ -103,9 +107,12 @@ def convert(
 
     log.debug("converting %s (%s) to %s %s for profile %s", model_path, kind, fmt, precision, profile.name)
     source = load_source(model_path)
-    calib = _load_calibration(source, calibration, calibration_samples) if capability.needs_calibration else None
-    dataset = load_dataset(eval_path, source.inputs, role="eval") if eval_path is not None else None
     backend = registry.backend(fmt)
+    shapes, shapes_from = resolve_input_shapes(source.inputs, input_shapes or {}, backend.freeze_free_batch,
+                                               str(model_path))
+    data_inputs = frozen_inputs(source.inputs, shapes)  # what calibration and eval data must match
+    calib = _load_calibration(data_inputs, calibration, calibration_samples) if capability.needs_calibration else None
+    dataset = load_dataset(eval_path, data_inputs, role="eval") if eval_path is not None else None
     if float_nodes and precision not in backend.float_node_precisions:
         raise ConversionError(f"{model_path}: {fmt} {precision} cannot keep nodes in float",
                               hint=f"float nodes apply to {fmt} {', '.join(backend.float_node_precisions)}"
@@ -133,8 +140,10 @@ def convert(
                                (profile.calibration_method if backend.uses_profile_calibration_method else None),
                                quantized_io=quantized_io, float_nodes=tuple(float_nodes), int8_preset=int8_preset,
                                fast_bias_correction=fast_bias_correction, accuracy_control=accuracy_control,
-                               int8_op_types=int8_op_types)
+                               int8_op_types=int8_op_types, input_shapes=shapes)
         result: BuildResult = backend.build(request)
+        if shapes:
+            result.options.update(input_shapes=shapes, input_shapes_from=shapes_from)
         manifest = _manifest(source, profile, fmt, precision, staging, result, calib, calibration_samples,
                              started)
         session = _open_artifact(staging / result.model_file, fmt, precision, source)
@@ -193,8 +202,8 @@ def _check_calibration_request(capability, fmt, precision, calibration, method, 
         log.warning("%s %s does not use calibration data; ignoring %s", fmt, precision, calibration)
 
 
-def _load_calibration(source: SourceModel, path, limit: int) -> Dataset:
-    dataset = subsample(load_dataset(path, source.inputs, role="calibration"), limit)
+def _load_calibration(inputs: list[InputSpec], path, limit: int) -> Dataset:
+    dataset = subsample(load_dataset(path, inputs, role="calibration"), limit)
     if dataset.samples < MIN_CALIBRATION_SAMPLES:
         log.warning("%s: only %d calibration samples; at least %d are needed to calibrate well",
                     dataset.path, dataset.samples, MIN_CALIBRATION_SAMPLES)

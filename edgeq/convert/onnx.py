@@ -84,6 +84,8 @@ def _fp32_model(request: BuildRequest, target: Path) -> None:
     source = request.source
     if source.kind == "onnx":
         model = load_onnx_model(source.path)  # external data checked to stay in the model's folder
+        if request.input_shapes:
+            freeze_onnx_inputs(model, request.input_shapes)
         try:
             model = onnx.shape_inference.infer_shapes(model)
         except Exception as exc:  # onnx raises InferenceError/ValidationError
@@ -94,6 +96,20 @@ def _fp32_model(request: BuildRequest, target: Path) -> None:
             onnx.save(model, str(target))
         return
     _tf_to_onnx(request, target)
+
+
+def freeze_onnx_inputs(model, shapes: dict[str, list[int]]) -> None:
+    """Give the graph inputs in ``shapes`` those fixed dims; the intermediate shapes recorded for the free
+    dims are dropped so that shape inference works them out again from the fixed ones."""
+    for graph_input in model.graph.input:
+        if graph_input.name in shapes:
+            for dim, value in zip(graph_input.type.tensor_type.shape.dim, shapes[graph_input.name], strict=True):
+                dim.dim_value = value  # (clears dim_param: one field of a oneof)
+    del model.graph.value_info[:]
+    for output in model.graph.output:
+        for dim in output.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param"):
+                dim.Clear()
 
 
 class _UnsupportedOpsLog(logging.Handler):
@@ -117,7 +133,8 @@ def _tf_to_onnx(request: BuildRequest, target: Path) -> None:
     signature = loaded.signatures["serving_default"]
     specs_by_name = signature.structured_input_signature[1]
     names = list(specs_by_name)
-    specs = [tf.TensorSpec(spec.shape, spec.dtype, name=name) for name, spec in specs_by_name.items()]
+    specs = [tf.TensorSpec(request.input_shapes.get(name, spec.shape), spec.dtype, name=name)
+             for name, spec in specs_by_name.items()]
 
     def call(*args):
         return signature(**dict(zip(names, args, strict=True)))

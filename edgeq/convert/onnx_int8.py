@@ -74,7 +74,8 @@ def quantize_static(request: BuildRequest, prepared: Path, target: Path, method:
     calibration = request.calibration
     if calibration is None:
         raise ConversionError(f"{request.source.path}: onnx int8 needs calibration data")
-    free_batch = all(spec.shape and spec.shape[0] is None for spec in request.source.inputs)
+    free_batch = all(spec.shape and spec.shape[0] is None and spec.name not in request.input_shapes
+                     for spec in request.source.inputs)
     # Histogram calibrators (entropy, percentile) stack per-batch outputs with np.asarray, which fails
     # on a short last batch: feed them one sample at a time.
     step = CALIBRATION_BATCH if free_batch and method == "minmax" else 1

@@ -33,6 +33,8 @@ def build(request: BuildRequest) -> BuildResult:
         tools += ("tensorflow", "keras")
     try:
         model = ov.convert_model(str(location))
+        if request.input_shapes:
+            model.reshape(_ports_to_shapes(model, source, request.input_shapes))
     except Exception as exc:  # OpConversionFailure, GeneralFailure: translate naming the op
         raise conversion_failure(source, "openvino", request.precision, exc) from exc
     options: dict[str, object] = {}
@@ -59,6 +61,22 @@ def build(request: BuildRequest) -> BuildResult:
         options.update({"weights": "fp16", "inference_precision": "bf16"})
     ov.save_model(model, str(request.out_dir / MODEL_FILE), compress_to_fp16=compress)
     return BuildResult(model_file=MODEL_FILE, calibration_method=method, options=options, tools=tools)
+
+
+def _ports_to_shapes(model, source, shapes: dict[str, list[int]]) -> dict:
+    """``model.reshape``'s argument: each frozen source input's port (found by name, else by position:
+    a SavedModel's signature names need not survive the conversion) -> its shape."""
+    ports = {}
+    for index, spec in enumerate(source.inputs):
+        if spec.name not in shapes:
+            continue
+        port = next((p for p in model.inputs if spec.name in p.get_names()), None)
+        if port is None and len(model.inputs) == len(source.inputs):
+            port = model.inputs[index]
+        if port is None:
+            raise ConversionError(f"{source.path}: openvino: no model input matches source input '{spec.name}'")
+        ports[port] = shapes[spec.name]
+    return ports
 
 
 # Ops whose inputs NNCF quantizes with a FakeQuantize when they run in int8: one without is a float layer.
@@ -145,4 +163,5 @@ BACKEND = FormatBackend(
     ),
     tools={"openvino": ("openvino",), "nncf": ("nncf",)},
     int8_tunables=("int8_preset", "fast_bias_correction", "accuracy_control"),
+    freeze_free_batch=True,  # the CPU plugin's static-shape kernels are faster (edgeq.convert.shapes)
 )

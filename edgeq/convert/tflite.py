@@ -19,7 +19,10 @@ def build(request: BuildRequest) -> BuildResult:
     tf = require_backend("tensorflow", "tflite")
     source = request.source
     saved_model = source.savedmodel_dir(request.scratch)
-    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model), signature_keys=[SIGNATURE])
+    if request.input_shapes:
+        converter = _converter_with_shapes(tf, saved_model, request.input_shapes)
+    else:
+        converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model), signature_keys=[SIGNATURE])
     options: dict[str, object] = {}
     method = None
     if request.precision != "fp32":
@@ -43,6 +46,16 @@ def build(request: BuildRequest) -> BuildResult:
     return BuildResult(model_file=MODEL_FILE, source_names=_source_names(tf, flatbuffer),
                        calibration_method=method, options=options,
                        tools=("tensorflow", "keras", "ai-edge-litert"))
+
+
+def _converter_with_shapes(tf, saved_model, shapes: dict[str, list[int]]):
+    """A converter of the SavedModel's signature traced at the frozen input shapes."""
+    loaded = tf.saved_model.load(str(saved_model))
+    signature = loaded.signatures[SIGNATURE]
+    specs = {name: tf.TensorSpec(shapes.get(name, spec.shape), spec.dtype, name=name)
+             for name, spec in signature.structured_input_signature[1].items()}
+    concrete = tf.function(lambda **inputs: signature(**inputs)).get_concrete_function(**specs)
+    return tf.lite.TFLiteConverter.from_concrete_functions([concrete], loaded)
 
 
 def _representative_dataset(request: BuildRequest):

@@ -84,6 +84,7 @@ class _Search:
     deadline: float
     max_candidates: int
     progress: Progress
+    input_shapes: dict = field(default_factory=dict)  # convert's input_shapes, for every candidate
     candidates: list[Candidate] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     stopped: str | None = None
@@ -113,7 +114,7 @@ class _Search:
                 calibration_samples=self.calibration_samples, calibration_method=candidate.calibration_method,
                 float_nodes=() if candidate.accuracy_control else candidate.float_nodes,
                 accuracy_control=self._accuracy_control() if candidate.accuracy_control else None,
-                force=True, **candidate.settings)
+                input_shapes=self.input_shapes, force=True, **candidate.settings)
             candidate.float_nodes = tuple(manifest.options.get("float_layers", candidate.float_nodes))
             candidate.artifact_id = manifest.id
             candidate.size_bytes = sum(f.size for f in manifest.files)
@@ -289,8 +290,8 @@ def _search_mixed(search: _Search, fmt: str, full_int8: Candidate) -> None:
 def tune(model: Path | str, target: Target, profile: DeviceProfile, *, calibration: Path | str,
          eval_path: Path | str, budget: Budget, output: Path | str, objective: str = "latency",
          formats: list[str] | None = None, max_time_s: float = 1200.0, max_candidates: int = 24,
-         calibration_samples: int = 300, runs: int = 100, min_seconds: float = 0.5, force: bool = False,
-         progress: Progress | None = None) -> TuneResult:
+         calibration_samples: int = 300, runs: int = 100, min_seconds: float = 0.5,
+         input_shapes: dict | None = None, force: bool = False, progress: Progress | None = None) -> TuneResult:
     """Find the artifact for ``target`` that meets ``budget`` and is best by ``objective``; see the module."""
     from edgeq.tune.output import write_outputs  # the report's writers, only once there is something to write
 
@@ -325,7 +326,8 @@ def tune(model: Path | str, target: Target, profile: DeviceProfile, *, calibrati
     if dataset.labels is not None:
         check_labels_range(dataset, int(np.prod(reference.shape[1:])))
     search = _Search(model, profile, calibration, calibration_samples, budget, source, dataset, reference, root,
-                     started + max_time_s, max_candidates, progress, notes=notes)
+                     started + max_time_s, max_candidates, progress, input_shapes=dict(input_shapes or {}),
+                     notes=notes)
     progress.stage("host: build and score candidates")
     search.try_candidate(Candidate(fmts[0], "fp32", "fp32"), always=True)  # the baseline, first
     for fmt in fmts:
