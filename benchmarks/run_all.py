@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("bench_convert.py", "bench_harness.py", "bench_transfer.py", "bench_regression.py", "bench_tune.py")
+SCRIPTS = ("bench_convert.py", "bench_harness.py", "bench_transfer.py", "bench_regression.py", "bench_tune.py",
+           "bench_static_shapes.py")
 
 
 def main() -> int:
