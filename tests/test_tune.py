@@ -47,6 +47,7 @@ def test_tune_keeps_the_sensitive_layers_in_float(sensitive_model, tmp_path, tun
     assert all(not c.passed and c.measured.top1_drop > 0.5 for c in full), [c.to_json() for c in full]
     mixed = [c for c in result.candidates if c.scheme == "mixed" and c.passed]
     assert len(mixed) == 1, "the search stops at the first mixed candidate that meets the budget"
+    assert not [c for c in result.candidates if c.scheme == "a16"]  # stage C only when A and B both missed
     winner = mixed[0]
     assert set(winner.float_nodes) == SENSITIVE_NODES
     assert winner.score.top1_drop <= 0.02 and winner.score.samples == 300
@@ -106,6 +107,10 @@ def test_a_budget_no_quantized_candidate_meets_returns_float_and_says_why(sensit
     result = _tune(sensitive_model, tmp_path / "tuned", budget=Budget(min_cosine=0.999999),
                    eval_path=sensitive_model["eval_unlabelled"])
     assert not any(c.passed for c in result.candidates if c.quantized)
+    # Mixed precision missed it too, so 16-bit activations were tried (stage C), with A's best settings.
+    (a16,) = [c for c in result.candidates if c.scheme == "a16"]
+    assert a16.stage == "C" and a16.settings["activation_bits"] == 16 and a16.measured is not None
+    assert read_manifest(a16.directory).options["activation_type"] == "uint16"
     assert result.chosen.scheme in ("fp32", "fp16")
     assert "no quantized candidate met it" in result.reason
     assert all(c.measured.top1_drop is None for c in result.candidates if c.measured)  # no labels, no top-1
@@ -225,3 +230,26 @@ def test_tune_uses_only_the_runtimes_the_device_has(sensitive_model, trusted_inv
     assert "error: dev-0: no openvino runtime on the device" in refused.output
     assert "hint: install it: edgeq targets setup dev-0" in refused.output
     assert not (tmp_path / "refused").exists()
+
+
+def test_tflite_layers_kept_float_through_the_quantization_debugger(sensitive_keras_model, tmp_path, tune_env):
+    """TFLite's stage B: ops ranked by RMSE / scale (TensorFlow's QuantizationDebugger), each kept float with
+    the ops that read its output (``denylisted_nodes``), measured one by one: fc1 with its reader fc2, the
+    wide-range activation's producer and consumer (as in the ONNX case), meets the budget."""
+    result = _tune(sensitive_keras_model, tmp_path / "tuned", formats=["tflite"], budget=Budget(max_accuracy_drop=0.04))
+    names = [c.name for c in result.candidates]
+    assert names[:3] == ["tflite-fp32", "tflite-int8-minmax", "tflite-dynamic"], names
+    full = result.candidates[1]
+    assert not full.passed and full.measured.top1_drop > 0.4
+    mixed = [c for c in result.candidates if c.scheme == "mixed"]
+    winner = mixed[-1]
+    assert winner.passed and winner.score.top1_drop <= 0.04, [c.to_json() for c in mixed]
+    assert not any(c.passed for c in mixed[:-1])  # the search stops at the first that meets the budget
+    assert len(winner.float_nodes) == 2 and "fc1_1/MatMul" in winner.float_nodes[0], winner.float_nodes
+    assert winner.float_nodes[1].startswith("StatefulPartitionedCall")  # fc2's output, the model output
+    options = read_manifest(winner.directory).options
+    assert options["float_nodes"] == sorted(winner.float_nodes) and options["quantized_io"] == "float32"
+    assert not [c for c in result.candidates if c.scheme == "a16"]  # mixed met the budget: no stage C
+    assert winner.bench["status"] == "ok" and winner.bench["p50_ms"] > 0
+    passing = [c for c in result.candidates if c.passed]
+    assert result.chosen is min(passing, key=lambda c: c.bench["p50_ms"])

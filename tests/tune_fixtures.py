@@ -57,3 +57,39 @@ def write_sensitive_model(directory: Path) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def sensitive_model(tmp_path_factory) -> dict[str, Path]:
     return write_sensitive_model(tmp_path_factory.mktemp("sensitive"))
+
+
+def write_sensitive_keras_model(directory: Path) -> dict[str, Path]:
+    """The same trap as a Keras model (TFLite builds from Keras or SavedModel only): fc1's first output
+    channel and its bias are scaled 1000x and fc2's matching weights scaled back, so the float model is the
+    same and an 8-bit activation of fc1 flattens every other channel. 16-bit activations hold the range."""
+    import keras
+
+    rng = np.random.default_rng(0)
+    inputs = keras.Input((16,), name="x")
+    hidden = keras.layers.Dense(16, activation="relu", name="fc0")(inputs)
+    hidden = keras.layers.Dense(32, activation="relu", name="fc1")(hidden)
+    model = keras.Model(inputs, keras.layers.Dense(10, name="fc2")(hidden))
+    w0 = rng.normal(0, 0.4, (16, 16)).astype(np.float32)
+    w1 = rng.normal(0, 0.5, (16, 32)).astype(np.float32)
+    b1 = rng.normal(0, 0.1, (32,)).astype(np.float32)
+    w2 = rng.normal(0, 0.5, (32, 10)).astype(np.float32)
+    w1[:, 0] *= 1000.0
+    b1[0] *= 1000.0
+    w2[0] /= 1000.0
+    model.get_layer("fc0").set_weights([w0, np.zeros(16, np.float32)])
+    model.get_layer("fc1").set_weights([w1, b1])
+    model.get_layer("fc2").set_weights([w2, np.zeros(10, np.float32)])
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {"model": directory / "sensitive.keras", "calibration": directory / "calib.npz",
+             "eval": directory / "eval.npz"}
+    model.save(paths["model"])
+    np.savez(paths["calibration"], x=rng.normal(0, 1, (200, 16)).astype(np.float32))
+    x = rng.normal(0, 1, (300, 16)).astype(np.float32)
+    np.savez(paths["eval"], x=x, labels=np.argmax(model.predict(x, verbose=0), axis=1))
+    return paths
+
+
+@pytest.fixture(scope="session")
+def sensitive_keras_model(tmp_path_factory) -> dict[str, Path]:
+    return write_sensitive_keras_model(tmp_path_factory.mktemp("sensitive-keras"))

@@ -63,13 +63,16 @@ input_shape_option = click.option(
               help="Eval .npz (inputs + optional labels): validate the artifact against the FP32 source.")
 @click.option("--max-accuracy-drop", type=click.FloatRange(min=0), default=None,
               help="Fail when top-1 drops more than this fraction (0.01 = 1 point). Needs --eval.")
+@click.option("--activation-bits", type=click.Choice(["8", "16"]), default=None,
+              help="int8 activations in 16 bits, weights in 8 (TFLite 16x8, ONNX w8a16): for activation ranges "
+                   "8 bits cannot hold; slower on CPUs (few 16-bit kernels). Default 8.")
 @input_shape_option
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Artifact directory to create.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory (atomically).")
 def convert(model: Path, profile_name: str, fmt: str | None, precision: str | None, calibration: Path | None,
             calibration_samples: int, calibration_method: str | None, quantized_io: str | None,
-            eval_path: Path | None, max_accuracy_drop: float | None, input_shapes: dict, output: Path,
-            force: bool) -> None:
+            eval_path: Path | None, max_accuracy_drop: float | None, activation_bits: str | None,
+            input_shapes: dict, output: Path, force: bool) -> None:
     """Convert MODEL (.keras/.h5, SavedModel dir or .onnx) into an artifact directory for a device profile."""
     from edgeq.convert import convert as run_convert
     from edgeq.errors import ValidationError
@@ -83,7 +86,8 @@ def convert(model: Path, profile_name: str, fmt: str | None, precision: str | No
         manifest = run_convert(model, profile, output, format=fmt, precision=precision, calibration=calibration,
                                calibration_samples=calibration_samples, calibration_method=calibration_method,
                                quantized_io=quantized_io, eval_path=eval_path,
-                               max_accuracy_drop=max_accuracy_drop, input_shapes=input_shapes, force=force)
+                               max_accuracy_drop=max_accuracy_drop, input_shapes=input_shapes,
+                               activation_bits=int(activation_bits) if activation_bits else None, force=force)
     except ValidationError:
         _summary(read_manifest(output), output)
         raise
@@ -103,6 +107,8 @@ def _summary(manifest, output: Path) -> None:
     if manifest.calibration:
         cal = manifest.calibration
         click.echo(f"  calibration  {cal.samples_used}/{cal.samples_available} samples, {cal.method}")
+    if manifest.options.get("activation_bits", 8) != 8:
+        click.echo(f"  activations {manifest.options['activation_bits']}-bit (weights 8-bit)")
     val = manifest.validation
     if val.status == "not-run":
         click.echo("  validation  not run (pass --eval to compare with the FP32 source)")

@@ -87,6 +87,7 @@ class BuildRequest:
     accuracy_control: AccuracyControl | None = None
     int8_op_types: str | None = None  # ONNX: quantize "all" supported ops (default) or only "weighted" ones
     input_shapes: dict[str, list[int]] = field(default_factory=dict)  # source input name -> frozen shape
+    activation_bits: int = 8  # int8: 16 keeps activations in 16 bits, weights in 8 (TFLite 16x8, ORT w8a16)
 
 
 @dataclass

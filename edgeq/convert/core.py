@@ -68,6 +68,7 @@ def convert(
     accuracy_control: AccuracyControl | None = None,
     int8_op_types: str | None = None,
     input_shapes: Mapping[str | None, Sequence[int]] | None = None,
+    activation_bits: int | None = None,
     force: bool = False,
 ) -> Manifest:
     """Convert ``model`` for ``profile`` into the artifact directory ``output`` and return its manifest.
@@ -81,7 +82,8 @@ def convert(
     ``int8_preset``, ``fast_bias_correction``, ``accuracy_control`` (OpenVINO's NNCF) and ``int8_op_types``
     (ONNX: ``weighted`` quantizes only Conv/MatMul/Gemm) tune int8 where the format's backend takes them
     (``FormatBackend.int8_tunables``). ``input_shapes`` (input name, or None for the only input -> dims)
-    freezes free dimensions; see ``edgeq.convert.shapes``.
+    freezes free dimensions; see ``edgeq.convert.shapes``. ``activation_bits=16`` quantizes int8 weights with
+    16-bit activations (TFLite 16x8, ORT w8a16): for models whose activation ranges 8 bits cannot hold.
     """
     started = time.perf_counter()
     output = Path(output)
@@ -118,13 +120,16 @@ def convert(
                               hint=f"float nodes apply to {fmt} {', '.join(backend.float_node_precisions)}"
                               if backend.float_node_precisions else f"no {fmt} precision keeps nodes in float")
     asked = {"int8_preset": int8_preset, "fast_bias_correction": fast_bias_correction,
-             "accuracy_control": accuracy_control, "int8_op_types": int8_op_types}
+             "accuracy_control": accuracy_control, "int8_op_types": int8_op_types,
+             "activation_bits": None if activation_bits == 8 else activation_bits}  # 8: everyone's default
     for name, value in asked.items():
         if value is not None and (precision != "int8" or name not in backend.int8_tunables):
             raise ConversionError(f"{model_path}: {fmt} {precision} does not take {name}",
                                   hint=f"{fmt} int8 takes: {', '.join(backend.int8_tunables) or 'none of them'}")
     if int8_preset not in (None, "performance", "mixed"):
         raise ConversionError(f"int8_preset must be performance or mixed, got '{int8_preset}'")
+    if activation_bits not in (None, 8, 16):
+        raise ConversionError(f"activation_bits must be 8 or 16, got {activation_bits!r}")
     if int8_op_types not in (None, "all", "weighted"):
         raise ConversionError(f"int8_op_types must be all or weighted, got '{int8_op_types}'")
     if quantized_io is not None and precision not in backend.quantized_io_precisions:
@@ -140,7 +145,8 @@ def convert(
                                (profile.calibration_method if backend.uses_profile_calibration_method else None),
                                quantized_io=quantized_io, float_nodes=tuple(float_nodes), int8_preset=int8_preset,
                                fast_bias_correction=fast_bias_correction, accuracy_control=accuracy_control,
-                               int8_op_types=int8_op_types, input_shapes=shapes)
+                               int8_op_types=int8_op_types, input_shapes=shapes,
+                               activation_bits=activation_bits or 8)
         result: BuildResult = backend.build(request)
         if shapes:
             result.options.update(input_shapes=shapes, input_shapes_from=shapes_from)

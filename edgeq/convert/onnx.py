@@ -61,11 +61,13 @@ def build(request: BuildRequest) -> BuildResult:
             return BuildResult(model_file=MODEL_FILE, options=options, tools=tools)
         method = request.calibration_method or request.profile.calibration_method
         reduce_range = needs_reduce_range(request.profile)
-        activation_type = activation_type_for(request.profile)
+        activation_type = activation_type_for(request.profile, request.activation_bits)
         per_channel = opset_for_per_channel(prepared, options)
         options.update({"quant_format": "QDQ", "per_channel": per_channel, "activation_type": activation_type,
                         "weight_type": "int8", "reduce_range": reduce_range,
                         "op_types": request.int8_op_types or "all"})
+        if request.activation_bits != 8:
+            options["activation_bits"] = request.activation_bits
         if request.float_nodes:
             check_node_names(prepared, request.float_nodes, request.source.path)
             options["float_nodes"] = sorted(request.float_nodes)
@@ -344,5 +346,5 @@ BACKEND = FormatBackend(
            "onnxconverter-common": ("onnxconverter-common",)},
     uses_profile_calibration_method=True,
     float_node_precisions=("int8",),
-    int8_tunables=("int8_op_types",),
+    int8_tunables=("int8_op_types", "activation_bits"),
 )

@@ -30,14 +30,14 @@ def needs_reduce_range(profile: DeviceProfile) -> bool:
     return profile.onnx_reduce_range
 
 
-def activation_type_for(profile: DeviceProfile) -> str:
-    """uint8 activations (U8S8) on x86, int8 (S8S8) elsewhere.
+def activation_type_for(profile: DeviceProfile, bits: int = 8) -> str:
+    """uint8 activations (U8S8) on x86, int8 (S8S8) elsewhere; uint16 / int16 with ``bits=16`` (w8a16).
 
     ONNX Runtime's x86 kernels are built around U8S8 (vpmaddubsw, VNNI's vpdpbusd take unsigned x signed
     bytes); S8S8 QDQ models run slower there. ORT's quantization guide recommends U8S8 on x86-64 and S8S8
     on ARM. Measured on MobileNetV2 on this project's AVX2 host, 1 thread: see benchmarks/results/.
     """
-    return "uint8" if profile.arch == "x86_64" else "int8"
+    return ("uint" if profile.arch == "x86_64" else "int") + str(bits)
 
 
 WEIGHTED_OP_TYPES = ["Conv", "ConvTranspose", "MatMul", "Gemm"]
@@ -101,8 +101,11 @@ def quantize_static(request: BuildRequest, prepared: Path, target: Path, method:
                 str(prepared), str(target), Reader(),
                 quant_format=quantization.QuantFormat.QDQ,
                 per_channel=per_channel,
-                activation_type={"uint8": quantization.QuantType.QUInt8,
-                                 "int8": quantization.QuantType.QInt8}[activation_type],
+                # 16-bit activations make ORT raise the model to opset 21 (native 16-bit QuantizeLinear);
+                # ORT's CPU kernels run those layers as DequantizeLinear -> float op -> QuantizeLinear.
+                activation_type={"uint8": quantization.QuantType.QUInt8, "int8": quantization.QuantType.QInt8,
+                                 "uint16": quantization.QuantType.QUInt16,
+                                 "int16": quantization.QuantType.QInt16}[activation_type],
                 weight_type=quantization.QuantType.QInt8,
                 reduce_range=reduce_range,
                 calibrate_method=methods[method],

@@ -4,6 +4,7 @@ The stages, cheapest and fastest first (the issue's A-E):
 - A ``int8``: full INT8 static, calibration methods one at a time (minmax, then percentile, then entropy
   where the format has them), keeping the best; and ``dynamic`` (int8 weights) where the format has it;
 - B ``mixed``: INT8 with the most sensitive layers kept in float (formats whose backend can keep nodes float);
+- C ``a16``: int8 weights with 16-bit activations (TFLite 16x8, ORT w8a16), when A and B missed the budget;
 - D ``float16``: fp16, and bf16 where the host can validate it;
 - E ``fp32``: always passes, the baseline.
 """
@@ -17,7 +18,7 @@ from typing import Any
 from edgeq.convert import capabilities
 from edgeq.tune.budget import Score
 
-STAGES = {"int8": "A", "dynamic": "A", "mixed": "B", "fp16": "D", "bf16": "D", "fp32": "E"}
+STAGES = {"int8": "A", "dynamic": "A", "mixed": "B", "a16": "C", "fp16": "D", "bf16": "D", "fp32": "E"}
 CALIBRATION_ORDER = ("minmax", "percentile", "entropy")
 
 
@@ -27,7 +28,7 @@ class Candidate:
 
     format: str
     precision: str
-    scheme: str  # int8 | dynamic | mixed | fp16 | bf16 | fp32
+    scheme: str  # int8 | dynamic | mixed | a16 | fp16 | bf16 | fp32
     calibration_method: str | None = None
     float_nodes: tuple[str, ...] = ()  # asked for (ONNX), or as the backend chose them (OpenVINO accuracy control)
     settings: dict[str, Any] = field(default_factory=dict)  # further int8 settings (NNCF preset, bias correction)
@@ -56,7 +57,7 @@ class Candidate:
     @property
     def name(self) -> str:
         parts = [self.format, self.scheme]
-        if self.calibration_method and self.scheme in ("int8", "mixed"):
+        if self.calibration_method and self.scheme in ("int8", "mixed", "a16"):
             parts.append(self.calibration_method)
         if self.settings.get("int8_op_types") == "weighted":
             parts.append("weighted")
@@ -81,7 +82,7 @@ class Candidate:
 
     @property
     def quantized(self) -> bool:
-        return self.scheme in ("int8", "dynamic", "mixed")
+        return self.scheme in ("int8", "dynamic", "mixed", "a16")
 
     def to_json(self) -> dict[str, Any]:
         return {

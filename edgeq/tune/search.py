@@ -40,7 +40,7 @@ SCREEN_SAMPLES = 100  # the host screen's subset; only eval sets at least twice 
 MIXED_K = (2, 4, 8)  # layers kept in float, after single layers (k=1) were tried one by one
 OBJECTIVES = ("latency", "energy", "size")
 # Formats whose mixed precision starts from a sensitivity shortlist (OpenVINO uses NNCF's accuracy control).
-SHORTLISTS = {"onnx": sensitivity.shortlist}
+SHORTLISTS = {"onnx": sensitivity.onnx_shortlist, "tflite": sensitivity.tflite_shortlist}
 
 
 class Progress:
@@ -238,7 +238,8 @@ def _search_int8(search: _Search, fmt: str, methods: tuple[str, ...]) -> Candida
 
 
 def _search_format(search: _Search, fmt: str) -> None:
-    """Stages A and B for one format: full INT8, dynamic, then mixed precision when INT8 missed the budget."""
+    """Stages A to C for one format: full INT8, dynamic, then mixed precision when INT8 missed the budget, then
+    16-bit activations when mixed precision missed it too (or the format has none)."""
     can = buildable(fmt, search.source.kind)
     best = _search_int8(search, fmt, can["int8"]) if "int8" in can else None
     if "dynamic" in can and search.try_candidate(Candidate(fmt, "dynamic", "dynamic")) is None:
@@ -251,16 +252,21 @@ def _search_format(search: _Search, fmt: str) -> None:
                                        accuracy_control=True))
     elif fmt in SHORTLISTS and "int8" in backend.float_node_precisions:
         _search_mixed(search, fmt, best)
+    if "activation_bits" in backend.int8_tunables and not any(
+            c.passed for c in search.candidates if c.format == fmt and c.scheme in ("int8", "mixed")):
+        # Stage C keeps A's best settings: what 16 bits fix is the activation range, not the rest. A passing
+        # dynamic candidate does not skip it: float activations are another kernel path, and the device decides.
+        search.try_candidate(Candidate(fmt, "int8", "a16", best.calibration_method,
+                                       settings={**best.settings, "activation_bits": 16}))
 
 
 def _search_mixed(search: _Search, fmt: str, full_int8: Candidate) -> None:
     """Stage B by shortlist: keep the most sensitive layers in float. Shortlist by quantization loss,
     measure each alone (leave-one-out), then keep the best k = 2, 4, 8 together until one meets the budget."""
-    model_file = full_int8.directory / "model.onnx"
     calib = load_dataset(search.calibration, search.source.inputs, role="calibration")
     search.progress.step("ranking layers by quantization loss")
-    shortlist = SHORTLISTS[fmt](model_file, calib)
-    if not shortlist.ranked_by.startswith("worst"):
+    shortlist = SHORTLISTS[fmt](full_int8.directory, search.source, calib, search.input_shapes)
+    if not shortlist.ranked:
         search.notes.append(f"{fmt}: layers not ranked by sensitivity: {shortlist.ranked_by}")
     method = full_int8.calibration_method
     singles: list[tuple[float, sensitivity.SensitiveTensor]] = []

@@ -1,5 +1,5 @@
-"""Which layers of a full-INT8 ONNX model lose the most to quantization: the shortlist mixed precision
-starts from (then measured one by one, leave-one-out, by the search).
+"""Which layers of a full-INT8 model lose the most to quantization: the shortlist mixed precision starts
+from (then measured one by one, leave-one-out, by the search). ONNX below; TFLite in ``tflite_shortlist``.
 
 ORT's ``qdq_loss_debug`` records, for every quantized activation, the tensor before its
 QuantizeLinear and after its DequantizeLinear on a few calibration samples. Each is scored by its worst
@@ -30,11 +30,11 @@ QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
 
 @dataclass(frozen=True)
 class SensitiveTensor:
-    """One quantized activation, how much it loses (dB, lower is worse) and the nodes that keep it float."""
+    """One quantized activation, how much it loses and the nodes that keep it float."""
 
     tensor: str
-    worst_channel_sqnr_db: float
-    nodes: tuple[str, ...]  # its producer and its consumers (excluding both leaves the tensor in float)
+    loss: float  # ONNX: worst-channel SQNR in dB (lower is worse); TFLite: RMSE / scale (higher is worse)
+    nodes: tuple[str, ...]  # its producer and consumers (excluding both leaves the tensor in float)
 
 
 def _sqnr_db(signal: np.ndarray, noise: np.ndarray) -> float:
@@ -88,6 +88,7 @@ class Shortlist:
     tensors: list[SensitiveTensor]  # worst first
     quantized_nodes: frozenset[str]  # every compute node with a quantized activation: all of them float is fp32
     ranked_by: str = "worst-channel SQNR"  # or why there is no ranking (then: weighted layers in graph order)
+    ranked: bool = True
 
 
 def _weighted_groups(model, groups: dict[str, tuple[str, ...]]) -> list[tuple[str, tuple[str, ...]]]:
@@ -133,7 +134,7 @@ def shortlist(qdq_model_path: Path, calibration: Dataset, *, samples: int = 32, 
         log.info("%s: qdq_loss_debug failed (%s); shortlisting weighted layers unranked", qdq_model_path, reason)
         weighted = _weighted_groups(onnx.load(str(qdq_model_path)), groups)
         return Shortlist([SensitiveTensor(t, math.nan, nodes) for t, nodes in weighted[:limit]], every,
-                         ranked_by=f"none (ORT's qdq_loss_debug failed: {reason})")
+                         ranked_by=f"none (ORT's qdq_loss_debug failed: {reason})", ranked=False)
     matched = qdq_loss_debug.create_activation_matching(activations)
     found = []
     for tensor, pair in matched.items():
@@ -141,5 +142,29 @@ def shortlist(qdq_model_path: Path, calibration: Dataset, *, samples: int = 32, 
             continue
         before, after = np.concatenate(pair["pre_qdq"]), np.concatenate(pair["post_qdq"])
         found.append(SensitiveTensor(tensor, worst_channel_sqnr(before, after), groups[tensor]))
-    found.sort(key=lambda t: t.worst_channel_sqnr_db)
+    found.sort(key=lambda t: t.loss)
     return Shortlist(found[:limit], every)
+
+
+def onnx_shortlist(full_int8_dir: Path, source, calibration: Dataset, input_shapes: dict) -> Shortlist:
+    return shortlist(full_int8_dir / "model.onnx", calibration)
+
+
+def tflite_shortlist(full_int8_dir: Path, source, calibration: Dataset, input_shapes: dict, *, samples: int = 32,
+                     limit: int = 8) -> Shortlist:
+    """The ``limit`` TFLite ops whose INT8 output loses most (RMSE over scale, TensorFlow's quantization
+    debugger on ``samples`` calibration samples), worst first; each is kept float with the ops that read it,
+    by their output tensor names."""
+    from edgeq.convert.tflite import converter_for, representative_dataset
+    from edgeq.convert.tflite_mixed import layer_losses
+
+    tf = require_backend("tensorflow", "tflite")
+    subset = Dataset(path=calibration.path, sha256=calibration.sha256, labels=None,
+                     inputs={k: v[:samples] for k, v in calibration.inputs.items()},
+                     samples_available=calibration.samples_available)
+    with tempfile.TemporaryDirectory(prefix="edgeq-sensitivity-") as tmp:
+        converter = converter_for(tf, source, Path(tmp), input_shapes)
+        losses = layer_losses(tf, converter, representative_dataset(subset, [s.name for s in source.inputs]))
+    return Shortlist([SensitiveTensor(loss.tensor, loss.rmse_over_scale, (loss.tensor, *loss.consumers))
+                      for loss in losses[:limit]],
+                     frozenset(loss.tensor for loss in losses), ranked_by="RMSE / scale (TFLite QuantizationDebugger)")
