@@ -164,3 +164,13 @@ def require_backend(module: str, extra: str):
             f"the {extra} backend is not installed ({module} cannot be imported: {exc})",
             hint=f"pip install 'edgeq[{extra}]'",
         ) from exc
+
+
+def first_line(exc: BaseException) -> str:
+    """The informative line of a (possibly multi-line) third-party error message."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if lines[0].startswith("in user code:"):  # tf.function errors: the cause is the last line
+        return lines[-1]
+    return lines[0]

@@ -71,7 +71,7 @@ def refuse_code(directory: Path, paths: list[str]) -> None:
 class SourceInfo(_Record):
     path: str
     sha256: str = Field(description="of the file, or of the directory's files for a SavedModel")
-    kind: Literal["keras", "savedmodel", "onnx"]
+    kind: Literal["keras", "savedmodel", "onnx", "pytorch", "torchscript"]
 
 
 class CalibrationInfo(_Record):

@@ -60,10 +60,11 @@ def test_missing_model_file(tmp_path):
 
 
 def test_unsupported_model_type(tmp_path):
-    model = tmp_path / "model.pt"
-    model.write_bytes(b"\x80\x02torch")
+    model = tmp_path / "model.caffemodel"
+    model.write_bytes(b"\x80\x02caffe")
     assert_fails(run_cli(model, "--profile", "x86-avx2", "-o", tmp_path / "out"),
-                 "model.pt: unsupported model type '.pt'", "hint: give a .keras/.h5 file")
+                 "model.caffemodel: unsupported model type '.caffemodel'", "hint: give a .keras/.h5 file",
+                 "a PyTorch .pt2 (torch.export.save)")
 
 
 def test_directory_that_is_not_a_savedmodel(tmp_path):

@@ -288,7 +288,8 @@ ESCAPES = ["dotdot", "dotdot-secret", "absolute", "symlink-file", "symlink-dir",
 
 @pytest.mark.parametrize("case", ESCAPES)
 def test_onnx_external_data_outside_the_model_folder_is_refused_before_loading(tmp_path, no_onnx_reads, case):
-    from edgeq.convert.source import load_onnx_model, load_source
+    from edgeq.convert.onnx_files import load_onnx_model
+    from edgeq.convert.source import load_source
 
     model, fragment = _escapes(tmp_path)[case]
     for load in (load_source, load_onnx_model):

@@ -22,7 +22,7 @@ class Capability:
 
     format: str
     precision: str
-    sources: tuple[str, ...]  # source kinds accepted: keras, savedmodel, onnx
+    sources: tuple[str, ...]  # source kinds accepted: keras, savedmodel, onnx, pytorch, torchscript
     needs_calibration: bool
     extra: str  # the pip extra whose packages build it
     calibration_methods: tuple[str, ...]  # accepted --calibration-method values (empty: no calibration)
@@ -30,7 +30,8 @@ class Capability:
 
 
 TF_SOURCES = ("keras", "savedmodel")
-ALL_SOURCES = ("keras", "savedmodel", "onnx")
+TORCH_SOURCES = ("pytorch", "torchscript")
+ALL_SOURCES = ("keras", "savedmodel", "onnx", *TORCH_SOURCES)
 
 
 @dataclass(frozen=True)

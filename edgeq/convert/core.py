@@ -108,7 +108,7 @@ def convert(
         _require_host_bf16(model_path)
 
     log.debug("converting %s (%s) to %s %s for profile %s", model_path, kind, fmt, precision, profile.name)
-    source = load_source(model_path)
+    source = load_source(model_path, input_shapes)  # TorchScript takes its shapes from here
     backend = registry.backend(fmt)
     shapes, shapes_from = resolve_input_shapes(source.inputs, input_shapes or {}, backend.freeze_free_batch,
                                                str(model_path))

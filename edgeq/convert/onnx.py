@@ -13,12 +13,15 @@ from pathlib import Path
 
 from edgeq.convert.base import (
     ALL_SOURCES,
+    TF_SOURCES,
+    TORCH_SOURCES,
     BuildRequest,
     BuildResult,
     Capability,
     FormatBackend,
     captured_stdout,
 )
+from edgeq.convert.onnx_files import load_onnx_model
 from edgeq.convert.onnx_int8 import (
     activation_type_for,
     check_node_names,
@@ -26,7 +29,7 @@ from edgeq.convert.onnx_int8 import (
     opset_for_per_channel,
     quantize_static,
 )
-from edgeq.convert.source import _first_line, conversion_failure, load_onnx_model, unsupported_ops
+from edgeq.convert.source import _first_line, conversion_failure, unsupported_ops
 from edgeq.errors import ConversionError, require_backend
 
 log = logging.getLogger(__name__)
@@ -40,9 +43,14 @@ def build(request: BuildRequest) -> BuildResult:
     require_backend("onnx", "onnx")
     target = request.out_dir / MODEL_FILE
     tools: tuple[str, ...] = ("onnx", "onnxruntime")
-    if request.source.kind != "onnx":
+    options: dict[str, object] = {}
+    if request.source.kind in TF_SOURCES:
         tools += ("tensorflow", "keras", "tf2onnx")
-    options: dict[str, object] = {"opset": OPSET} if request.source.kind != "onnx" else {}
+        options["opset"] = OPSET
+    elif request.source.kind in TORCH_SOURCES:
+        tools += ("torch", "onnxscript")
+        options["exported_by"] = ("torch.onnx.export (dynamo)" if request.source.kind == "pytorch"
+                                  else "torch.onnx.export (TorchScript)")
     if request.precision == "fp32":
         _fp32_model(request, target)
         _canonical_constants(target)
@@ -84,16 +92,17 @@ def build(request: BuildRequest) -> BuildResult:
 def _fp32_model(request: BuildRequest, target: Path) -> None:
     onnx = require_backend("onnx", "onnx")
     source = request.source
-    if source.kind == "onnx":
-        model = load_onnx_model(source.path)  # external data checked to stay in the model's folder
+    if source.kind not in TF_SOURCES:
+        location = source.onnx_file(request.scratch, request.input_shapes, OPSET)  # PyTorch: exported first
+        model = load_onnx_model(location)  # external data checked to stay in the model's folder
         if request.input_shapes:
             freeze_onnx_inputs(model, request.input_shapes)
         try:
             model = onnx.shape_inference.infer_shapes(model)
         except Exception as exc:  # onnx raises InferenceError/ValidationError
             raise conversion_failure(source, "onnx", "fp32", exc) from exc
-        if model.ByteSize() == source.path.stat().st_size:
-            shutil.copyfile(source.path, target)
+        if model.ByteSize() == location.stat().st_size:
+            shutil.copyfile(location, target)
         else:
             onnx.save(model, str(target))
         return
@@ -326,7 +335,8 @@ def _quantize_dynamic(prepared: Path, target: Path) -> None:
 
 def _required_modules(precision: str, source_kind: str) -> list[tuple[str, str]]:
     needed = [("onnx", "onnx"), ("onnxruntime", "onnx")]
-    needed += [("tf2onnx", "onnx")] if source_kind != "onnx" else []
+    needed += [("tf2onnx", "onnx")] if source_kind in TF_SOURCES else []
+    needed += [("torch", "torch"), ("onnxscript", "torch")] if source_kind in TORCH_SOURCES else []
     needed += [("onnxconverter_common", "onnx")] if precision == "fp16" else []
     return needed
 
@@ -342,7 +352,7 @@ BACKEND = FormatBackend(
                    "onnxruntime quant_pre_process + quantize_static (QDQ, per-channel)"),
         Capability("onnx", "dynamic", ALL_SOURCES, False, "onnx", (), "onnxruntime quantize_dynamic (int8 weights)"),
     ),
-    tools={"onnx": ("onnx",), "onnxruntime": ("onnxruntime", "onnxruntime-gpu"), "tf2onnx": ("tf2onnx",),
+    tools={"onnx": ("onnx",), "onnxruntime": ("onnxruntime", "onnxruntime-gpu"), "tf2onnx": ("tf2onnx",), "onnxscript": ("onnxscript",),
            "onnxconverter-common": ("onnxconverter-common",)},
     uses_profile_calibration_method=True,
     float_node_precisions=("int8",),

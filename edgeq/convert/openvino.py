@@ -14,6 +14,7 @@ from edgeq.convert.base import (
     captured_stdout,
 )
 from edgeq.convert.source import conversion_failure
+from edgeq.convert.source_torch import example_inputs
 from edgeq.errors import ConversionError, require_backend
 
 log = logging.getLogger(__name__)
@@ -25,14 +26,10 @@ def build(request: BuildRequest) -> BuildResult:
     """Write ``model.xml`` + ``model.bin`` for ``request.precision`` into ``request.out_dir``."""
     ov = require_backend("openvino", "openvino")
     source = request.source
-    tools: tuple[str, ...] = ("openvino",)
-    if source.kind == "onnx":
-        location = source.path
-    else:
-        location = source.savedmodel_dir(request.scratch)
-        tools += ("tensorflow", "keras")
+    tools: tuple[str, ...] = ("openvino",) + {"keras": ("tensorflow", "keras"), "savedmodel": ("tensorflow", "keras"),
+                                              "pytorch": ("torch",), "torchscript": ("torch",)}.get(source.kind, ())
     try:
-        model = ov.convert_model(str(location))
+        model = _ov_model(ov, request)
         if request.input_shapes:
             model.reshape(_ports_to_shapes(model, source, request.input_shapes))
     except Exception as exc:  # OpConversionFailure, GeneralFailure: translate naming the op
@@ -61,6 +58,22 @@ def build(request: BuildRequest) -> BuildResult:
         options.update({"weights": "fp16", "inference_precision": "bf16"})
     ov.save_model(model, str(request.out_dir / MODEL_FILE), compress_to_fp16=compress)
     return BuildResult(model_file=MODEL_FILE, calibration_method=method, options=options, tools=tools)
+
+
+def _ov_model(ov, request: BuildRequest):
+    """The source as an OpenVINO model: the ONNX file, the SavedModel, or the PyTorch module itself."""
+    source = request.source
+    if source.kind == "onnx":
+        return ov.convert_model(str(source.path))
+    if source.kind == "pytorch":
+        return ov.convert_model(source.torch_module_owner)  # the ExportedProgram, no tracing again
+    if source.kind == "torchscript":
+        model = ov.convert_model(source.torch_module, example_input=example_inputs(source.inputs, request.input_shapes))
+        for port, name in zip(model.outputs, source.outputs, strict=False):
+            if not port.get_names():  # TorchScript outputs come unnamed; runtimes and manifests need names
+                port.get_tensor().set_names({name})
+        return model
+    return ov.convert_model(str(source.savedmodel_dir(request.scratch)))
 
 
 def _ports_to_shapes(model, source, shapes: dict[str, list[int]]) -> dict:

@@ -1,27 +1,36 @@
 """The model being converted: detect its kind, load it, describe its inputs, and run it in FP32.
 
-Three kinds of source are understood: Keras files (``.keras``, ``.h5``), TensorFlow
-SavedModel directories and ONNX files. Every TensorFlow-based conversion works from a
-SavedModel; a Keras model is exported to one in a scratch directory (``model.export``)
-the first time a backend asks for it.
+Five kinds of source are understood: Keras files (``.keras``, ``.h5``), TensorFlow
+SavedModel directories, ONNX files, and PyTorch's ``.pt2`` (``torch.export``) and TorchScript ``.pt``
+(``edgeq.convert.source_torch``). Every TensorFlow-based conversion works from a SavedModel; a Keras
+model is exported to one in a scratch directory (``model.export``) the first time a backend asks for it.
+A PyTorch model is exported to ONNX the same way for the ONNX backend (``onnx_file``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
-import os
 import re
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from edgeq.convert.onnx_files import check_external_data, onnx_sha256, read_onnx
+from edgeq.convert.source_torch import (
+    PICKLE_SUFFIXES,
+    PT2_SUFFIXES,
+    TORCHSCRIPT_SUFFIXES,
+    export_onnx,
+    load_exported,
+    load_torchscript,
+    run_module,
+    torch_kind,
+)
 from edgeq.data import InputSpec
 from edgeq.device.runtimes.onnx import ORT_TYPES
-from edgeq.errors import ConversionError, require_backend
+from edgeq.errors import ConversionError, first_line, require_backend
 from edgeq.manifest import sha256_file, sha256_tree
 
 log = logging.getLogger(__name__)
@@ -29,32 +38,33 @@ log = logging.getLogger(__name__)
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 ONNX_SUFFIXES = (".onnx",)
 SAVEDMODEL_MARKERS = ("saved_model.pb", "saved_model.pbtxt")
-SOURCE_KINDS = ("keras", "savedmodel", "onnx")
+SOURCE_KINDS = ("keras", "savedmodel", "onnx", "pytorch", "torchscript")
+TORCH_KINDS = ("pytorch", "torchscript")
+MODEL_HINT = "give a .keras/.h5 file, a SavedModel directory, an .onnx file or a PyTorch .pt2 (torch.export.save)"
+
+TORCH_SUFFIXES = PT2_SUFFIXES + TORCHSCRIPT_SUFFIXES + PICKLE_SUFFIXES
 
 # Reference batches: big enough to be quick, small enough for a 224x224 model on a small host.
 REFERENCE_BATCH = 64
 
 
 def detect_kind(path: Path) -> str:
-    """``keras``, ``savedmodel`` or ``onnx`` for ``path``; ConversionError naming the file otherwise."""
+    """One of ``SOURCE_KINDS`` for ``path``; ConversionError naming the file otherwise."""
     if not path.exists():
         raise ConversionError(f"{path}: model file not found")
     if path.is_dir():
         if any((path / marker).is_file() for marker in SAVEDMODEL_MARKERS):
             return "savedmodel"
         raise ConversionError(
-            f"{path}: directory is not a TensorFlow SavedModel (no saved_model.pb)",
-            hint="give a .keras/.h5 file, a SavedModel directory or an .onnx file",
-        )
+            f"{path}: directory is not a TensorFlow SavedModel (no saved_model.pb)", hint=MODEL_HINT)
     suffix = path.suffix.lower()
     if suffix in KERAS_SUFFIXES:
         return "keras"
     if suffix in ONNX_SUFFIXES:
         return "onnx"
-    raise ConversionError(
-        f"{path}: unsupported model type '{suffix or path.name}'",
-        hint="give a .keras/.h5 file, a SavedModel directory or an .onnx file",
-    )
+    if suffix in TORCH_SUFFIXES:
+        return torch_kind(path)
+    raise ConversionError(f"{path}: unsupported model type '{suffix or path.name}'", hint=MODEL_HINT)
 
 
 def _dims(shape) -> list[int | None]:
@@ -75,6 +85,9 @@ class SourceModel:
     _ort_session: object | None = field(default=None, repr=False)
     _savedmodel_dir: Path | None = field(default=None, repr=False)
     _keep_alive: object | None = field(default=None, repr=False)
+    torch_module: object | None = field(default=None, repr=False)  # what runs: ep.module() or the ScriptModule
+    torch_module_owner: object | None = field(default=None, repr=False)  # the ExportedProgram (pytorch)
+    _onnx_file: Path | None = field(default=None, repr=False)
 
     @property
     def display(self) -> str:
@@ -85,7 +98,7 @@ class SourceModel:
         if self.kind == "savedmodel":
             return self.path
         if self.kind != "keras":
-            raise ConversionError(f"{self.path}: an ONNX model cannot be turned into a TensorFlow SavedModel")
+            raise ConversionError(f"{self.path}: a {self.kind} model cannot be turned into a TensorFlow SavedModel")
         if self._savedmodel_dir is None:
             target = scratch / "savedmodel"
             try:
@@ -95,6 +108,18 @@ class SourceModel:
                                       f"{_first_line(exc)}") from exc
             self._savedmodel_dir = target
         return self._savedmodel_dir
+
+    def onnx_file(self, scratch: Path, shapes: dict[str, list[int]], opset: int) -> Path:
+        """An ONNX file of this source: the source itself, or a PyTorch export into ``scratch``."""
+        if self.kind == "onnx":
+            return self.path
+        if self.kind not in TORCH_KINDS:
+            raise ConversionError(f"{self.path}: a {self.kind} model is exported to ONNX with tf2onnx")
+        if self._onnx_file is None:
+            target = scratch / "from-torch.onnx"
+            export_onnx(self, target, shapes, opset)
+            self._onnx_file = target
+        return self._onnx_file
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         """FP32 reference outputs for ``feed`` (arrays keyed by source input name), batched."""
@@ -115,23 +140,31 @@ class SourceModel:
             tf = require_backend("tensorflow", "tflite")
             result = self._signature(**{name: tf.constant(arr) for name, arr in feed.items()})
             return [np.asarray(result[name], dtype=np.float32) for name in self.outputs]
+        if self.kind in TORCH_KINDS:
+            names = [spec.name for spec in self.inputs]
+            if all(spec.shape and spec.shape[0] is not None for spec in self.inputs):  # a fixed batch: one by one
+                count = len(feed[names[0]])
+                parts = [run_module(self.torch_module, names, {k: v[i : i + 1] for k, v in feed.items()})
+                         for i in range(count)]
+                return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
+            return run_module(self.torch_module, names, feed)
         return [np.asarray(o, dtype=np.float32) for o in self._ort_session.run(self.outputs, feed)]
 
 
-def _first_line(exc: BaseException) -> str:
-    """The informative line of a (possibly multi-line) third-party error message."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    if lines[0].startswith("in user code:"):  # tf.function errors: the cause is the last line
-        return lines[-1]
-    return lines[0]
+_first_line = first_line  # the backends import it from here
 
 
-def load_source(path: Path | str) -> SourceModel:
-    """Load ``path`` (Keras, SavedModel or ONNX); ConversionError naming the file when it cannot be read."""
+def load_source(path: Path | str, input_shapes=None) -> SourceModel:
+    """Load ``path`` (one of ``SOURCE_KINDS``); ConversionError naming the file when it cannot be read.
+
+    ``input_shapes`` (name or None -> dims, as ``--input-shape`` gives them) is needed for TorchScript only,
+    whose files record no input shapes."""
     path = Path(path)
     kind = detect_kind(path)
+    if kind == "pytorch":
+        return _load_pt2(path)
+    if kind == "torchscript":
+        return _load_torchscript(path, input_shapes or {})
     if kind == "keras":
         return _load_keras(path)
     if kind == "savedmodel":
@@ -162,6 +195,28 @@ def _load_keras(path: Path) -> SourceModel:
     outputs = [f"output_{i}" for i in range(len(model.outputs))]
     return SourceModel(path=path, kind="keras", sha256=sha256_tree(path), inputs=inputs, outputs=outputs,
                        _keras_model=model)
+
+
+def _load_pt2(path: Path) -> SourceModel:
+    program, inputs, outputs = load_exported(path)
+    return SourceModel(path=path, kind="pytorch", sha256=sha256_file(path), inputs=inputs, outputs=outputs,
+                       torch_module=program.module(), torch_module_owner=program)
+
+
+def _load_torchscript(path: Path, shapes) -> SourceModel:
+    module, names = load_torchscript(path)
+    inputs = []
+    for name in names:
+        dims = shapes.get(name, shapes.get(None) if len(names) == 1 else None)
+        if dims is None:
+            raise ConversionError(f"{path}: a TorchScript file records no input shapes: give --input-shape for "
+                                  f"input '{name}'", hint=f"e.g. --input-shape {name}=1x3x224x224 (or export the "
+                                  "model with torch.export.save to a .pt2, which records them)")
+        inputs.append(InputSpec(name=name, shape=[None, *dims[1:]], dtype="float32"))  # batch free; fp32 assumed
+    # The output count is known once it runs: run it once on zeros of the given shapes.
+    probe = run_module(module, names, {s.name: np.zeros([1, *s.shape[1:]], np.float32) for s in inputs})
+    return SourceModel(path=path, kind="torchscript", sha256=sha256_file(path), inputs=inputs,
+                       outputs=[f"output_{i}" for i in range(len(probe))], torch_module=module)
 
 
 def _keras_safe_mode():
@@ -197,7 +252,7 @@ def _load_savedmodel(path: Path) -> SourceModel:
 def _load_onnx(path: Path) -> SourceModel:
     onnx = require_backend("onnx", "onnx")
     ort = require_backend("onnxruntime", "onnx")
-    external = check_external_data(path, _read_onnx(onnx, path))  # before onnx/onnxruntime read external files
+    external = check_external_data(path, read_onnx(onnx, path))  # before onnx/onnxruntime read external files
     try:
         onnx.checker.check_model(str(path))
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -206,111 +261,8 @@ def _load_onnx(path: Path) -> SourceModel:
     inputs = [InputSpec(name=i.name, shape=[d if isinstance(d, int) and d > 0 else None for d in i.shape],
                         dtype=ORT_TYPES.get(i.type, i.type)) for i in session.get_inputs()]
     outputs = [o.name for o in session.get_outputs()]
-    return SourceModel(path=path, kind="onnx", sha256=_onnx_sha256(path, external), inputs=inputs,
+    return SourceModel(path=path, kind="onnx", sha256=onnx_sha256(path, external), inputs=inputs,
                        outputs=outputs, _ort_session=session)
-
-
-def _onnx_sha256(path: Path, external: list[str]) -> str:
-    """The model file's sha256; with external data, a digest of it and of each data file (by location)."""
-    if not external:
-        return sha256_file(path)
-    digest = hashlib.sha256(sha256_file(path).encode() + b"\n")
-    for location in external:
-        digest.update(location.encode() + b"\0" + sha256_file(path.parent / location).encode() + b"\n")
-    return digest.hexdigest()
-
-
-# The keys of a tensor's external_data entries that the ONNX spec defines.
-_EXTERNAL_DATA_KEYS = frozenset({"location", "offset", "length", "checksum", "basepath"})
-
-
-def load_onnx_model(path: Path):
-    """The ONNX model at ``path`` with its external data, after checking that data stays in the model's folder."""
-    onnx = require_backend("onnx", "onnx")
-    model = _read_onnx(onnx, path)
-    if check_external_data(path, model):
-        try:
-            onnx.load_external_data_for_model(model, str(path.parent))
-        except Exception as exc:  # OSError, ValueError (bounds), onnx's own path checks
-            raise ConversionError(f"{path}: cannot read the model's external data ({_first_line(exc)})") from exc
-    return model
-
-
-def _read_onnx(onnx, path: Path):
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # DecodeError, OSError: the file is not a readable ONNX model
-        raise ConversionError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from exc
-
-
-def check_external_data(path: Path, model) -> list[str]:
-    """Refuse tensors whose external data is not a plain file inside the model's own folder; their locations.
-
-    ``location`` must be relative and resolve (symlinks followed) inside the folder of ``path``, to an
-    existing regular file with a single link, with integer offset/length within it. ConversionError names
-    the model file and the tensor.
-    """
-    folder = os.path.realpath(path.parent)
-    locations: set[str] = set()
-    for tensor in _all_tensors(model):
-        if not len(tensor.external_data) and tensor.data_location != tensor.EXTERNAL:
-            continue
-        entries = {entry.key: entry.value for entry in tensor.external_data}
-
-        def refuse(why: str, tensor=tensor) -> ConversionError:
-            return ConversionError(f"{path}: tensor '{tensor.name}': external data {why}",
-                                   hint="keep a model's external data files in the model's own folder")
-
-        unknown = sorted(set(entries) - _EXTERNAL_DATA_KEYS)
-        location = entries.get("location", "")
-        if unknown:
-            raise refuse(f"has unknown key(s) {unknown[:5]}")
-        if not location or os.path.isabs(location) or os.path.splitdrive(location)[0] or "\0" in location:
-            raise refuse(f"location {location!r} is not a relative path inside the model's folder")
-        real = os.path.realpath(os.path.join(folder, location))
-        if os.path.commonpath([folder, real]) != folder:
-            raise refuse(f"location {location!r} points outside the model's folder ({real})")
-        try:
-            info = os.stat(real)
-        except OSError as exc:
-            raise refuse(f"file {location!r} cannot be read ({exc.strerror or exc})") from exc
-        if not stat.S_ISREG(info.st_mode):
-            raise refuse(f"file {location!r} is not a regular file")
-        if info.st_nlink > 1:
-            raise refuse(f"file {location!r} has other hard links (it may be a file from elsewhere)")
-        try:
-            offset, length = int(entries.get("offset", 0)), int(entries.get("length", 0))
-        except ValueError as exc:
-            raise refuse("has a non-integer offset or length") from exc
-        if offset < 0 or length < 0 or offset + length > info.st_size:
-            raise refuse(f"offset {offset} + length {length} is outside {location!r} ({info.st_size} bytes)")
-        locations.add(os.path.relpath(real, folder))
-    return sorted(locations)
-
-
-def _all_tensors(model):
-    """Every TensorProto of ``model``: initializers, sparse initializers, attributes, subgraphs and functions."""
-    graphs = [model.graph]
-    nodes = [node for function in model.functions for node in function.node]
-    while graphs or nodes:
-        if graphs:
-            graph = graphs.pop()
-            yield from graph.initializer
-            for sparse in graph.sparse_initializer:
-                yield from (sparse.values, sparse.indices)
-            nodes.extend(graph.node)
-            continue
-        for attribute in nodes.pop().attribute:
-            if attribute.HasField("t"):
-                yield attribute.t
-            yield from attribute.tensors
-            if attribute.HasField("sparse_tensor"):
-                yield from (attribute.sparse_tensor.values, attribute.sparse_tensor.indices)
-            for sparse in attribute.sparse_tensors:
-                yield from (sparse.values, sparse.indices)
-            if attribute.HasField("g"):
-                graphs.append(attribute.g)
-            graphs.extend(attribute.graphs)
 
 
 _OP_PATTERNS = (

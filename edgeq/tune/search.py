@@ -317,7 +317,7 @@ def tune(model: Path | str, target: Target, profile: DeviceProfile, *, calibrati
             raise TuneError(f"{root}: not an edgeq tune output directory; refusing to replace it",
                             hint="give --output a new or empty directory")
     model, calibration, eval_path = Path(model), Path(calibration), Path(eval_path)
-    source = load_source(model)
+    source = load_source(model, input_shapes)
     notes: list[str] = []
     fmts = runnable_formats(target, allowed_formats(profile, source.kind, formats), formats, notes)
     dataset = load_dataset(eval_path, source.inputs, role="eval")
