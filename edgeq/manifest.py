@@ -91,6 +91,15 @@ class TensorSpec(_Record):
     zero_point: int | list[int] | None = None
 
 
+class OutputAgreement(_Record):
+    """How one output of the artifact follows the same output of the FP32 source, over the eval samples."""
+
+    cosine_mean: float
+    cosine_min: float
+    nmse: float
+    max_abs_error: float
+
+
 class Validation(_Record):
     status: Literal["passed", "failed", "not-run"]
     message: str | None = None
@@ -105,6 +114,8 @@ class Validation(_Record):
     top1_agreement: float | None = None
     cosine_similarity: float | None = None
     max_abs_error: float | None = None
+    outputs: dict[str, OutputAgreement] | None = Field(
+        default=None, description="every output compared by its source name (the fields above: the scores output)")
     execution: dict[str, Any] | None = Field(
         default=None, description="what the runtime ran during validation, as it reports it (precision pinned)")
 

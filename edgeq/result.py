@@ -70,6 +70,13 @@ class Agreement(_Lenient):
     max_abs_error: float | None = None
 
 
+class OutputAgreement(_Lenient):
+    cosine_mean: float | None = None
+    cosine_min: float | None = None
+    nmse: float | None = None
+    max_abs_error: float | None = None
+
+
 class AccuracyStats(_Lenient):
     samples: int | None = None
     top1: float | None = None
@@ -77,6 +84,7 @@ class AccuracyStats(_Lenient):
     top1_reference: float | None = None
     top1_drop: float | None = None
     agreement: Agreement | None = None
+    outputs: dict[str, OutputAgreement] | None = None  # every artifact output against the source's, by name
 
 
 class MemoryStats(_Lenient):

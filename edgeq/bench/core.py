@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pydantic import ValidationError as PydanticValidationError
 
-from edgeq.bench.evaldata import compute_accuracy, device_scores, discard, prepare
+from edgeq.bench.evaldata import compute_accuracy, device_output_agreement, device_scores, discard, prepare
 from edgeq.bench.on_device import BenchSettings, run_on_device
 from edgeq.config import format_validation_error
 from edgeq.errors import BenchError, EdgeqError, Failure, internal_failure
@@ -161,9 +161,11 @@ def bench(artifact_dir: str | Path, target: Target, *, eval_path: str | Path | N
                 result.runner_traceback = runner.get("traceback")
             else:
                 if data is not None and outputs is not None:
-                    scores = device_scores(target, data, outputs, runner["eval"]["output_names"])
-                    result.accuracy = AccuracyStats.model_validate(
-                        compute_accuracy(scores, data.labels, data.reference, data.reference_note))
+                    names = runner["eval"]["output_names"]
+                    scores = device_scores(target, data, outputs, names)
+                    accuracy = compute_accuracy(scores, data.labels, data.reference, data.reference_note)
+                    accuracy["outputs"] = device_output_agreement(manifest, data, outputs, names) or None
+                    result.accuracy = AccuracyStats.model_validate(accuracy)
                 result.status, result.failure, result.error, result.hint = "ok", None, None, None
         except ValueError as exc:  # the device's result does not fit the result model
             result.fail(Failure(kind="runner", host=target.name,

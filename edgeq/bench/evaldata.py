@@ -14,7 +14,7 @@ import numpy as np
 from edgeq.data import Dataset, InputSpec, check_labels_range, load_dataset, read_npz
 from edgeq.errors import BenchError, DataError, EdgeqError
 from edgeq.manifest import Manifest, TensorSpec, sha256_tree, verify_artifact
-from edgeq.metrics import agreement, top_k_accuracy
+from edgeq.metrics import agreement, per_output_agreement, top_k_accuracy
 from edgeq.targets import Target
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,8 @@ class EvalData:
     dataset: Dataset
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None
-    reference: np.ndarray | None = None
+    reference: np.ndarray | None = None  # the source's first output: what the scores are compared with
+    references: dict[str, np.ndarray] = field(default_factory=dict)  # every source output, by its name
     reference_note: str | None = None
     scores_output: str | None = None  # the artifact output compared (the scores)
     device_file: Path | None = field(default=None, repr=False)
@@ -112,8 +113,8 @@ def _compared_output(manifest: Manifest, source) -> str | None:
     return manifest.outputs[primary_output_index(artifact, source, source_names)].name
 
 
-def _reference_outputs(manifest: Manifest, source, data: EvalData) -> tuple[np.ndarray | None, str]:
-    """FP32 first output of the manifest's source model on the eval inputs; (None, why) when it fails."""
+def _reference_outputs(manifest: Manifest, source, data: EvalData) -> tuple[list[np.ndarray] | None, str]:
+    """FP32 outputs of the manifest's source model on the eval inputs; (None, why) when it fails."""
     source_path = Path(manifest.source.path)
     try:
         feed = {}
@@ -128,7 +129,7 @@ def _reference_outputs(manifest: Manifest, source, data: EvalData) -> tuple[np.n
     except Exception as exc:  # a third-party failure in a reference run must not lose the bench result
         log.warning("reference run of %s failed", source_path, exc_info=True)
         return None, f"source model {source_path} failed to run: {type(exc).__name__}: {exc}"
-    return outputs[0], f"{manifest.source.kind} source (fp32) {source_path.name}"
+    return outputs, f"{manifest.source.kind} source (fp32) {source_path.name}"
 
 
 def compute_accuracy(scores: np.ndarray, labels: np.ndarray | None, reference: np.ndarray | None,
@@ -147,6 +148,20 @@ def compute_accuracy(scores: np.ndarray, labels: np.ndarray | None, reference: n
             out["top1_reference"] = top_k_accuracy(reference, labels, 1)
             out["top1_drop"] = out["top1_reference"] - out["top1"]
     return out
+
+
+def device_output_agreement(manifest: Manifest, data: EvalData, outputs: Path, output_names: list[str]) -> dict:
+    """Every artifact output the device sent back, compared by source name with the FP32 source's outputs
+    (``{}`` without references). Only called once ``device_scores`` has checked the file."""
+    if not data.references:
+        return {}
+    arrays = read_npz(outputs)
+    got = [arrays.get(f"output_{i}") for i in range(len(output_names))]
+    present = [(name, array) for name, array in zip(output_names, got, strict=True)
+               if array is not None and np.issubdtype(array.dtype, np.number) and np.all(np.isfinite(array))]
+    source_names = {t.name: t.source_name for t in manifest.outputs if t.source_name}
+    return per_output_agreement(list(data.references.values()), list(data.references), [a for _, a in present],
+                                [n for n, _ in present], source_names)
 
 
 def device_scores(target: Target, data: EvalData, outputs: Path, output_names: list[str]) -> np.ndarray:
@@ -186,7 +201,10 @@ def prepare(artifact_dir: str | Path, eval_path: str | Path | None) -> tuple[Man
     if source is None:
         data.reference, data.reference_note = None, why_not
     else:
-        data.reference, data.reference_note = _reference_outputs(manifest, source, data)
+        references, data.reference_note = _reference_outputs(manifest, source, data)
+        if references is not None:
+            data.reference = references[0]
+            data.references = dict(zip(source.outputs, references, strict=False))
     # Labels stay here: the file that travels holds inputs only.
     fd, name = tempfile.mkstemp(prefix="edgeq-eval-", suffix=".npz")
     with open(fd, "wb") as handle:

@@ -119,6 +119,9 @@ def _summary(manifest, output: Path) -> None:
                         f"(drop {val.top1_drop * 100:+.2f} pts), ")
         click.echo(f"  validation  {val.samples} samples: {accuracy}agreement {_pct(val.top1_agreement)}, "
                    f"cosine {val.cosine_similarity:.5f}, max |err| {val.max_abs_error:.4g}")
+        for name, each in (val.outputs or {}).items() if len(val.outputs or {}) > 1 else ():
+            click.echo(f"  output      {name}: cosine {each.cosine_mean:.5f} (min {each.cosine_min:.5f}), "
+                       f"nmse {each.nmse:.3g}")
         from edgeq.report.model import what_ran
 
         click.echo(f"  ran         {what_ran(val.execution) or 'not recorded'}")

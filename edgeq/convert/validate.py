@@ -8,8 +8,8 @@ import numpy as np
 
 from edgeq.convert.source import SourceModel
 from edgeq.data import Dataset, check_labels_range
-from edgeq.manifest import Validation
-from edgeq.metrics import agreement, top_k_accuracy
+from edgeq.manifest import OutputAgreement, Validation
+from edgeq.metrics import agreement, per_output_agreement, top_k_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +37,20 @@ def primary_output_index(session, source: SourceModel, source_names: dict[str, s
 
 
 def run_artifact(session, source_names: dict[str, str], dataset: Dataset, output_index: int) -> np.ndarray:
-    """Outputs of the artifact on the whole dataset: batched when its batch dimension is free."""
+    """One output of the artifact on the whole dataset."""
+    return run_artifact_outputs(session, source_names, dataset)[output_index]
+
+
+def run_artifact_outputs(session, source_names: dict[str, str], dataset: Dataset) -> list[np.ndarray]:
+    """Every output of the artifact on the whole dataset: batched when its batch dimension is free."""
     feed = _artifact_feed(session, source_names, dataset.inputs)
     batched = all(spec["shape"] and spec["shape"][0] is None for spec in session.inputs)
     step = ARTIFACT_BATCH if batched else 1
-    outputs = []
+    chunks = []
     for start in range(0, dataset.samples, step):
         part = {name: arr[start : start + step] for name, arr in feed.items()}
-        outputs.append(session.run(part)[output_index])
-    return np.concatenate(outputs)
+        chunks.append(session.run(part))
+    return [np.concatenate([chunk[i] for chunk in chunks]) for i in range(len(chunks[0]))]
 
 
 def validate(source: SourceModel, session, source_names: dict[str, str], dataset: Dataset,
@@ -55,15 +60,19 @@ def validate(source: SourceModel, session, source_names: dict[str, str], dataset
     With labels the gate is the top-1 accuracy drop; without, it is the share of samples whose
     top-1 class changed (1 - top-1 agreement), the only drop measurable without labels.
     """
-    reference = source.run(dataset.inputs)[0]
+    references = source.run(dataset.inputs)
+    reference = references[0]
     if dataset.labels is not None:
         check_labels_range(dataset, int(np.prod(reference.shape[1:])))
-    candidate = run_artifact(session, source_names, dataset, primary_output_index(session, source, source_names))
+    outputs = run_artifact_outputs(session, source_names, dataset)
+    candidate = outputs[primary_output_index(session, source, source_names)]
     agree = agreement(reference, candidate)
+    compared = per_output_agreement(references, source.outputs, outputs, [s["name"] for s in session.outputs],
+                                    source_names)
     result = Validation(
         status="passed", eval_path=str(dataset.path), eval_sha256=dataset.sha256, samples=dataset.samples,
         reference=f"{source.kind} source (fp32) {source.path.name}", max_accuracy_drop=max_accuracy_drop,
-        execution=session.execution, **agree,
+        execution=session.execution, outputs={k: OutputAgreement(**v) for k, v in compared.items()} or None, **agree,
     )
     if dataset.labels is not None:
         result.top1_reference = top_k_accuracy(reference, dataset.labels, 1)

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from edgeq.errors import DataError, TuneError
+from edgeq.metrics import cosine_per_sample, nmse, per_sample
 
 Z_95 = 1.959964  # two-sided 95% normal quantile
 
@@ -94,24 +95,15 @@ def _half_width(values: np.ndarray) -> float:
     return Z_95 * float(np.std(values, ddof=1)) / math.sqrt(len(values))
 
 
-def _per_sample(a: np.ndarray) -> np.ndarray:
-    return a.reshape(a.shape[0], -1).astype(np.float64)
-
-
 def score(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None, budget: Budget) -> Score:
     """Score ``candidate`` outputs against FP32 ``reference`` outputs (first axis: samples)."""
-    ref, cand = _per_sample(reference), _per_sample(candidate)
-    if ref.shape != cand.shape:
-        raise TuneError(f"candidate output shape {candidate.shape} differs from the fp32 {reference.shape}")
-    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
-    dots = np.sum(ref * cand, axis=1)
-    # Two all-zero outputs agree; one zero output against a non-zero one does not.
-    both_zero = (np.linalg.norm(ref, axis=1) == 0) & (np.linalg.norm(cand, axis=1) == 0)
-    cosine = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), np.where(both_zero, 1.0, 0.0))
-    power = float(np.sum(ref**2))
-    nmse = float(np.sum((cand - ref) ** 2) / power) if power > 0 else float(np.sum(cand**2) > 0)
+    try:
+        ref, cand = per_sample(reference, candidate)
+    except ValueError:
+        raise TuneError(f"candidate output shape {candidate.shape} differs from the fp32 {reference.shape}") from None
+    cosine = cosine_per_sample(ref, cand)
     result = Score(samples=len(ref), passed=False, cosine_mean=float(np.mean(cosine)),
-                   cosine_min=float(np.min(cosine)), nmse=nmse)
+                   cosine_min=float(np.min(cosine)), nmse=nmse(ref, cand))
     half = _half_width(cosine)
     result.cosine_mean_ci95 = (result.cosine_mean - half, result.cosine_mean + half)
     if labels is not None:
