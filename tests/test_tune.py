@@ -79,8 +79,9 @@ def test_tune_keeps_the_sensitive_layers_in_float(sensitive_model, tmp_path, tun
 
 
 def test_openvino_int8_settings_one_at_a_time_then_accuracy_control(sensitive_model, tmp_path, tune_env):
-    result = _tune(sensitive_model, tmp_path / "tuned", formats=["openvino"], max_candidates=5)
-    assert [c.scheme for c in result.candidates] == ["fp32", "int8", "int8", "int8", "mixed"]
+    result = _tune(sensitive_model, tmp_path / "tuned", formats=["openvino"], max_candidates=6)
+    # Stage A also tries dynamic (weight-only INT8), after the full-INT8 settings.
+    assert [c.scheme for c in result.candidates] == ["fp32", "int8", "int8", "int8", "dynamic", "mixed"]
     plain, asym, full_bc = result.candidates[1:4]
     assert (plain.settings, asym.settings) == ({}, {"int8_preset": "mixed"})
     better = max((plain, asym), key=lambda c: c.measured.metric())  # kept, then the next setting on top
@@ -91,7 +92,8 @@ def test_openvino_int8_settings_one_at_a_time_then_accuracy_control(sensitive_mo
         assert options["fast_bias_correction"] is candidate.settings.get("fast_bias_correction", True)
         assert not candidate.passed  # the wide-range channel breaks every full-INT8 variant
 
-    control = result.candidates[4]
+    assert read_manifest(result.candidates[4].directory).options["weight_compression"] == "INT8_ASYM"
+    control = result.candidates[5]
     assert control.accuracy_control and control.settings == max((plain, asym, full_bc),
                                                                 key=lambda c: c.measured.metric()).settings
     options = read_manifest(control.directory).options
@@ -100,7 +102,7 @@ def test_openvino_int8_settings_one_at_a_time_then_accuracy_control(sensitive_mo
         assert control.rejected_by == "no int8 layer left" and options["int8_layers"] == 0
     else:
         assert options["int8_layers"] > 0 and set(control.float_nodes) == set(options["float_layers"])
-    assert any("--max-candidates 5" in note for note in result.notes)
+    assert any("--max-candidates 6" in note for note in result.notes)
 
 
 def test_a_budget_no_quantized_candidate_meets_returns_float_and_says_why(sensitive_model, tmp_path, tune_env):

@@ -21,6 +21,7 @@ from edgeq.convert.base import (
     FormatBackend,
     captured_stdout,
 )
+from edgeq.convert.onnx_dynamic import quantize_dynamic
 from edgeq.convert.onnx_files import load_onnx_model
 from edgeq.convert.onnx_int8 import (
     activation_type_for,
@@ -64,7 +65,7 @@ def build(request: BuildRequest) -> BuildResult:
             return BuildResult(model_file=MODEL_FILE, options=options, tools=(*tools, "onnxconverter-common"))
         prepared = _pre_process(fp32, request.scratch / "preprocessed.onnx", options)
         if request.precision == "dynamic":
-            _quantize_dynamic(prepared, target)
+            quantize_dynamic(prepared, target, request.scratch, needs_reduce_range(request.profile), options)
             _canonical_constants(target)
             return BuildResult(model_file=MODEL_FILE, options=options, tools=tools)
         method = request.calibration_method or request.profile.calibration_method
@@ -325,12 +326,6 @@ def _pre_process(fp32: Path, target: Path, options: dict[str, object]) -> Path:
     with captured_stdout(log):
         shape_inference.quant_pre_process(str(fp32), str(target), skip_symbolic_shape=True)
     return target
-
-
-def _quantize_dynamic(prepared: Path, target: Path) -> None:
-    quantization = require_backend("onnxruntime.quantization", "onnx")
-    with captured_stdout(log):
-        quantization.quantize_dynamic(str(prepared), str(target), weight_type=quantization.QuantType.QInt8)
 
 
 def _required_modules(precision: str, source_kind: str) -> list[tuple[str, str]]:

@@ -36,6 +36,16 @@ def build(request: BuildRequest) -> BuildResult:
         raise conversion_failure(source, "openvino", request.precision, exc) from exc
     options: dict[str, object] = {}
     method = None
+    if request.precision == "dynamic":
+        # Weight-only INT8 (NNCF's compress_weights): int8 weights, decompressed per layer by the CPU plugin;
+        # activations stay float, so no calibration. OpenVINO's "dynamic quantization" of activations is the
+        # plugin's own runtime choice (DYNAMIC_QUANTIZATION_GROUP_SIZE), not something stored in the IR.
+        nncf = require_backend("nncf", "openvino")
+        logging.getLogger("nncf").setLevel(logging.WARNING)  # its statistics table is INFO, to stdout
+        with captured_stdout(log):
+            model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+        tools += ("nncf",)
+        options["weight_compression"] = "INT8_ASYM"
     if request.precision == "int8":
         preset = request.int8_preset or "performance"
         fast = request.fast_bias_correction if request.fast_bias_correction is not None else True
@@ -161,7 +171,7 @@ def _quantize_with_accuracy_control(nncf, request: BuildRequest, model, items: l
 
 
 def _required_modules(precision: str, source_kind: str) -> list[tuple[str, str]]:
-    return [("openvino", "openvino")] + ([("nncf", "openvino")] if precision == "int8" else [])
+    return [("openvino", "openvino")] + ([("nncf", "openvino")] if precision in ("int8", "dynamic") else [])
 
 
 BACKEND = FormatBackend(
@@ -173,6 +183,8 @@ BACKEND = FormatBackend(
         Capability("openvino", "bf16", ALL_SOURCES, False, "openvino", (),
                    "openvino.save_model (fp16 weights), run with INFERENCE_PRECISION_HINT bf16 (AVX512_BF16/AMX CPUs)"),
         Capability("openvino", "int8", ALL_SOURCES, True, "openvino", ("minmax",), "nncf.quantize (PTQ)"),
+        Capability("openvino", "dynamic", ALL_SOURCES, False, "openvino", (),
+                   "nncf.compress_weights INT8_ASYM (weight-only int8)"),
     ),
     tools={"openvino": ("openvino",), "nncf": ("nncf",)},
     int8_tunables=("int8_preset", "fast_bias_correction", "accuracy_control"),
