@@ -111,6 +111,7 @@ class Validation(_Record):
     top1: float | None = None
     top1_drop: float | None = None
     max_accuracy_drop: float | None = None
+    min_cosine: float | None = None
     top1_agreement: float | None = None
     cosine_similarity: float | None = None
     max_abs_error: float | None = None

@@ -134,3 +134,26 @@ def test_output_agreement_known_answers():
     assert got["cosine_min"] == pytest.approx(1 / np.sqrt(2))
     assert got["cosine_mean"] == pytest.approx((1 / np.sqrt(2) + 1 + 1) / 3)  # two zero rows agree
     assert got["nmse"] == pytest.approx(1 / 5) and got["max_abs_error"] == 1.0
+
+
+def test_min_cosine_gates_every_output(two_in_two_out, tmp_path):
+    from click.testing import CliRunner
+
+    from edgeq.cli import cli
+
+    base = ["convert", str(two_in_two_out["model"]), "--profile", PROFILE, "--format", "openvino", "--precision",
+            "int8", "--calibration", str(two_in_two_out["calib"]), "--eval", str(two_in_two_out["eval"])]
+    ok = CliRunner().invoke(cli, [*base, "--min-cosine", "0.9", "-o", str(tmp_path / "ok")])
+    assert ok.exit_code == 0, ok.output
+    assert "output      logits: cosine" in ok.output and "output      embedding: cosine" in ok.output
+    failed = CliRunner().invoke(cli, [*base, "--min-cosine", "0.99999", "-o", str(tmp_path / "strict")])
+    assert failed.exit_code == 1 and "Traceback" not in failed.output, failed.output
+    (line,) = [line for line in failed.output.splitlines() if line.startswith("error: ")]
+    assert "cosine" in line and "is below --min-cosine 0.99999" in line, line
+    manifest = json.loads((tmp_path / "strict" / "manifest.json").read_text())  # kept, marked failed
+    assert manifest["status"] == "failed" and manifest["validation"]["min_cosine"] == 0.99999
+    worst = min(manifest["validation"]["outputs"], key=lambda n: manifest["validation"]["outputs"][n]["cosine_mean"])
+    assert f"output '{worst}'" in line
+    usage = CliRunner().invoke(cli, ["convert", str(two_in_two_out["model"]), "--profile", PROFILE,
+                                     "--min-cosine", "0.9", "-o", str(tmp_path / "no-eval")])
+    assert usage.exit_code == 2 and "--min-cosine needs --eval" in usage.output

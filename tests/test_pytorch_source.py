@@ -25,7 +25,7 @@ torch = pytest.importorskip("torch")
 PROFILE = "x86-avx2"
 # bf16 is left out: convert refuses it on CPUs without native bf16, so the case would depend on the host.
 CASES = [("onnx", "fp32"), ("onnx", "fp16"), ("onnx", "int8"), ("onnx", "dynamic"),
-         ("openvino", "fp32"), ("openvino", "fp16"), ("openvino", "int8")]
+         ("openvino", "fp32"), ("openvino", "fp16"), ("openvino", "int8"), ("openvino", "dynamic")]
 
 
 @pytest.fixture(scope="module")

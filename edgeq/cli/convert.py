@@ -63,6 +63,9 @@ input_shape_option = click.option(
               help="Eval .npz (inputs + optional labels): validate the artifact against the FP32 source.")
 @click.option("--max-accuracy-drop", type=click.FloatRange(min=0), default=None,
               help="Fail when top-1 drops more than this fraction (0.01 = 1 point). Needs --eval.")
+@click.option("--min-cosine", type=click.FloatRange(-1, 1), default=None,
+              help="Fail when any output's mean cosine against the FP32 source is below this (e.g. 0.99 for an "
+                   "embedding model). Needs --eval.")
 @click.option("--activation-bits", type=click.Choice(["8", "16"]), default=None,
               help="int8 activations in 16 bits, weights in 8 (TFLite 16x8, ONNX w8a16): for activation ranges "
                    "8 bits cannot hold; slower on CPUs (few 16-bit kernels). Default 8.")
@@ -71,7 +74,8 @@ input_shape_option = click.option(
 @click.option("--force", is_flag=True, help="Replace an existing output directory (atomically).")
 def convert(model: Path, profile_name: str, fmt: str | None, precision: str | None, calibration: Path | None,
             calibration_samples: int, calibration_method: str | None, quantized_io: str | None,
-            eval_path: Path | None, max_accuracy_drop: float | None, activation_bits: str | None,
+            eval_path: Path | None, max_accuracy_drop: float | None, min_cosine: float | None,
+            activation_bits: str | None,
             input_shapes: dict, output: Path, force: bool) -> None:
     """Convert MODEL (.keras/.h5, SavedModel dir or .onnx) into an artifact directory for a device profile."""
     from edgeq.convert import convert as run_convert
@@ -81,12 +85,14 @@ def convert(model: Path, profile_name: str, fmt: str | None, precision: str | No
 
     if max_accuracy_drop is not None and eval_path is None:
         raise click.UsageError("--max-accuracy-drop needs --eval data to measure the drop")
+    if min_cosine is not None and eval_path is None:
+        raise click.UsageError("--min-cosine needs --eval data to measure the agreement")
     profile = load_profile(profile_name)
     try:
         manifest = run_convert(model, profile, output, format=fmt, precision=precision, calibration=calibration,
                                calibration_samples=calibration_samples, calibration_method=calibration_method,
                                quantized_io=quantized_io, eval_path=eval_path,
-                               max_accuracy_drop=max_accuracy_drop, input_shapes=input_shapes,
+                               max_accuracy_drop=max_accuracy_drop, min_cosine=min_cosine, input_shapes=input_shapes,
                                activation_bits=int(activation_bits) if activation_bits else None, force=force)
     except ValidationError:
         _summary(read_manifest(output), output)

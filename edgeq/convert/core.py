@@ -62,6 +62,7 @@ def convert(
     quantized_io: str | None = None,
     eval_path: Path | str | None = None,
     max_accuracy_drop: float | None = None,
+    min_cosine: float | None = None,
     float_nodes: list[str] | tuple[str, ...] = (),
     int8_preset: str | None = None,
     fast_bias_correction: bool | None = None,
@@ -93,6 +94,10 @@ def convert(
         raise ConversionError(f"{output}: output already exists", hint="use --force to replace it")
     if calibration_samples < 1:
         raise ConversionError(f"calibration_samples must be at least 1, got {calibration_samples}")
+    if min_cosine is not None and not -1 <= min_cosine <= 1:
+        raise ConversionError(f"min_cosine must be in [-1, 1], got {min_cosine}")
+    if min_cosine is not None and eval_path is None:
+        raise ConversionError("min_cosine needs eval data to measure the agreement", hint="give --eval")
     if max_accuracy_drop is not None and max_accuracy_drop < 0:
         raise ConversionError(f"max_accuracy_drop must be >= 0, got {max_accuracy_drop}")
     if quantized_io is not None and quantized_io not in ("int8", "uint8", "float32"):
@@ -156,7 +161,8 @@ def convert(
         manifest.inputs = _specs(session.inputs, result.source_names)
         manifest.outputs = _specs(session.outputs, result.source_names)
         if dataset is not None:
-            manifest.validation = validate(source, session, result.source_names, dataset, max_accuracy_drop)
+            manifest.validation = validate(source, session, result.source_names, dataset, max_accuracy_drop,
+                                           min_cosine)
             if manifest.validation.status == "failed":
                 manifest.status = "failed"
         del session

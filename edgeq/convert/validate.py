@@ -54,11 +54,12 @@ def run_artifact_outputs(session, source_names: dict[str, str], dataset: Dataset
 
 
 def validate(source: SourceModel, session, source_names: dict[str, str], dataset: Dataset,
-             max_accuracy_drop: float | None) -> Validation:
+             max_accuracy_drop: float | None, min_cosine: float | None = None) -> Validation:
     """Compare ``session`` (the artifact) with the FP32 source on ``dataset``.
 
-    With labels the gate is the top-1 accuracy drop; without, it is the share of samples whose
-    top-1 class changed (1 - top-1 agreement), the only drop measurable without labels.
+    With labels the ``max_accuracy_drop`` gate is the top-1 accuracy drop; without, it is the share of samples
+    whose top-1 class changed (1 - top-1 agreement), the only drop measurable without labels. ``min_cosine``
+    gates every compared output's mean cosine (embeddings, detector heads: outputs top-1 means nothing for).
     """
     references = source.run(dataset.inputs)
     reference = references[0]
@@ -72,6 +73,7 @@ def validate(source: SourceModel, session, source_names: dict[str, str], dataset
     result = Validation(
         status="passed", eval_path=str(dataset.path), eval_sha256=dataset.sha256, samples=dataset.samples,
         reference=f"{source.kind} source (fp32) {source.path.name}", max_accuracy_drop=max_accuracy_drop,
+        min_cosine=min_cosine,
         execution=session.execution, outputs={k: OutputAgreement(**v) for k, v in compared.items()} or None, **agree,
     )
     if dataset.labels is not None:
@@ -87,4 +89,13 @@ def validate(source: SourceModel, session, source_names: dict[str, str], dataset
                           f"{max_accuracy_drop * 100:.2f} points on {dataset.samples} samples")
     else:
         result.message = f"{what} {drop * 100:.2f} points on {dataset.samples} samples"
+    if min_cosine is not None:
+        cosines = {name: each.cosine_mean for name, each in (result.outputs or {}).items()}
+        if not cosines:  # no output matched by name: the scores output is still compared
+            cosines = {"output": result.cosine_similarity}
+        worst = min(cosines, key=cosines.get)
+        if cosines[worst] < min_cosine and result.status == "passed":
+            result.status = "failed"
+            result.message = (f"output '{worst}' cosine {cosines[worst]:.5f} is below --min-cosine {min_cosine} "
+                              f"on {dataset.samples} samples")
     return result
