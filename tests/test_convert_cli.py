@@ -39,14 +39,15 @@ def test_capability_table_covers_the_issue_matrix():
     rows = {(r["format"], r["precision"]) for r in export_formats()}
     assert rows == {("tflite", p) for p in ("fp32", "fp16", "int8", "dynamic")} | \
         {("onnx", p) for p in ("fp32", "fp16", "int8", "dynamic")} | \
-        {("openvino", p) for p in ("fp32", "fp16", "bf16", "int8")}
+        {("openvino", p) for p in ("fp32", "fp16", "bf16", "int8", "dynamic")}
     assert "tflite/int8" not in supported_pairs("onnx")
+    assert "tflite/fp32" not in supported_pairs("pytorch") and "onnx/dynamic" in supported_pairs("pytorch")
     assert "openvino/int8" in supported_pairs("onnx")
 
 
 def test_unsupported_pairs_list_what_is_supported():
-    with pytest.raises(ConversionError, match=r"openvino/dynamic is not supported \(openvino supports: fp32, fp16, bf16, int8\)"):
-        find_capability("openvino", "dynamic", "keras", "m.keras")
+    with pytest.raises(ConversionError, match=r"tflite/bf16 is not supported \(tflite supports: fp32, fp16, int8, dynamic\)"):
+        find_capability("tflite", "bf16", "keras", "m.keras")
     with pytest.raises(ConversionError, match="tflite int8 cannot be built from a onnx model") as info:
         find_capability("tflite", "int8", "onnx", "m.onnx")
     assert "onnx/int8" in info.value.hint and "tflite" not in info.value.hint
@@ -95,9 +96,9 @@ def test_unknown_profile(tmp_path, digits):
 
 
 def test_unsupported_format_precision_pair(tmp_path, digits):
-    assert_fails(run_cli(digits["model"], "--profile", "x86-avx2", "--format", "openvino", "--precision",
-                         "dynamic", "-o", tmp_path / "out"),
-                 "openvino/dynamic is not supported (openvino supports: fp32, fp16, bf16, int8)", "hint: supported:")
+    assert_fails(run_cli(digits["model"], "--profile", "x86-avx2", "--format", "tflite", "--precision",
+                         "bf16", "-o", tmp_path / "out"),
+                 "tflite/bf16 is not supported (tflite supports: fp32, fp16, int8, dynamic)", "hint: supported:")
 
 
 def test_tflite_from_onnx_is_refused_with_the_alternatives(tmp_path, make_artifact):
