@@ -76,7 +76,7 @@ def _ov_model(ov, request: BuildRequest):
     if source.kind == "onnx":
         return ov.convert_model(str(source.path))
     if source.kind == "pytorch":
-        return ov.convert_model(source.torch_module_owner)  # the ExportedProgram, no tracing again
+        return ov.convert_model(source.exported_program)  # the ExportedProgram, no tracing again
     if source.kind == "torchscript":
         model = ov.convert_model(source.torch_module, example_input=example_inputs(source.inputs, request.input_shapes))
         for port, name in zip(model.outputs, source.outputs, strict=False):

@@ -86,7 +86,7 @@ class SourceModel:
     _savedmodel_dir: Path | None = field(default=None, repr=False)
     _keep_alive: object | None = field(default=None, repr=False)
     torch_module: object | None = field(default=None, repr=False)  # what runs: ep.module() or the ScriptModule
-    torch_module_owner: object | None = field(default=None, repr=False)  # the ExportedProgram (pytorch)
+    exported_program: object | None = field(default=None, repr=False)  # the ExportedProgram (pytorch)
     _onnx_file: Path | None = field(default=None, repr=False)
 
     @property
@@ -200,7 +200,7 @@ def _load_keras(path: Path) -> SourceModel:
 def _load_pt2(path: Path) -> SourceModel:
     program, inputs, outputs = load_exported(path)
     return SourceModel(path=path, kind="pytorch", sha256=sha256_file(path), inputs=inputs, outputs=outputs,
-                       torch_module=program.module(), torch_module_owner=program)
+                       torch_module=program.module(), exported_program=program)
 
 
 def _load_torchscript(path: Path, shapes) -> SourceModel:

@@ -169,7 +169,7 @@ def export_onnx(source, target: Path, shapes: dict[str, list[int]], opset: int) 
     args = example_inputs(source.inputs, shapes)
     try:
         if source.kind == "pytorch":
-            program = source.torch_module_owner
+            program = source.exported_program
             if shapes:  # export again at the frozen shapes: the program's own symbols would stay free
                 program = torch.export.export(program.module(), args)
             torch.onnx.export(program, args, f=str(target), dynamo=True, opset_version=max(opset, 18),
