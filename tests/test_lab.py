@@ -80,6 +80,8 @@ def test_lab_yaml_paths_are_relative_to_the_file(tmp_path):
     ({"models": [{"name": "m", "path": "missing.keras"}]}, "models.m.path: "),
     ({"build": {"precisions": ["auto"]}}, "build: Value error, precisions: [auto] needs one budget"),
     ({"build": {"precisions": ["int8"], "min_cosine": 0.99}}, "min_cosine is the budget of precisions: [auto]"),
+    ({"models": [{"name": "m", "path": "model.keras", "input_shapes": {"x": [1, 0, 8]}}]},
+     "models.0.input_shapes: Value error, input_shapes.x: dims must be positive integers, got [1, 0, 8]"),
     ({"build": {"precisions": ["auto"], "min_cosine": 0.99}},
      "models.m: precisions: [auto] tunes it, which needs both calibration and eval data"),
 ])
@@ -340,3 +342,29 @@ def test_only_a_connect_failure_skips_the_target_for_the_rest_of_the_run(kind, s
     if skipped:
         assert unreachable["dev-1"].kind == "connect"
         assert unreachable["dev-1"].message.startswith("skipped: dev-1 was unreachable earlier in this run")
+
+
+@pytest.mark.slow
+def test_model_input_shapes_reach_convert_and_decide_reuse(digits, tmp_path):
+    """``models[].input_shapes`` is convert's --input-shape; an artifact built with other shapes is rebuilt."""
+    from edgeq.lab.builds import BuildSpec, build_artifact
+
+    def lab(shapes):
+        model = {"name": "digits", "path": str(digits["model"]), "calibration": str(digits["calib"])}
+        if shapes:
+            model["input_shapes"] = shapes
+        path = tmp_path / "lab.yaml"
+        path.write_text(yaml.safe_dump({"models": [model], "run": {"targets": ["local"]},
+                                        "artifacts": str(tmp_path / "artifacts")}))
+        return load_lab(path)
+
+    shaped = lab({"x": [1, 8, 8, 1]})
+    spec = BuildSpec(shaped.models[0], "x86-avx2", "onnx", "fp32")
+    first = build_artifact(spec, shaped)
+    assert first.status == "converted", first
+    options = read_manifest(first.artifact_dir).options
+    assert options["input_shapes"] == {"x": [1, 8, 8, 1]} and options["input_shapes_from"] == "--input-shape"
+    assert build_artifact(spec, shaped).status == "reused"
+    plain = lab(None)
+    again = build_artifact(BuildSpec(plain.models[0], "x86-avx2", "onnx", "fp32"), plain)
+    assert again.status == "converted" and "input_shapes" not in read_manifest(again.artifact_dir).options

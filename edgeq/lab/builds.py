@@ -107,6 +107,10 @@ def _reuse_problem(spec: BuildSpec, config: LabConfig, manifest, profile) -> str
         return "the eval data changed"
     if eval_sha is not None and validation.max_accuracy_drop != config.build.max_accuracy_drop:
         return "max_accuracy_drop changed"
+    asked = spec.model.input_shapes or {}
+    built = options.get("input_shapes", {}) if options.get("input_shapes_from") == "--input-shape" else {}
+    if asked != built:
+        return "input_shapes changed"
     return None
 
 
@@ -140,7 +144,7 @@ def build_artifact(spec: BuildSpec, config: LabConfig) -> BuildOutcome:
                                calibration=spec.model.calibration,
                                calibration_samples=config.build.calibration_samples,
                                eval_path=spec.model.eval, max_accuracy_drop=config.build.max_accuracy_drop,
-                               force=True)
+                               input_shapes=spec.model.input_shapes, force=True)
         except ValidationError as exc:
             manifest = read_manifest(out_dir)
             return BuildOutcome(spec, "gate-failed", out_dir, manifest, time.perf_counter() - started,

@@ -26,6 +26,17 @@ class LabModel(StrictModel):
     path: Path = Field(description="Keras file, SavedModel directory or ONNX file")
     calibration: Path | None = Field(default=None, description=".npz calibration data (int8)")
     eval: Path | None = Field(default=None, description=".npz eval data with labels (accuracy, gate)")
+    input_shapes: dict[str, list[int]] | None = Field(
+        default=None, description="convert's --input-shape per input name, e.g. {images: [1, 3, 640, 640]} "
+                                  "(TorchScript sources need it)")
+
+    @field_validator("input_shapes")
+    @classmethod
+    def _positive_dims(cls, shapes):
+        for name, dims in (shapes or {}).items():
+            if not dims or any(d < 1 for d in dims):
+                raise ValueError(f"input_shapes.{name}: dims must be positive integers, got {dims}")
+        return shapes
 
 
 # ``auto``: not a precision but "what ``edgeq tune`` chooses for the profile".

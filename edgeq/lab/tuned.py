@@ -32,6 +32,7 @@ def tune_key(spec: BuildSpec, config: LabConfig, profile: DeviceProfile) -> dict
         "budget": {"max_accuracy_drop": build.max_accuracy_drop, "min_cosine": build.min_cosine},
         "formats": build.formats,
         "calibration_samples": build.calibration_samples,
+        "input_shapes": spec.model.input_shapes,
         "limits": build.tune.model_dump(mode="json"),
         "profile": profile.model_dump(mode="json"),
         "measured_on": spec.measure_on.name if spec.measure_on else None,
@@ -67,7 +68,7 @@ def tuned_artifact(spec: BuildSpec, config: LabConfig, profile: DeviceProfile, o
                   budget=Budget(max_accuracy_drop=build.max_accuracy_drop, min_cosine=build.min_cosine),
                   output=out_dir, formats=build.formats, max_time_s=build.tune.max_time_s,
                   max_candidates=build.tune.max_candidates, calibration_samples=build.calibration_samples,
-                  runs=build.tune.runs, force=True)
+                  runs=build.tune.runs, input_shapes=spec.model.input_shapes, force=True)
     if result.chosen is None:
         return BuildOutcome(spec, "failed", None, None, time.perf_counter() - started,
                             failure=Failure(kind="artifact", message=f"tune chose nothing ({out_dir / 'tune.json'}): "
