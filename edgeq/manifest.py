@@ -117,6 +117,9 @@ class Validation(_Record):
     max_abs_error: float | None = None
     outputs: dict[str, OutputAgreement] | None = Field(
         default=None, description="every output compared by its source name (the fields above: the scores output)")
+    metrics: dict[str, dict[str, float]] | None = Field(
+        default=None, description="--metric results by metric name (edgeq.taskmetrics), e.g. embedding, top5")
+    gates: list[str] | None = Field(default=None, description="the --gate bounds checked (METRIC[.FIELD]>=VALUE)")
     execution: dict[str, Any] | None = Field(
         default=None, description="what the runtime ran during validation, as it reports it (precision pinned)")
 

@@ -85,6 +85,7 @@ class AccuracyStats(_Lenient):
     top1_drop: float | None = None
     agreement: Agreement | None = None
     outputs: dict[str, OutputAgreement] | None = None  # every artifact output against the source's, by name
+    metrics: dict[str, dict[str, float]] | None = None  # --metric results (edgeq.taskmetrics), by metric name
 
 
 class MemoryStats(_Lenient):

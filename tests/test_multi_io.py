@@ -14,6 +14,7 @@ from edgeq.device.runtimes import open_session
 from edgeq.metrics import output_agreement
 from edgeq.profiles import load_profile
 from edgeq.targets import load_inventory, local_target, resolve_targets
+from edgeq.taskmetrics import parse_metric
 
 pytestmark = pytest.mark.slow
 
@@ -115,11 +116,19 @@ def test_bench_compares_every_output_locally_and_over_sshd(two_in_two_out, trust
     artifact = tmp_path / "artifact"
     convert(two_in_two_out["model"], load_profile(PROFILE), artifact, format="onnx", precision="int8",
             calibration=two_in_two_out["calib"])
-    local = bench(artifact, local_target(), eval_path=two_in_two_out["eval"], output_dir=tmp_path / "local", **QUICK)
+    metrics = [parse_metric("nmse"), parse_metric("top1")]
+    local = bench(artifact, local_target(), eval_path=two_in_two_out["eval"], output_dir=tmp_path / "local",
+                  metrics=metrics, **QUICK)
     _check_result(local.path, local)
     (device,) = resolve_targets(load_inventory(trusted_inventory.path), "dev-0")
-    remote = bench(artifact, device, eval_path=two_in_two_out["eval"], output_dir=tmp_path / "remote", **QUICK)
+    remote = bench(artifact, device, eval_path=two_in_two_out["eval"], output_dir=tmp_path / "remote",
+                   metrics=metrics, **QUICK)
     _check_result(remote.path, remote)
+    # --metric results from the device's outputs: the worst output's NMSE, and top-1 against labels.
+    remote_accuracy = json.loads(remote.path.read_text())["accuracy"]
+    assert remote_accuracy["metrics"]["nmse"]["max"] == pytest.approx(
+        max(each["nmse"] for each in remote_accuracy["outputs"].values()))
+    assert remote_accuracy["metrics"]["top1"]["top1"] == pytest.approx(remote_accuracy["top1"])
     # The same artifact, the same inputs: the device's outputs agree with the local run's.
     local_outputs = json.loads(local.path.read_text())["accuracy"]["outputs"]
     remote_outputs = json.loads(remote.path.read_text())["accuracy"]["outputs"]

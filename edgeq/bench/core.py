@@ -13,6 +13,7 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -20,13 +21,22 @@ from pathlib import Path
 
 from pydantic import ValidationError as PydanticValidationError
 
-from edgeq.bench.evaldata import compute_accuracy, device_output_agreement, device_scores, discard, prepare
+from edgeq.bench.evaldata import (
+    compute_accuracy,
+    device_metrics,
+    device_output_agreement,
+    device_outputs,
+    device_scores,
+    discard,
+    prepare,
+)
 from edgeq.bench.on_device import BenchSettings, run_on_device
 from edgeq.config import format_validation_error
 from edgeq.errors import BenchError, EdgeqError, Failure, internal_failure
 from edgeq.manifest import Manifest
 from edgeq.result import AccuracyStats, BenchResult, model_name
 from edgeq.targets import Target
+from edgeq.taskmetrics import Metric, check_labels
 
 log = logging.getLogger(__name__)
 
@@ -130,11 +140,13 @@ def _measured(result: BenchResult, runner: dict) -> BenchResult:
 def bench(artifact_dir: str | Path, target: Target, *, eval_path: str | Path | None = None, warmup: int = 10,
           runs: int = 100, min_seconds: float = 1.0, threads: int | None = None, power: bool = True,
           output_dir: str | Path, idle_seconds: float | None = None, timeout_s: float | None = None,
-          _prepared: tuple | None = None) -> BenchRun:
+          metrics: Sequence[Metric] = (), _prepared: tuple | None = None) -> BenchRun:
     """Benchmark ``artifact_dir`` on ``target`` and write its result file; returns the result and its path.
 
     Local problems (artifact, eval data) raise before anything runs. Anything that goes wrong on or on
     the way to the device gives a result with ``status: failed`` and a typed ``failure``, still written.
+    ``metrics`` (``edgeq.taskmetrics``, parsed by the caller) are computed here on the device's eval outputs
+    against the FP32 source's, into ``accuracy.metrics``.
     """
     settings = BenchSettings(warmup, runs, min_seconds, threads, power, idle_seconds, timeout_s)
     artifact_dir = Path(artifact_dir)
@@ -144,10 +156,12 @@ def bench(artifact_dir: str | Path, target: Target, *, eval_path: str | Path | N
             _make_results_dir(output_dir)
             return bench(artifact_dir, target, warmup=warmup, runs=runs, min_seconds=min_seconds, threads=threads,
                          power=power, output_dir=output_dir, idle_seconds=idle_seconds, timeout_s=timeout_s,
-                         _prepared=prepared)
+                         metrics=metrics, _prepared=prepared)
         finally:
             discard(prepared)
     manifest, data = _prepared
+    if data is not None:
+        check_labels(list(metrics), data.labels is not None, data.dataset.path)
     started_at = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     started = time.monotonic()
     result = failed_result(target.name, manifest, artifact_dir, settings,
@@ -164,7 +178,9 @@ def bench(artifact_dir: str | Path, target: Target, *, eval_path: str | Path | N
                     names = runner["eval"]["output_names"]
                     scores = device_scores(target, data, outputs, names)
                     accuracy = compute_accuracy(scores, data.labels, data.reference, data.reference_note)
-                    accuracy["outputs"] = device_output_agreement(manifest, data, outputs, names) or None
+                    by_source = device_outputs(manifest, data, outputs, names)
+                    accuracy["outputs"] = device_output_agreement(data, by_source) or None
+                    accuracy["metrics"] = device_metrics(list(metrics), data, by_source, manifest)
                     result.accuracy = AccuracyStats.model_validate(accuracy)
                 result.status, result.failure, result.error, result.hint = "ok", None, None, None
         except ValueError as exc:  # the device's result does not fit the result model

@@ -14,8 +14,9 @@ import numpy as np
 from edgeq.data import Dataset, InputSpec, check_labels_range, load_dataset, read_npz
 from edgeq.errors import BenchError, DataError, EdgeqError
 from edgeq.manifest import Manifest, TensorSpec, sha256_tree, verify_artifact
-from edgeq.metrics import agreement, per_output_agreement, top_k_accuracy
+from edgeq.metrics import agreement, matched_outputs, per_output_agreement, top_k_accuracy
 from edgeq.targets import Target
+from edgeq.taskmetrics import Metric, MetricData, compute_metrics
 
 log = logging.getLogger(__name__)
 
@@ -150,18 +151,34 @@ def compute_accuracy(scores: np.ndarray, labels: np.ndarray | None, reference: n
     return out
 
 
-def device_output_agreement(manifest: Manifest, data: EvalData, outputs: Path, output_names: list[str]) -> dict:
-    """Every artifact output the device sent back, compared by source name with the FP32 source's outputs
-    (``{}`` without references). Only called once ``device_scores`` has checked the file."""
-    if not data.references:
-        return {}
+def device_outputs(manifest: Manifest, data: EvalData, outputs: Path, output_names: list[str]) -> dict[str, np.ndarray]:
+    """The finite numeric outputs the device sent back, keyed by the source output each one is. Only called once
+    ``device_scores`` has checked the file."""
     arrays = read_npz(outputs)
     got = [arrays.get(f"output_{i}") for i in range(len(output_names))]
     present = [(name, array) for name, array in zip(output_names, got, strict=True)
                if array is not None and np.issubdtype(array.dtype, np.number) and np.all(np.isfinite(array))]
     source_names = {t.name: t.source_name for t in manifest.outputs if t.source_name}
-    return per_output_agreement(list(data.references.values()), list(data.references), [a for _, a in present],
-                                [n for n, _ in present], source_names)
+    sources = list(data.references) or [t.source_name or t.name for t in manifest.outputs]
+    matched = matched_outputs([n for n, _ in present], sources, source_names)
+    return {sources[source_index]: present[index][1] for index, source_index in matched.items()}
+
+
+def device_output_agreement(data: EvalData, by_source: dict[str, np.ndarray]) -> dict:
+    """Every output the device sent back (``device_outputs``) compared with the FP32 source's output of the same
+    name (``{}`` without references)."""
+    names = [name for name in data.references if name in by_source]
+    return per_output_agreement([data.references[n] for n in names], names, [by_source[n] for n in names], names, {})
+
+
+def device_metrics(metrics: list[Metric], data: EvalData, by_source: dict[str, np.ndarray],
+                   manifest: Manifest) -> dict[str, dict[str, float]] | None:
+    """``--metric`` results on the device's outputs; None without metrics or without an FP32 reference."""
+    if not metrics or not data.references:
+        return None
+    inputs = {(spec.source_name or spec.name): data.inputs[spec.name] for spec in manifest.inputs}
+    return compute_metrics(metrics, MetricData(references=data.references, outputs=by_source, inputs=inputs,
+                                               labels=data.labels, scores=next(iter(data.references))))
 
 
 def device_scores(target: Target, data: EvalData, outputs: Path, output_names: list[str]) -> np.ndarray:

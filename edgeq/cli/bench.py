@@ -43,6 +43,9 @@ def print_results(runs: list) -> None:
                 click.echo(f"hint: {r.hint}", err=True)
         elif r.power is not None and r.power.available is False and r.settings.get("power"):
             click.echo(f"note: {r.target}: no power figures: {r.power.reason}", err=True)
+        if run.ok and r.accuracy is not None:
+            for name, fields in (r.accuracy.metrics or {}).items():
+                click.echo(f"{r.target}: metric {name}: " + ", ".join(f"{k} {v:.5g}" for k, v in fields.items()))
     for run in runs:
         click.echo(f"wrote {run.path}")
 
@@ -66,18 +69,26 @@ def print_results(runs: list) -> None:
               help="Stop the runner on the device after this many seconds (default: from the settings).")
 @click.option("--parallel", type=click.IntRange(min=1), default=8, show_default=True,
               help="Benchmark at most this many targets at once.")
+@click.option("--metric", "metrics", multiple=True, metavar="NAME",
+              help="Also compute this metric on the device's outputs against the FP32 source (repeatable): top1, "
+                   "top5, cosine, nmse, embedding[=OUTPUT], or MODULE:FUNCTION / FILE.py:FUNCTION (run here). "
+                   "Needs --eval.")
 @click.option("-o", "--output", "output_dir", type=click.Path(file_okay=False), required=True,
               help="RESULTS_DIR: one <target>__<artifact-id>.json per target.")
 def bench(artifact_dir, target_name, inventory, eval_path, warmup, runs, min_seconds, threads, power,
-          idle_seconds, timeout_s, parallel, output_dir) -> None:
+          idle_seconds, timeout_s, parallel, metrics, output_dir) -> None:
     """Benchmark ARTIFACT_DIR on a target or group: latency, accuracy, memory, power, on the device."""
     from edgeq.bench import bench_fleet
     from edgeq.targets import load_inventory, resolve_targets
+    from edgeq.taskmetrics import metrics_for
 
+    if metrics and eval_path is None:
+        raise click.UsageError("--metric needs --eval data to measure on")
+    task_metrics = metrics_for(list(metrics), [])  # a user metric imports now: a typo fails before any run
     targets = resolve_targets(load_inventory(inventory), target_name)
     runs_done = bench_fleet(artifact_dir, targets, parallel=parallel, eval_path=eval_path, warmup=warmup, runs=runs,
                           min_seconds=min_seconds, threads=threads, power=power, output_dir=output_dir,
-                          idle_seconds=idle_seconds, timeout_s=timeout_s)
+                          idle_seconds=idle_seconds, timeout_s=timeout_s, metrics=task_metrics)
     print_results(runs_done)
     if not all(run.ok for run in runs_done):
         raise SystemExit(1)

@@ -41,6 +41,16 @@ def _input_shapes(ctx, param, values: tuple[str, ...]) -> dict[str | None, tuple
     return shapes
 
 
+metric_option = click.option(
+    "--metric", "metrics", multiple=True, metavar="NAME",
+    help="Also compute this metric against the FP32 source (repeatable): top1, top5, cosine, nmse, "
+         "embedding[=OUTPUT] (mask-aware mean pooling of a token output), or MODULE:FUNCTION / FILE.py:FUNCTION "
+         "(your own, run here, called with references=, outputs=, inputs=, labels=). Needs --eval.")
+gate_option = click.option(
+    "--gate", "gates", multiple=True, metavar="METRIC[.FIELD]>=X",
+    help="Fail validation unless this holds (repeatable; <= too), e.g. 'embedding.cosine_min>=0.98', "
+         "'top5<=0.01' (top-5 drop), 'nmse<=0.001'. Computes its metric. Needs --eval.")
+
 input_shape_option = click.option(
     "--input-shape", "input_shapes", multiple=True, callback=_input_shapes, metavar="[NAME=]DxDx...",
     help="Freeze the model's free dims for this input, e.g. images=1x3x640x640 (repeatable; the name may be "
@@ -69,13 +79,15 @@ input_shape_option = click.option(
 @click.option("--activation-bits", type=click.Choice(["8", "16"]), default=None,
               help="int8 activations in 16 bits, weights in 8 (TFLite 16x8, ONNX w8a16): for activation ranges "
                    "8 bits cannot hold; slower on CPUs (few 16-bit kernels). Default 8.")
+@metric_option
+@gate_option
 @input_shape_option
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Artifact directory to create.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory (atomically).")
 def convert(model: Path, profile_name: str, fmt: str | None, precision: str | None, calibration: Path | None,
             calibration_samples: int, calibration_method: str | None, quantized_io: str | None,
             eval_path: Path | None, max_accuracy_drop: float | None, min_cosine: float | None,
-            activation_bits: str | None,
+            activation_bits: str | None, metrics: tuple[str, ...], gates: tuple[str, ...],
             input_shapes: dict, output: Path, force: bool) -> None:
     """Convert MODEL (.keras/.h5, SavedModel dir or .onnx) into an artifact directory for a device profile."""
     from edgeq.convert import convert as run_convert
@@ -87,12 +99,15 @@ def convert(model: Path, profile_name: str, fmt: str | None, precision: str | No
         raise click.UsageError("--max-accuracy-drop needs --eval data to measure the drop")
     if min_cosine is not None and eval_path is None:
         raise click.UsageError("--min-cosine needs --eval data to measure the agreement")
+    if (metrics or gates) and eval_path is None:
+        raise click.UsageError("--metric and --gate need --eval data to measure on")
     profile = load_profile(profile_name)
     try:
         manifest = run_convert(model, profile, output, format=fmt, precision=precision, calibration=calibration,
                                calibration_samples=calibration_samples, calibration_method=calibration_method,
                                quantized_io=quantized_io, eval_path=eval_path,
-                               max_accuracy_drop=max_accuracy_drop, min_cosine=min_cosine, input_shapes=input_shapes,
+                               max_accuracy_drop=max_accuracy_drop, min_cosine=min_cosine, metrics=metrics,
+                               gates=gates, input_shapes=input_shapes,
                                activation_bits=int(activation_bits) if activation_bits else None, force=force)
     except ValidationError:
         _summary(read_manifest(output), output)
@@ -128,6 +143,10 @@ def _summary(manifest, output: Path) -> None:
         for name, each in (val.outputs or {}).items() if len(val.outputs or {}) > 1 else ():
             click.echo(f"  output      {name}: cosine {each.cosine_mean:.5f} (min {each.cosine_min:.5f}), "
                        f"nmse {each.nmse:.3g}")
+        for name, fields in (val.metrics or {}).items():
+            click.echo(f"  metric      {name}: " + ", ".join(f"{key} {value:.5g}" for key, value in fields.items()))
+        for gate in val.gates or ():
+            click.echo(f"  gate        {gate}")
         from edgeq.report.model import what_ran
 
         click.echo(f"  ran         {what_ran(val.execution) or 'not recorded'}")

@@ -32,6 +32,7 @@ from edgeq.manifest import (
     write_manifest,
 )
 from edgeq.profiles import CalibrationMethod, DeviceProfile
+from edgeq.taskmetrics import check_labels, metrics_for, parse_gate
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ def convert(
     eval_path: Path | str | None = None,
     max_accuracy_drop: float | None = None,
     min_cosine: float | None = None,
+    metrics: Sequence[str] = (),
+    gates: Sequence[str] = (),
     float_nodes: list[str] | tuple[str, ...] = (),
     int8_preset: str | None = None,
     fast_bias_correction: bool | None = None,
@@ -85,6 +88,8 @@ def convert(
     (``FormatBackend.int8_tunables``). ``input_shapes`` (input name, or None for the only input -> dims)
     freezes free dimensions; see ``edgeq.convert.shapes``. ``activation_bits=16`` quantizes int8 weights with
     16-bit activations (TFLite 16x8, ORT w8a16): for models whose activation ranges 8 bits cannot hold.
+    ``metrics`` (``--metric`` values) and ``gates`` (``METRIC[.FIELD]>=VALUE``) need ``eval_path``: see
+    ``edgeq.taskmetrics``; a failed gate fails validation as ``max_accuracy_drop`` does.
     """
     started = time.perf_counter()
     output = Path(output)
@@ -100,6 +105,10 @@ def convert(
         raise ConversionError("min_cosine needs eval data to measure the agreement", hint="give --eval")
     if max_accuracy_drop is not None and max_accuracy_drop < 0:
         raise ConversionError(f"max_accuracy_drop must be >= 0, got {max_accuracy_drop}")
+    if (metrics or gates) and eval_path is None:
+        raise ConversionError("--metric and --gate need eval data to measure on", hint="give --eval")
+    parsed_gates = [parse_gate(gate) for gate in gates]
+    task_metrics = metrics_for(list(metrics), parsed_gates)  # a user metric imports here, before any work
     if quantized_io is not None and quantized_io not in ("int8", "uint8", "float32"):
         raise ConversionError(f"quantized_io must be int8, uint8 or float32, got '{quantized_io}'")
 
@@ -120,6 +129,8 @@ def convert(
     data_inputs = frozen_inputs(source.inputs, shapes)  # what calibration and eval data must match
     calib = _load_calibration(data_inputs, calibration, calibration_samples) if capability.needs_calibration else None
     dataset = load_dataset(eval_path, data_inputs, role="eval") if eval_path is not None else None
+    if dataset is not None:
+        check_labels(task_metrics, dataset.labels is not None, eval_path)
     if float_nodes and precision not in backend.float_node_precisions:
         raise ConversionError(f"{model_path}: {fmt} {precision} cannot keep nodes in float",
                               hint=f"float nodes apply to {fmt} {', '.join(backend.float_node_precisions)}"
@@ -162,7 +173,7 @@ def convert(
         manifest.outputs = _specs(session.outputs, result.source_names)
         if dataset is not None:
             manifest.validation = validate(source, session, result.source_names, dataset, max_accuracy_drop,
-                                           min_cosine)
+                                           min_cosine, task_metrics, parsed_gates)
             if manifest.validation.status == "failed":
                 manifest.status = "failed"
         del session

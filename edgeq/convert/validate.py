@@ -9,7 +9,8 @@ import numpy as np
 from edgeq.convert.source import SourceModel
 from edgeq.data import Dataset, check_labels_range
 from edgeq.manifest import OutputAgreement, Validation
-from edgeq.metrics import agreement, per_output_agreement, top_k_accuracy
+from edgeq.metrics import agreement, matched_outputs, per_output_agreement, top_k_accuracy
+from edgeq.taskmetrics import Gate, Metric, MetricData, check_gates, compute_metrics
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,12 @@ def run_artifact(session, source_names: dict[str, str], dataset: Dataset, output
 
 
 def run_artifact_outputs(session, source_names: dict[str, str], dataset: Dataset) -> list[np.ndarray]:
-    """Every output of the artifact on the whole dataset: batched when its batch dimension is free."""
+    """Every output of the artifact on the whole dataset: batched when its batch dimension is free, except a
+    dynamic-quantized artifact's, whose activation scales are computed over the whole input tensor: in a batch
+    one sample's range sets another's scale, so it is run one sample at a time, as the device runs it."""
     feed = _artifact_feed(session, source_names, dataset.inputs)
-    batched = all(spec["shape"] and spec["shape"][0] is None for spec in session.inputs)
+    batched = all(spec["shape"] and spec["shape"][0] is None for spec in session.inputs) and \
+        (getattr(session, "execution", None) or {}).get("precision") != "dynamic"
     step = ARTIFACT_BATCH if batched else 1
     chunks = []
     for start in range(0, dataset.samples, step):
@@ -53,27 +57,40 @@ def run_artifact_outputs(session, source_names: dict[str, str], dataset: Dataset
     return [np.concatenate([chunk[i] for chunk in chunks]) for i in range(len(chunks[0]))]
 
 
+def by_source_name(outputs: list[np.ndarray], artifact_names: list[str], source_outputs: list[str],
+                   source_names: dict[str, str]) -> dict[str, np.ndarray]:
+    """The artifact's outputs keyed by the source output each one is (``matched_outputs``)."""
+    return {source_outputs[source_index]: outputs[artifact_index] for artifact_index, source_index
+            in matched_outputs(artifact_names, source_outputs, source_names).items()}
+
+
 def validate(source: SourceModel, session, source_names: dict[str, str], dataset: Dataset,
-             max_accuracy_drop: float | None, min_cosine: float | None = None) -> Validation:
+             max_accuracy_drop: float | None, min_cosine: float | None = None,
+             metrics: list[Metric] = (), gates: list[Gate] = ()) -> Validation:
     """Compare ``session`` (the artifact) with the FP32 source on ``dataset``.
 
     With labels the ``max_accuracy_drop`` gate is the top-1 accuracy drop; without, it is the share of samples
     whose top-1 class changed (1 - top-1 agreement), the only drop measurable without labels. ``min_cosine``
     gates every compared output's mean cosine (embeddings, detector heads: outputs top-1 means nothing for).
+    ``metrics`` are computed into ``Validation.metrics`` and ``gates`` checked over them (``edgeq.taskmetrics``).
     """
     references = source.run(dataset.inputs)
     reference = references[0]
     if dataset.labels is not None:
         check_labels_range(dataset, int(np.prod(reference.shape[1:])))
     outputs = run_artifact_outputs(session, source_names, dataset)
+    artifact_names = [s["name"] for s in session.outputs]
+    measured = compute_metrics(list(metrics), MetricData(
+        references=dict(zip(source.outputs, references, strict=False)), labels=dataset.labels,
+        outputs=by_source_name(outputs, artifact_names, source.outputs, source_names), inputs=dataset.inputs,
+        scores=source.outputs[0] if source.outputs else None)) if metrics else None
     candidate = outputs[primary_output_index(session, source, source_names)]
     agree = agreement(reference, candidate)
-    compared = per_output_agreement(references, source.outputs, outputs, [s["name"] for s in session.outputs],
-                                    source_names)
+    compared = per_output_agreement(references, source.outputs, outputs, artifact_names, source_names)
     result = Validation(
         status="passed", eval_path=str(dataset.path), eval_sha256=dataset.sha256, samples=dataset.samples,
         reference=f"{source.kind} source (fp32) {source.path.name}", max_accuracy_drop=max_accuracy_drop,
-        min_cosine=min_cosine,
+        min_cosine=min_cosine, metrics=measured, gates=[gate.spec for gate in gates] or None,
         execution=session.execution, outputs={k: OutputAgreement(**v) for k, v in compared.items()} or None, **agree,
     )
     if dataset.labels is not None:
@@ -98,4 +115,7 @@ def validate(source: SourceModel, session, source_names: dict[str, str], dataset
             result.status = "failed"
             result.message = (f"output '{worst}' cosine {cosines[worst]:.5f} is below --min-cosine {min_cosine} "
                               f"on {dataset.samples} samples")
+    gate_failure = check_gates(list(gates), measured or {})
+    if gate_failure and result.status == "passed":
+        result.status, result.message = "failed", f"{gate_failure} on {dataset.samples} samples"
     return result
