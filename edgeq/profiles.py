@@ -72,6 +72,11 @@ class DeviceProfile(StrictModel):
         description="7-bit INT8 weights for ONNX Runtime: x86 CPUs without VNNI, whose U8S8 kernels (vpmaddubsw) "
         "saturate int16 pair sums with full 8-bit weights",
     )
+    openvino_overflow_fix: Literal["enable", "first_layer_only", "disable"] = Field(
+        default="first_layer_only",
+        description="NNCF's overflow fix for OpenVINO INT8: 'enable' gives every layer 7-bit weights, for x86 CPUs "
+        "without VNNI (the same vpmaddubsw saturation); NNCF's default fixes only the first layer",
+    )
     execution_providers: list[str] = Field(
         default_factory=lambda: ["CPUExecutionProvider"],
         description="ONNX Runtime providers in order of preference; the runner falls back in order",

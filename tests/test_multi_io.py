@@ -98,6 +98,11 @@ def test_every_output_is_validated_by_name(two_in_two_out, tmp_path, fmt, precis
         # Measured: fp32 exact; int8 cosine mean 0.98, min 0.78 (the 3-wide embedding of one sample).
         assert per_output[name].cosine_mean > (0.99999 if precision == "fp32" else 0.95)
     assert manifest.validation.top1 is not None  # the first output (logits) keeps the top-1 gate
+    if (fmt, precision) == ("openvino", "int8"):
+        # Pinned: 7-bit weights in every layer for a CPU without VNNI, so the integer kernels cannot saturate and
+        # AVX2, VNNI and AMX hosts compute the same (NNCF's default, first layer only: logits cosine 0.927 on
+        # AVX2 against 0.969 on AMX, from the same IR).
+        assert manifest.options["overflow_fix"] == "enable"
 
 
 def _check_result(result_path, run):

@@ -52,7 +52,8 @@ def build(request: BuildRequest) -> BuildResult:
         model = _quantize(request, model, preset, fast)
         tools += ("nncf",)
         method = "minmax"
-        options.update({"nncf_preset": preset, "fast_bias_correction": fast})
+        options.update({"nncf_preset": preset, "fast_bias_correction": fast,
+                        "overflow_fix": request.profile.openvino_overflow_fix})
         if request.accuracy_control is not None:
             control = request.accuracy_control
             floats, total = float_layers(model)
@@ -135,12 +136,16 @@ def _quantize(request: BuildRequest, model, preset: str, fast_bias_correction: b
     items = [_model_input(calibration.batch(i), names) for i in range(calibration.samples)]
     logging.getLogger("nncf").setLevel(logging.WARNING)
     presets = {"performance": nncf.QuantizationPreset.PERFORMANCE, "mixed": nncf.QuantizationPreset.MIXED}
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+
     common = {"preset": presets[preset], "subset_size": len(items), "fast_bias_correction": fast_bias_correction}
+    advanced = AdvancedQuantizationParameters(overflow_fix=OverflowFix(request.profile.openvino_overflow_fix))
     try:
         with captured_stdout(log):
             if request.accuracy_control is None:
-                return nncf.quantize(model, nncf.Dataset(items), **common)
-            return _quantize_with_accuracy_control(nncf, request, model, items, names, common)
+                return nncf.quantize(model, nncf.Dataset(items), advanced_parameters=advanced, **common)
+            return _quantize_with_accuracy_control(nncf, request, model, items, names,
+                                                   {**common, "advanced_quantization_parameters": advanced})
     except Exception as exc:  # nncf raises RuntimeError/ValueError on unsupported graphs
         raise conversion_failure(request.source, "openvino", "int8", exc) from exc
 
