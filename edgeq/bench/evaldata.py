@@ -130,7 +130,8 @@ def _reference_outputs(manifest: Manifest, source, data: EvalData) -> tuple[list
     except Exception as exc:  # a third-party failure in a reference run must not lose the bench result
         log.warning("reference run of %s failed", source_path, exc_info=True)
         return None, f"source model {source_path} failed to run: {type(exc).__name__}: {exc}"
-    return outputs, f"{manifest.source.kind} source (fp32) {source_path.name}"
+    source.quantized_ops = manifest.options.get("source_quantized_ops") or {}
+    return outputs, source.reference_label
 
 
 def compute_accuracy(scores: np.ndarray, labels: np.ndarray | None, reference: np.ndarray | None,

@@ -30,6 +30,7 @@ from edgeq.convert.onnx_int8 import (
     opset_for_per_channel,
     quantize_static,
 )
+from edgeq.convert.prequantized import FROM_SOURCE
 from edgeq.convert.source import _first_line, conversion_failure, unsupported_ops
 from edgeq.errors import ConversionError, require_backend
 
@@ -52,6 +53,10 @@ def build(request: BuildRequest) -> BuildResult:
         tools += ("torch", "onnxscript")
         options["exported_by"] = ("torch.onnx.export (dynamo)" if request.source.kind == "pytorch"
                                   else "torch.onnx.export (TorchScript)")
+    if request.source.quantized_ops:  # int8 already (prequantized.py checked the request): kept as it is
+        _fp32_model(request, target)
+        options.update(quantization=FROM_SOURCE, source_quantized_ops=request.source.quantized_ops)
+        return BuildResult(model_file=MODEL_FILE, options=options, tools=tools)
     if request.precision == "fp32":
         _fp32_model(request, target)
         _canonical_constants(target)

@@ -13,6 +13,7 @@ from edgeq.convert.base import (
     FormatBackend,
     captured_stdout,
 )
+from edgeq.convert.prequantized import FROM_SOURCE
 from edgeq.convert.source import conversion_failure
 from edgeq.convert.source_torch import example_inputs
 from edgeq.errors import ConversionError, require_backend
@@ -46,7 +47,10 @@ def build(request: BuildRequest) -> BuildResult:
             model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
         tools += ("nncf",)
         options["weight_compression"] = "INT8_ASYM"
-    if request.precision == "int8":
+    if source.quantized_ops:  # int8 already (prequantized.py checked the request): converted as it is
+        options.update(quantization=FROM_SOURCE, source_quantized_ops=source.quantized_ops,
+                       fake_quantize_ops=sum(op.get_type_name() == "FakeQuantize" for op in model.get_ops()))
+    elif request.precision == "int8":
         preset = request.int8_preset or "performance"
         fast = request.fast_bias_correction if request.fast_bias_correction is not None else True
         model = _quantize(request, model, preset, fast)

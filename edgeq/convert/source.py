@@ -88,6 +88,13 @@ class SourceModel:
     torch_module: object | None = field(default=None, repr=False)  # what runs: ep.module() or the ScriptModule
     exported_program: object | None = field(default=None, repr=False)  # the ExportedProgram (pytorch)
     _onnx_file: Path | None = field(default=None, repr=False)
+    quantized_ops: dict[str, int] = field(default_factory=dict)  # an already quantized ONNX model's (prequantized.py)
+
+    @property
+    def reference_label(self) -> str:
+        """What validation compares an artifact with: the FP32 source, or the quantized source kept as it is."""
+        what = "pre-quantized int8" if self.quantized_ops else "fp32"
+        return f"{self.kind} source ({what}) {self.path.name}"
 
     @property
     def display(self) -> str:

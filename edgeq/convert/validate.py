@@ -89,7 +89,7 @@ def validate(source: SourceModel, session, source_names: dict[str, str], dataset
     compared = per_output_agreement(references, source.outputs, outputs, artifact_names, source_names)
     result = Validation(
         status="passed", eval_path=str(dataset.path), eval_sha256=dataset.sha256, samples=dataset.samples,
-        reference=f"{source.kind} source (fp32) {source.path.name}", max_accuracy_drop=max_accuracy_drop,
+        reference=source.reference_label, max_accuracy_drop=max_accuracy_drop,
         min_cosine=min_cosine, metrics=measured, gates=[gate.spec for gate in gates] or None,
         execution=session.execution, outputs={k: OutputAgreement(**v) for k, v in compared.items()} or None, **agree,
     )

@@ -20,6 +20,7 @@ import numpy as np
 from edgeq import devicecheck
 from edgeq.convert import convert, registry
 from edgeq.convert.base import AccuracyControl
+from edgeq.convert.prequantized import describe, onnx_quantized_ops
 from edgeq.convert.source import SourceModel, load_source
 from edgeq.convert.validate import primary_output_index, run_artifact
 from edgeq.data import Dataset, check_labels_range, load_dataset
@@ -317,6 +318,11 @@ def tune(model: Path | str, target: Target, profile: DeviceProfile, *, calibrati
             raise TuneError(f"{root}: not an edgeq tune output directory; refusing to replace it",
                             hint="give --output a new or empty directory")
     model, calibration, eval_path = Path(model), Path(calibration), Path(eval_path)
+    if model.suffix.lower() == ".onnx" and model.is_file() and (ops := onnx_quantized_ops(model)):
+        # Its scales are fixed and there is no FP32 model to measure a budget against: nothing to search.
+        raise TuneError(f"{model}: the model is already quantized ({describe(ops)}): tune searches how to "
+                        "quantize a float model", hint="convert it with --precision int8 for each format (its "
+                        "scales are kept) and bench each on the device; or tune the float model")
     source = load_source(model, input_shapes)
     notes: list[str] = []
     fmts = runnable_formats(target, allowed_formats(profile, source.kind, formats), formats, notes)

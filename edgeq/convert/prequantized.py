@@ -1,0 +1,74 @@
+"""Models that arrive already quantized (quantization-aware training, or a quantizer run elsewhere).
+
+An ONNX model with QuantizeLinear/DequantizeLinear pairs (QDQ) or quantized operators (QLinearConv,
+MatMulInteger, ...) carries scales it learned or was calibrated with. Calibrating and quantizing it again
+would throw them away, so ``--precision int8`` keeps them: the ONNX artifact is the model itself (input
+shapes frozen where asked), the OpenVINO artifact is the model converted as it is (its QDQ pairs become
+FakeQuantize), and the manifest records ``options.quantization: from source``. No calibration is needed.
+fp32, fp16 and dynamic are refused: each would either quantize the model again or call int8 work float.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+from edgeq.convert.onnx_files import read_onnx
+from edgeq.errors import ConversionError, require_backend
+
+log = logging.getLogger(__name__)
+
+#: ONNX operators that only a quantized model contains (the standard domain and ORT's com.microsoft one).
+QUANTIZED_OPS = frozenset({
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+    "MatMulInteger", "ConvInteger", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu",
+    "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearConcat", "QLinearSoftmax", "QGemm",
+    "QAttention", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QOrderedMatMul",
+})
+
+FROM_SOURCE = "from source"
+
+#: What each format does with a pre-quantized source at int8.
+KEPT_BY = {"onnx": "the model as it is", "openvino": "openvino.convert_model (QDQ pairs become FakeQuantize)"}
+
+
+def onnx_quantized_ops(path: Path) -> dict[str, int]:
+    """Quantized operator counts in the ONNX model at ``path`` (subgraphs included); {} for a float model."""
+    onnx = require_backend("onnx", "onnx")
+    model = read_onnx(onnx, path)
+    counts: Counter[str] = Counter()
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            if node.op_type in QUANTIZED_OPS:
+                counts[node.op_type] += 1
+            for attr in node.attribute:  # If/Loop/Scan bodies
+                graphs.extend([attr.g] if attr.HasField("g") else [])
+                graphs.extend(attr.graphs)
+    return dict(sorted(counts.items()))
+
+
+def describe(ops: dict[str, int]) -> str:
+    return ", ".join(f"{count} {op}" for op, count in ops.items())
+
+
+def check_prequantized_request(path: Path, ops: dict[str, int], fmt: str, precision: str,
+                               calibration: Path | None, float_nodes, tunables: dict) -> None:
+    """Refuse what a pre-quantized model cannot become, before any work; warn about calibration given."""
+    if precision != "int8":
+        raise ConversionError(
+            f"{path}: the model is already quantized ({describe(ops)}); "
+            + ("dynamic would quantize it a second time" if precision == "dynamic"
+               else f"an {precision} artifact of it would still compute its int8 ops"),
+            hint="use --precision int8: the model's own scales are kept, no calibration needed")
+    if fmt not in KEPT_BY:
+        raise ConversionError(f"{path}: a pre-quantized ONNX model becomes {' or '.join(KEPT_BY)}, not {fmt}",
+                              hint=f"use --format {' or --format '.join(KEPT_BY)}")
+    asked = [name for name, value in tunables.items() if value is not None] + (["float_nodes"] if float_nodes else [])
+    if asked:
+        raise ConversionError(f"{path}: the model is already quantized; {', '.join(asked)} would re-quantize it",
+                              hint="its scales are kept as they are; quantize the float model to choose them")
+    if calibration is not None:
+        log.warning("%s is already quantized: its own scales are kept; ignoring %s", path, calibration)
