@@ -10,6 +10,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[all,torch,dev]'
+	# QAT's tf-keras/tfmot, without the second TensorFlow their metadata asks for (see edgeq/qat/deps.py).
+	$(PY) -m edgeq.qat.deps install
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -174,3 +174,9 @@ def first_line(exc: BaseException) -> str:
     if lines[0].startswith("in user code:"):  # tf.function errors: the cause is the last line
         return lines[-1]
     return lines[0]
+
+
+class QatError(EdgeqError):
+    """Quantization-aware training could not run, or was given a model or data it cannot take."""
+
+    kind = "artifact"

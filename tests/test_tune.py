@@ -115,6 +115,7 @@ def test_a_budget_no_quantized_candidate_meets_returns_float_and_says_why(sensit
     assert read_manifest(a16.directory).options["activation_type"] == "uint16"
     assert result.chosen.scheme in ("fp32", "fp16")
     assert "no quantized candidate met it" in result.reason
+    assert "edgeq qat" not in result.reason  # suggested for Keras models only: QAT takes those
     assert all(c.measured.top1_drop is None for c in result.candidates if c.measured)  # no labels, no top-1
 
 

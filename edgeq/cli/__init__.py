@@ -29,6 +29,7 @@ COMMANDS = {
     "report": "edgeq.cli.report:report",
     "lab": "edgeq.cli.lab:lab",
     "tune": "edgeq.cli.tune:tune",
+    "qat": "edgeq.cli.qat:qat",
 }
 
 

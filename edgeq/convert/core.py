@@ -17,7 +17,7 @@ from edgeq import __version__
 from edgeq.convert import registry
 from edgeq.convert.base import AccuracyControl, BuildRequest, BuildResult
 from edgeq.convert.formats import find_capability
-from edgeq.convert.prequantized import check_prequantized_request, onnx_quantized_ops
+from edgeq.convert.prequantized import check_prequantized_request, quantized_ops
 from edgeq.convert.shapes import frozen_inputs, resolve_input_shapes
 from edgeq.convert.source import SourceModel, detect_kind, load_source
 from edgeq.convert.validate import validate
@@ -119,9 +119,9 @@ def convert(
     kind = detect_kind(model_path)
     capability = find_capability(fmt, precision, kind, str(model_path))
     _require_backends(fmt, precision, kind)
-    quantized_ops = onnx_quantized_ops(model_path) if kind == "onnx" else {}
-    if quantized_ops:  # its own scales are kept: see edgeq.convert.prequantized
-        check_prequantized_request(model_path, quantized_ops, fmt, precision, calibration, float_nodes, {
+    source_quantized_ops = quantized_ops(model_path, kind)
+    if source_quantized_ops:  # its own scales are kept: see edgeq.convert.prequantized
+        check_prequantized_request(model_path, kind, source_quantized_ops, fmt, precision, calibration, float_nodes, {
             "calibration_method": calibration_method, "int8_preset": int8_preset, "accuracy_control": accuracy_control,
             "fast_bias_correction": fast_bias_correction, "int8_op_types": int8_op_types,
             "activation_bits": None if activation_bits in (None, 8) else activation_bits})
@@ -132,7 +132,7 @@ def convert(
 
     log.debug("converting %s (%s) to %s %s for profile %s", model_path, kind, fmt, precision, profile.name)
     source = load_source(model_path, input_shapes)  # TorchScript takes its shapes from here
-    source.quantized_ops = quantized_ops
+    source.quantized_ops = source_quantized_ops
     backend = registry.backend(fmt)
     shapes, shapes_from = resolve_input_shapes(source.inputs, input_shapes or {}, backend.freeze_free_batch,
                                                str(model_path))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from edgeq.convert.base import TF_SOURCES, BuildRequest, BuildResult, Capability, FormatBackend
+from edgeq.convert.prequantized import FROM_SOURCE
 from edgeq.convert.source import conversion_failure
 from edgeq.convert.tflite_mixed import build_mixed
 from edgeq.errors import ConversionError, require_backend
@@ -48,6 +49,12 @@ def build(request: BuildRequest) -> BuildResult:
         # falling back to float.
         converter.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
         options["activation_bits"] = 16
+    elif request.precision == "int8" and source.quantized_ops:
+        # A QAT SavedModel: its FakeQuant ranges are the scales, so no representative dataset.
+        io_type = request.quantized_io or request.profile.tflite_quantized_io
+        converter.inference_input_type = {"int8": tf.int8, "uint8": tf.uint8, "float32": tf.float32}[io_type]
+        converter.inference_output_type = converter.inference_input_type
+        options.update(quantized_io=io_type, quantization=FROM_SOURCE, source_quantized_ops=source.quantized_ops)
     elif request.precision == "int8":
         io_type = request.quantized_io or request.profile.tflite_quantized_io
         converter.representative_dataset = _representative_dataset(request)

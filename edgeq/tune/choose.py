@@ -87,6 +87,8 @@ def _reason(best: Candidate, result, objective: str) -> str:
     if not best.quantized and quantized and not any(c.passed for c in quantized):
         closest = max(quantized, key=lambda c: c.measured.metric())
         text += f"; no quantized candidate met it (closest: {closest.id}, {closest.measured.summary()})"
+        if result.source_kind == "keras":  # post-training quantization lost too much: training can win it back
+            text += "; `edgeq qat` fine-tunes the model with simulated int8 rounding to recover it"
     return text
 
 

@@ -67,6 +67,7 @@ class TuneResult:
     reference_cached: bool = False
     device_accuracy: dict | None = None
     seconds: float = 0.0
+    source_kind: str = ""
 
 
 @dataclass
@@ -357,7 +358,7 @@ def tune(model: Path | str, target: Target, profile: DeviceProfile, *, calibrati
         search.notes.append(search.stopped)
 
     result = TuneResult(root, target.name, profile.name, objective, budget, search.candidates, None, None, "",
-                        search.notes, cached)
+                        search.notes, cached, source_kind=source.kind)
     choose(result, target, eval_path, runs=runs, min_seconds=min_seconds, progress=progress)
     mark_pareto(result.candidates)
     result.seconds = time.monotonic() - started
