@@ -218,3 +218,18 @@ def test_metric_and_gate_refusals_are_one_line(token_model, tmp_path):
         assert result.exit_code in (1, 2) and "Traceback" not in result.output, result.output
         assert expected in result.output, (extra, result.output)
         assert not output.exists()  # refused before any work
+
+
+def test_openvino_static_int8_as_a_transformer(token_model, tmp_path):
+    """--transformer is NNCF's model_type TRANSFORMER (SmoothQuant), recorded; refused where it means nothing."""
+    calibration = tmp_path / "calib.npz"
+    data = np.load(token_model["eval"])
+    np.savez(calibration, **{k: data[k] for k in data.files})
+    base = ["convert", str(token_model["model"]), "--profile", PROFILE, "--precision", "int8",
+            "--calibration", str(calibration), "--eval", str(token_model["eval"]), "--transformer"]
+    result = CliRunner().invoke(cli, [*base, "--format", "openvino", "-o", str(tmp_path / "ov")])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "ov" / "manifest.json").read_text())
+    assert manifest["options"]["model_type"] == "transformer" and manifest["validation"]["status"] == "passed"
+    refused = CliRunner().invoke(cli, [*base, "--format", "onnx", "-o", str(tmp_path / "onnx")])
+    assert refused.exit_code == 1 and "onnx int8 does not take transformer" in refused.output, refused.output

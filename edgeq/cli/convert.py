@@ -79,6 +79,9 @@ input_shape_option = click.option(
 @click.option("--activation-bits", type=click.Choice(["8", "16"]), default=None,
               help="int8 activations in 16 bits, weights in 8 (TFLite 16x8, ONNX w8a16): for activation ranges "
                    "8 bits cannot hold; slower on CPUs (few 16-bit kernels). Default 8.")
+@click.option("--transformer", is_flag=True, default=None,
+              help="OpenVINO int8: quantize as a transformer (NNCF model_type TRANSFORMER: SmoothQuant, attention "
+                   "patterns kept float) - static INT8 for BERT-style models, next to --precision dynamic.")
 @metric_option
 @gate_option
 @input_shape_option
@@ -87,7 +90,7 @@ input_shape_option = click.option(
 def convert(model: Path, profile_name: str, fmt: str | None, precision: str | None, calibration: Path | None,
             calibration_samples: int, calibration_method: str | None, quantized_io: str | None,
             eval_path: Path | None, max_accuracy_drop: float | None, min_cosine: float | None,
-            activation_bits: str | None, metrics: tuple[str, ...], gates: tuple[str, ...],
+            activation_bits: str | None, transformer: bool | None, metrics: tuple[str, ...], gates: tuple[str, ...],
             input_shapes: dict, output: Path, force: bool) -> None:
     """Convert MODEL (.keras/.h5, SavedModel dir or .onnx) into an artifact directory for a device profile."""
     from edgeq.convert import convert as run_convert
@@ -107,7 +110,7 @@ def convert(model: Path, profile_name: str, fmt: str | None, precision: str | No
                                calibration_samples=calibration_samples, calibration_method=calibration_method,
                                quantized_io=quantized_io, eval_path=eval_path,
                                max_accuracy_drop=max_accuracy_drop, min_cosine=min_cosine, metrics=metrics,
-                               gates=gates, input_shapes=input_shapes,
+                               gates=gates, input_shapes=input_shapes, transformer=transformer or None,
                                activation_bits=int(activation_bits) if activation_bits else None, force=force)
     except ValidationError:
         _summary(read_manifest(output), output)

@@ -84,6 +84,7 @@ class BuildRequest:
     quantized_io: str | None = None
     float_nodes: tuple[str, ...] = ()  # nodes kept in float in an otherwise quantized model (mixed precision)
     int8_preset: str | None = None  # NNCF preset: performance (symmetric) or mixed (asymmetric activations)
+    transformer: bool | None = None  # NNCF model_type TRANSFORMER: SmoothQuant and transformer ignored patterns
     fast_bias_correction: bool | None = None  # NNCF: fast (default) or full bias correction
     accuracy_control: AccuracyControl | None = None
     int8_op_types: str | None = None  # ONNX: quantize "all" supported ops (default) or only "weighted" ones

@@ -70,6 +70,7 @@ def convert(
     gates: Sequence[str] = (),
     float_nodes: list[str] | tuple[str, ...] = (),
     int8_preset: str | None = None,
+    transformer: bool | None = None,
     fast_bias_correction: bool | None = None,
     accuracy_control: AccuracyControl | None = None,
     int8_op_types: str | None = None,
@@ -85,7 +86,7 @@ def convert(
     ``status: failed``, and ValidationError is raised. The directory is written atomically (temp
     dir beside it, then rename); an existing ``output`` is refused unless ``force``. ``float_nodes`` keeps
     those nodes of a quantized model in float (mixed precision; recorded in ``options.float_nodes``).
-    ``int8_preset``, ``fast_bias_correction``, ``accuracy_control`` (OpenVINO's NNCF) and ``int8_op_types``
+    ``int8_preset``, ``fast_bias_correction``, ``transformer``, ``accuracy_control`` (OpenVINO's NNCF) and ``int8_op_types``
     (ONNX: ``weighted`` quantizes only Conv/MatMul/Gemm) tune int8 where the format's backend takes them
     (``FormatBackend.int8_tunables``). ``input_shapes`` (input name, or None for the only input -> dims)
     freezes free dimensions; see ``edgeq.convert.shapes``. ``activation_bits=16`` quantizes int8 weights with
@@ -123,6 +124,7 @@ def convert(
     if source_quantized_ops:  # its own scales are kept: see edgeq.convert.prequantized
         check_prequantized_request(model_path, kind, source_quantized_ops, fmt, precision, calibration, float_nodes, {
             "calibration_method": calibration_method, "int8_preset": int8_preset, "accuracy_control": accuracy_control,
+            "transformer": transformer,
             "fast_bias_correction": fast_bias_correction, "int8_op_types": int8_op_types,
             "activation_bits": None if activation_bits in (None, 8) else activation_bits})
         capability, calibration = replace(capability, needs_calibration=False), None
@@ -145,7 +147,7 @@ def convert(
         raise ConversionError(f"{model_path}: {fmt} {precision} cannot keep nodes in float",
                               hint=f"float nodes apply to {fmt} {', '.join(backend.float_node_precisions)}"
                               if backend.float_node_precisions else f"no {fmt} precision keeps nodes in float")
-    asked = {"int8_preset": int8_preset, "fast_bias_correction": fast_bias_correction,
+    asked = {"int8_preset": int8_preset, "fast_bias_correction": fast_bias_correction, "transformer": transformer,
              "accuracy_control": accuracy_control, "int8_op_types": int8_op_types,
              "activation_bits": None if activation_bits == 8 else activation_bits}  # 8: everyone's default
     for name, value in asked.items():
@@ -170,6 +172,7 @@ def convert(
                                calibration=calib, calibration_method=calibration_method or
                                (profile.calibration_method if backend.uses_profile_calibration_method else None),
                                quantized_io=quantized_io, float_nodes=tuple(float_nodes), int8_preset=int8_preset,
+                               transformer=transformer,
                                fast_bias_correction=fast_bias_correction, accuracy_control=accuracy_control,
                                int8_op_types=int8_op_types, input_shapes=shapes,
                                activation_bits=activation_bits or 8)

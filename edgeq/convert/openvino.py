@@ -56,6 +56,8 @@ def build(request: BuildRequest) -> BuildResult:
         model = _quantize(request, model, preset, fast)
         tools += ("nncf",)
         method = "minmax"
+        if request.transformer:
+            options["model_type"] = "transformer"
         options.update({"nncf_preset": preset, "fast_bias_correction": fast,
                         "overflow_fix": request.profile.openvino_overflow_fix})
         if request.accuracy_control is not None:
@@ -143,6 +145,8 @@ def _quantize(request: BuildRequest, model, preset: str, fast_bias_correction: b
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
     common = {"preset": presets[preset], "subset_size": len(items), "fast_bias_correction": fast_bias_correction}
+    if request.transformer:  # SmoothQuant (activation outliers moved into the weights) and transformer patterns
+        common["model_type"] = nncf.ModelType.TRANSFORMER
     advanced = AdvancedQuantizationParameters(overflow_fix=OverflowFix(request.profile.openvino_overflow_fix))
     try:
         with captured_stdout(log):
@@ -196,6 +200,6 @@ BACKEND = FormatBackend(
                    "nncf.compress_weights INT8_ASYM (weight-only int8)"),
     ),
     tools={"openvino": ("openvino",), "nncf": ("nncf",)},
-    int8_tunables=("int8_preset", "fast_bias_correction", "accuracy_control"),
+    int8_tunables=("int8_preset", "fast_bias_correction", "accuracy_control", "transformer"),
     freeze_free_batch=True,  # the CPU plugin's static-shape kernels are faster (edgeq.convert.shapes)
 )
