@@ -480,3 +480,52 @@ def test_bad_artifact_is_refused_before_connecting(tmp_path, artifact):
     assert "does not match its manifest" in result.output
     missing = CliRunner().invoke(cli, ["deploy", str(tmp_path / "nope"), "--target", "local"])
     assert missing.exit_code == 1 and "not an artifact directory" in missing.output
+
+
+def test_killed_single_file_writes_are_cleaned_by_the_next_deploy(trusted_inventory, artifact, artifact2):
+    """A process killed between writing <name>.tmp-<pid> and renaming it (history, the current and venv links,
+    the interpreter record) leaves that temp behind; the next deploy removes it under the lock."""
+    t = target(trusted_inventory)
+    workdir = trusted_inventory.workdirs["dev-0"]
+    assert deploy(artifact, t).status == "deployed"
+    stale = [workdir / "releases" / ".history.tmp-99999", workdir / "python.tmp-99999"]
+    for path in stale:
+        path.write_text("half")
+    os.symlink("releases/nowhere", workdir / ".current.tmp-99998")
+    os.symlink("venv-old", workdir / ".venv.tmp-99998")
+    stale += [workdir / ".current.tmp-99998", workdir / ".venv.tmp-99998"]
+    second = deploy(artifact2, t)
+    assert second.status == "deployed", second.error
+    assert not [p for p in stale if os.path.lexists(p)]
+    assert current_of(workdir) == second.release_id and history_of(workdir)[-1] == second.release_id
+
+
+def test_a_verified_release_is_on_disk_before_it_is_activated(tmp_path, monkeypatch):
+    """Every verified file is fsynced while still in its upload directory, then the directories, so a power
+    cut after 'deployed' cannot leave ``current`` pointing at files still in the page cache. (The seam: os.fsync
+    is recorded; a real power cut cannot be made here.)"""
+    import hashlib
+
+    from edgeq.device.ops import releases
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(releases.os, "fsync", recording_fsync)
+    workdir = tmp_path / "w"
+    files = {"model.tflite": os.urandom(2048), "manifest.json": b"{}", "extra/labels.txt": b"0\n"}
+    upload = workdir / "releases" / ".tmp-r1-a"
+    for rel, data in files.items():
+        (upload / rel).parent.mkdir(parents=True, exist_ok=True)
+        (upload / rel).write_bytes(data)
+    answer = releases.op_activate({"workdir": str(workdir), "release_id": "r1", "tmp": str(upload), "replace": None,
+                                   "expected": {rel: hashlib.sha256(d).hexdigest() for rel, d in files.items()}})
+    assert answer["ok"]
+    for rel in files:  # each file synced at its upload path, i.e. before the rename into releases/r1
+        assert str(upload / rel) in synced, synced
+    assert str(upload / "extra") in synced and str(workdir / "releases") in synced and str(workdir) in synced
+    assert synced.index(str(upload / "model.tflite")) < synced.index(str(workdir))  # data before the link swap

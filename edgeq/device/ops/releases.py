@@ -4,6 +4,8 @@ Layout under WORKDIR:
 
     releases/<id>/          complete, verified releases (model files and manifest.json only)
     releases/.tmp-<id>-*    uploads in progress (removed by the next deploy under the lock)
+    *.tmp-<pid>             single-file writes (history, current, venv, python) killed before their rename
+                            (removed by the next deploy too); a verified upload is fsynced before its rename
     releases/.history       JSON list of activated ids, oldest first (rollback walks it back)
     current -> releases/<id>
     .deploy.lock            flock(2) held by the deploy (or ``targets setup``) in progress
@@ -178,9 +180,50 @@ def op_inspect(params):
     return result
 
 
+# Temp names of single-file writes (history, the ``current`` and ``venv`` links, the interpreter record): each is
+# ``<name>.tmp-<pid>``, renamed over ``<name>`` when done, left behind only by a process killed in between.
+STALE_TEMPS = ((("releases",), ".history.tmp-"), ((), ".current.tmp-"), ((), ".venv.tmp-"), ((), "python.tmp-"))
+
+
+def remove_stale_writes(workdir):
+    """Delete the temp files of single-file writes killed before their rename (under the deploy lock, which
+    every writer of these holds: deploy, rollback and setup)."""
+    removed = []
+    for parts, prefix in STALE_TEMPS:
+        directory = os.path.join(workdir, *parts)
+        try:
+            names = [n for n in os.listdir(directory) if n.startswith(prefix)]
+        except OSError:
+            continue
+        for name in names:
+            path = os.path.join(directory, name)
+            try:
+                os.unlink(path)
+                removed.append(os.path.join(*parts, name))
+            except OSError:  # a directory by that name is not ours to delete
+                pass
+    return removed
+
+
+def make_durable(directory):
+    """fsync every file under ``directory``, then the directories bottom-up: a verified release survives a
+    power cut right after its rename (rename orders nothing about the data in the page cache)."""
+    for here, _dirs, files in os.walk(directory, topdown=False):
+        for name in files:
+            path = os.path.join(here, name)
+            if os.path.isfile(path) and not os.path.islink(path):
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        fsync_dir(here)
+
+
 def remove_temps(workdir):
-    """Delete leftovers of failed uploads (only ever called under the deploy lock)."""
+    """Delete leftovers of failed uploads and killed writes (only ever called under the deploy lock)."""
     root = releases_dir(workdir)
+    stale = remove_stale_writes(workdir)
     _, temps = release_listing(workdir)
     for name in temps:
         path = os.path.join(root, name)
@@ -188,7 +231,7 @@ def remove_temps(workdir):
             shutil.rmtree(path, ignore_errors=True)
         else:
             os.unlink(path)
-    return temps
+    return temps + stale
 
 
 def op_cleanup(params):
@@ -229,6 +272,7 @@ def op_activate(params):
         if problems:
             shutil.rmtree(tmp, ignore_errors=True)
             return {"ok": False, "error": "verify", "problems": problems}
+        make_durable(tmp)  # verified from the page cache: on disk before anything points at it
         for rel in params.get("replace") or []:  # single files refreshed inside an existing release
             os.replace(os.path.join(tmp, rel), os.path.join(final, rel))
         if params.get("replace") is None:
@@ -242,6 +286,8 @@ def op_activate(params):
             verified = True
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+            for rel in params["replace"]:
+                fsync_dir(os.path.dirname(os.path.join(final, rel)))
         fsync_dir(root)
     if not verified:  # a release that was already there, maybe with refreshed files: check it whole
         problems = check_files(final, params["expected"])
