@@ -203,11 +203,14 @@ def _deploy_locked(transport: Transport, target: Target, workdir: str, manifest:
     dirs = sorted({str(PurePosixPath(f.rel).parent) for f in upload} - {"."})
     tmp_name = f".tmp-{release_id}-{secrets.token_hex(4)}"
     prepared = device_op(transport, target, "prepare", {"workdir": workdir, "tmp_name": tmp_name,
-                                                        "need_bytes": need, "dirs": dirs})
+                                                        "need_bytes": need, "dirs": dirs, "keep": keep,
+                                                        "also_keep": [release_id]})
     if not prepared.get("ok"):
         raise DeployError(f"{target.label}: not enough free space in {workdir}: need {_mb(need)}, "
                           f"{_mb(prepared['free_bytes'])} free; nothing uploaded, current release unchanged",
                           hint="free space on the device or lower --keep")
+    if prepared.get("pruned"):
+        log.info("%s: pruned %s to make room", target.name, ", ".join(prepared["pruned"]))
     tmp = prepared["tmp"]
     total = sum(f.size for f in upload)
     done = 0

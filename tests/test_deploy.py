@@ -529,3 +529,32 @@ def test_a_verified_release_is_on_disk_before_it_is_activated(tmp_path, monkeypa
         assert str(upload / rel) in synced, synced
     assert str(upload / "extra") in synced and str(workdir / "releases") in synced and str(workdir) in synced
     assert synced.index(str(upload / "model.tflite")) < synced.index(str(workdir))  # data before the link swap
+
+
+def test_a_device_full_of_kept_releases_takes_a_new_one(trusted_inventory, tmp_path):
+    """Space is freed during prepare by pruning what the activation would prune anyway (never the current or
+    the previous release), so a device full of kept releases still takes a new one with --keep 1."""
+    t = target(trusted_inventory)
+    workdir = trusted_inventory.workdirs["dev-0"]
+    workdir.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(workdir)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        size = 1200 * 1024  # three of them fill 5 MiB to 1.4 MiB free; a fourth needs 1.2 + 1 MiB margin
+        ids = []
+        for name in ("a", "b", "c"):
+            art = make_synthetic_artifact(tmp_path / name, {"model.tflite": os.urandom(size)})
+            outcome = deploy(art, t, keep=3)
+            assert outcome.status == "deployed", outcome.error
+            ids.append(outcome.release_id)
+        fourth = make_synthetic_artifact(tmp_path / "d", {"model.tflite": os.urandom(size)})
+        outcome = deploy(fourth, t, keep=1)
+        assert outcome.status == "deployed", outcome.error
+        assert current_of(workdir) == outcome.release_id
+        kept = sorted(p.name for p in (workdir / "releases").iterdir() if not p.name.startswith("."))
+        assert kept == sorted([ids[2], outcome.release_id])  # the oldest went first; the previous one stays
+        assert rollback(t).to_id == ids[2]
+    finally:
+        subprocess.run(["umount", "-l", str(workdir)], capture_output=True)

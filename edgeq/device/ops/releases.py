@@ -239,20 +239,29 @@ def op_cleanup(params):
 
 
 def op_prepare(params):
-    """Remove leftover uploads, check free space, make a fresh temp dir with the artifact's subdirs."""
+    """Remove leftover uploads, check free space, make a fresh temp dir with the artifact's subdirs.
+
+    Short of space, it first prunes the releases the activation would prune anyway (beyond the newest
+    ``keep - 1``, for the new one makes ``keep``; never the current or the previous release): otherwise a
+    device full of kept releases could take no new one, even with ``--keep 1``.
+    """
     workdir = params["workdir"]
     root = releases_dir(workdir)
     os.makedirs(root, exist_ok=True)
     temps = remove_temps(workdir)
     available = free_bytes(root)
+    pruned = []
+    if available < params["need_bytes"] and params.get("keep"):
+        pruned = prune(workdir, max(int(params["keep"]) - 1, 0), also_keep=params.get("also_keep") or ())
+        available = free_bytes(root)
     if available < params["need_bytes"]:
         return {"ok": False, "error": "space", "free_bytes": available, "need_bytes": params["need_bytes"],
-                "removed": temps}
+                "removed": temps, "pruned": pruned}
     tmp = os.path.join(root, params["tmp_name"])
     os.mkdir(tmp, 0o755)
     for sub in params.get("dirs", []):
         os.makedirs(os.path.join(tmp, sub), exist_ok=True)
-    return {"ok": True, "tmp": tmp, "removed": temps, "free_bytes": available}
+    return {"ok": True, "tmp": tmp, "removed": temps, "pruned": pruned, "free_bytes": available}
 
 
 def op_activate(params):
