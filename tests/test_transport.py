@@ -170,3 +170,34 @@ def test_local_transport(tmp_path):
         closer.start()
         closer.join(10)
         assert not closer.is_alive()
+
+
+def test_a_transient_connect_failure_is_retried_and_a_lasting_one_is_bounded(ssh_home, tmp_path):
+    """A device whose sshd is down for a moment (a reboot, a roaming link) is reached on a retry of the TCP
+    connect; a port that stays closed fails after the bounded attempts, as 'connection refused'."""
+    from edgeq.remote.ssh import CONNECT_ATTEMPTS, CONNECT_BACKOFF
+    from tests.lab.sshd import start_sshd, trust_device
+
+    device = start_sshd(tmp_path / "dev")
+    trust_device(device, ssh_home / ".ssh" / "known_hosts")
+    target = Target(name="flaky", host=device.host, port=device.port, user=device.user, key=str(device.client_key),
+                    profile="x86-avx2")
+    device.stop()  # refused from now on
+    restarted: list = []
+    thread = threading.Timer(0.3, lambda: restarted.append(start_sshd(tmp_path / "dev", port=device.port)))
+    started = time.monotonic()
+    thread.start()
+    try:
+        transport = open_transport(target)  # attempt 1 is refused; the retry after 1 s finds it back
+        assert time.monotonic() - started >= CONNECT_BACKOFF[0]
+        assert transport.run(["true"]).exit_code == 0
+        transport.close()
+    finally:
+        thread.join()
+        for again in restarted:
+            again.stop()
+    started = time.monotonic()
+    with pytest.raises(ConnectError, match="connection refused"):
+        open_transport(target)
+    spent = time.monotonic() - started
+    assert sum(CONNECT_BACKOFF[: CONNECT_ATTEMPTS - 1]) <= spent < sum(CONNECT_BACKOFF[: CONNECT_ATTEMPTS - 1]) + 2

@@ -10,6 +10,7 @@ key is refused with a hint to ``edgeq targets trust``. Command output and downlo
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -67,6 +68,13 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = float(os.environ.get("EDGEQ_CONNECT_TIMEOUT", "10"))
 KEEPALIVE_SECONDS = 15
+# A transient link failure (Wi-Fi roaming, a rebooting switch, a device still booting) is retried at the TCP
+# connect only, never around commands: attempts and the pause before each retry, in seconds.
+CONNECT_ATTEMPTS = int(os.environ.get("EDGEQ_CONNECT_ATTEMPTS", "3"))
+CONNECT_BACKOFF = (1.0, 2.0, 4.0)
+# The errors worth another try, by kind (errno), not by message: refused, reset, unreachable, timed out.
+TRANSIENT_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EHOSTUNREACH,
+                              errno.ENETUNREACH, errno.ENETDOWN, errno.ETIMEDOUT, errno.EHOSTDOWN})
 # Bigger windows and packets than paramiko's defaults keep SFTP writes flowing on fast links.
 WINDOW_SIZE = 64 * 1024 * 1024
 MAX_PACKET_SIZE = 256 * 1024
@@ -185,10 +193,18 @@ class SSHTransport(Transport):
                     raise ConnectError(f"{name or settings.alias}: jump host {hop_settings.alias} could not open a "
                                        f"channel to {after.hostname}:{after.port}: {exc}") from exc
             return sock
-        try:
-            return socket.create_connection((settings.hostname, settings.port), timeout=self.connect_timeout)
-        except (TimeoutError, OSError) as exc:
-            raise translate_connect_error(exc, settings, name, self.connect_timeout) from exc
+        for attempt in range(1, max(CONNECT_ATTEMPTS, 1) + 1):
+            try:
+                return socket.create_connection((settings.hostname, settings.port), timeout=self.connect_timeout)
+            except (TimeoutError, OSError) as exc:
+                transient = isinstance(exc, TimeoutError) or exc.errno in TRANSIENT_ERRNOS
+                if not transient or attempt >= CONNECT_ATTEMPTS:
+                    raise translate_connect_error(exc, settings, name, self.connect_timeout) from exc
+                pause = CONNECT_BACKOFF[min(attempt - 1, len(CONNECT_BACKOFF) - 1)]
+                log.info("%s: connect attempt %d of %d failed (%s); retrying in %gs", name or settings.alias,
+                         attempt, CONNECT_ATTEMPTS, exc, pause)
+                time.sleep(pause)
+        raise AssertionError("unreachable: the loop returns or raises")
 
     def _connect(self, settings: SSHSettings, name: str, sock=None) -> paramiko.SSHClient:
         known = KnownHosts.load(settings.known_hosts_files)
