@@ -558,3 +558,35 @@ def test_a_device_full_of_kept_releases_takes_a_new_one(trusted_inventory, tmp_p
         assert rollback(t).to_id == ids[2]
     finally:
         subprocess.run(["umount", "-l", str(workdir)], capture_output=True)
+
+
+def test_a_reinstalled_device_is_rekeyed_by_its_pinned_fingerprint(ssh_home, sshd_device, tmp_path, artifact):
+    """known_hosts holds the device's old key; only the fingerprint read on the device replaces it."""
+    from tests.lab.sshd import generate_key, write_inventory
+
+    old = generate_key(tmp_path / "old_host_key")
+    host = f"[{sshd_device.host}]:{sshd_device.port}"
+    other_host = "other.example ssh-ed25519 " + generate_key(tmp_path / "k2").with_suffix(".pub").read_text().split()[1]
+    known_hosts = ssh_home / ".ssh" / "known_hosts"
+    known_hosts.write_text(f"{other_host}\n{host} " + " ".join(old.with_suffix(".pub").read_text().split()[:2]) + "\n")
+    inv = write_inventory(tmp_path / "inv.yaml", {"moved": sshd_device}, workdir_root=tmp_path / "wd")
+    real = subprocess.run(["ssh-keygen", "-lf", str(sshd_device.host_key.with_suffix(".pub"))], capture_output=True,
+                          text=True, check=True).stdout.split()[1]
+    stale = subprocess.run(["ssh-keygen", "-lf", str(old.with_suffix(".pub"))], capture_output=True, text=True,
+                           check=True).stdout.split()[1]
+    runner = CliRunner()
+    before = known_hosts.read_text()
+    for wrong, expected in ((stale, f"no host key with the pinned fingerprint {stale}"),
+                            ("SHA256:nope", "is not an OpenSSH SHA256 fingerprint")):
+        refused = runner.invoke(cli, ["targets", "trust", "moved", "-i", str(inv), "--fingerprint", wrong])
+        assert refused.exit_code == 1 and expected in refused.output and "Traceback" not in refused.output
+        assert known_hosts.read_text() == before  # nothing recorded, nothing removed
+    assert f"the device offers ssh-ed25519 {real}" in runner.invoke(
+        cli, ["targets", "trust", "moved", "-i", str(inv), "--fingerprint", stale]).output
+    pinned = runner.invoke(cli, ["targets", "trust", "moved", "-i", str(inv), "--fingerprint", real])
+    assert pinned.exit_code == 0, pinned.output
+    assert f"{real} (replaced 1 old entry in" in pinned.output
+    lines = known_hosts.read_text().splitlines()
+    assert lines[0] == other_host and len(lines) == 2 and lines[1] == f"{host} {sshd_device.host_key_line}"
+    deployed = runner.invoke(cli, ["deploy", str(artifact), "--target", "moved", "-i", str(inv)])
+    assert deployed.exit_code == 0, deployed.output

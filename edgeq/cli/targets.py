@@ -100,16 +100,20 @@ def check_command(name, inventory) -> None:
 @targets.command("trust")
 @click.argument("name")
 @inventory_option
-def trust_command(name, inventory) -> None:
+@click.option("--fingerprint", "pinned", metavar="SHA256:...",
+              help="Accept only the host key with this fingerprint (read on the device); it replaces the host's "
+                   "old entries: for re-keying a reinstalled device.")
+def trust_command(name, inventory, pinned) -> None:
     """Record NAME's SSH host key(s) after showing the fingerprint (in the target's known_hosts file, else ~/.ssh/known_hosts)."""
     from edgeq.remote.hostkeys import trust_target
 
     def report(target, result) -> None:
-        verb = "added to" if result.status == "added" else "already in"
+        verb = {"added": "added to", "replaced": f"replaced {result.replaced} old entr"
+                f"{'y' if result.replaced == 1 else 'ies'} in"}.get(result.status, "already in")
         click.echo(f"{target.name}: {result.known_hosts_name} {result.key_type} {result.fingerprint} "
                    f"({verb} {result.known_hosts})")
 
-    run_per_target(_targets(inventory, name), trust_target, report)
+    run_per_target(_targets(inventory, name), lambda target: trust_target(target, pinned=pinned), report)
 
 
 @targets.command("setup")

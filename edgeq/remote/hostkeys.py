@@ -3,12 +3,15 @@
 The key is written in OpenSSH's format (``[host]:port`` for ports other than 22) so ``ssh`` and edgeq
 trust the same thing. known_hosts is read with the parser the connect check uses (``known_hosts.py``):
 a key that differs from the one already recorded is never overwritten, and a key marked ``@revoked`` is
-never written.
+never written. With a pinned fingerprint (``--fingerprint SHA256:...``, read off the device's console or its
+provisioning record) only the key with that fingerprint is accepted, and it replaces the host's old entries in
+the file edgeq writes: the safe way to re-key a reinstalled device.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +34,9 @@ class TrustResult:
     known_hosts_name: str
     key_type: str
     fingerprint: str
-    status: str  # "added" | "already-trusted"
+    status: str  # "added" | "already-trusted" | "replaced"
     known_hosts: Path
+    replaced: int = 0  # old entries removed for a pinned key
 
 
 def fetch_host_key(settings: SSHSettings, name: str, preferred_types: list[str] | None = None,
@@ -60,15 +64,58 @@ def fetch_host_key(settings: SSHSettings, name: str, preferred_types: list[str] 
         transport.close()
 
 
-def trust_target(target: Target, known_hosts: Path | None = None) -> TrustResult:
+# Host key types to ask a device for, one at a time, when looking for the key with a pinned fingerprint.
+PINNABLE_TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521", "ssh-rsa")
+_FINGERPRINT = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")
+
+
+def _pinned_key(settings: SSHSettings, target: Target, pinned: str) -> paramiko.PKey:
+    """The device's host key whose fingerprint is ``pinned``; ConnectError naming what it offers otherwise."""
+    offered: dict[str, paramiko.PKey] = {}
+    for key_type in PINNABLE_TYPES:
+        key = fetch_host_key(settings, target.name, preferred_types=[key_type])
+        offered.setdefault(fingerprint(key), key)
+        if pinned in offered:
+            return offered[pinned]
+    listing = ", ".join(f"{k.get_name()} {f}" for f, k in offered.items())
+    raise ConnectError(f"{target.label}: no host key with the pinned fingerprint {pinned}; the device offers "
+                       f"{listing}; not recording anything",
+                       hint="check the fingerprint on the device itself (ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub)")
+
+
+def _remove_entries(known_hosts: Path, entries: list, target: Target, name: str) -> int:
+    """Delete the host's old lines from ``known_hosts`` (only lines naming this host alone)."""
+    ours = [e for e in entries if Path(e.path) == known_hosts]
+    others = [e for e in entries if Path(e.path) != known_hosts or len(e.patterns) != 1]
+    if others:
+        raise ConnectError(f"{target.label}: the old key is recorded at {others[0].where}, which edgeq does not "
+                           "edit; not replacing it", hint=f"remove it with ssh-keygen -R '{name}' -f {others[0].path}")
+    drop = {e.lineno for e in ours}
+    lines = known_hosts.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for number, line in enumerate(lines, start=1) if number not in drop]
+    temp = known_hosts.with_name(f".{known_hosts.name}.edgeq-tmp-{os.getpid()}")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.writelines(kept)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, known_hosts)
+    return len(drop)
+
+
+def trust_target(target: Target, known_hosts: Path | None = None, pinned: str | None = None) -> TrustResult:
     """Fetch ``target``'s host key and append it to its known_hosts (the target's own file, else
     ``~/.ssh/known_hosts``) unless already there.
 
     Raises ConnectError when a *different* key of the same type is already recorded, or when keys are
     recorded for the host but none of the type the device now offers (either may be an attack, or a
     reinstalled device: the user decides and removes the old entries with ``ssh-keygen -R``), and when the
-    device's key is marked ``@revoked`` in any known_hosts file.
+    device's key is marked ``@revoked`` in any known_hosts file. With ``pinned`` (an OpenSSH
+    ``SHA256:...`` fingerprint) only that key is accepted, and it replaces the host's old entries.
     """
+    if pinned is not None and not _FINGERPRINT.match(pinned):
+        raise ConnectError(f"--fingerprint '{pinned}' is not an OpenSSH SHA256 fingerprint",
+                           hint="it looks like SHA256: followed by 43 base64 characters (ssh-keygen -lf KEY.pub)")
     if target.local:
         raise ConnectError("the built-in 'local' target does not use SSH; there is no host key to trust")
     settings = resolve_settings(target)
@@ -77,7 +124,8 @@ def trust_target(target: Target, known_hosts: Path | None = None) -> TrustResult
     paths = list(dict.fromkeys([*settings.known_hosts_files, str(known_hosts)]))
     files = KnownHosts.load(paths)
     entries = files.host_keys(name)  # plain keys for the host, revoked ones left out
-    key = fetch_host_key(settings, target.name, preferred_types=list(files.keys_by_type(name)))
+    key = _pinned_key(settings, target, pinned) if pinned else \
+        fetch_host_key(settings, target.name, preferred_types=list(files.keys_by_type(name)))
     revoked = files.revoked(key)
     if revoked is not None:
         raise ConnectError(
@@ -86,6 +134,10 @@ def trust_target(target: Target, known_hosts: Path | None = None) -> TrustResult
             hint="a revoked key is never trusted: the device needs a new host key")
     if any(entry.same_key(key) for entry in entries):
         return TrustResult(target, name, key.get_name(), fingerprint(key), "already-trusted", known_hosts)
+    replaced = 0
+    if pinned and entries:  # the user vouched for this key out of band: it replaces the old ones
+        replaced = _remove_entries(known_hosts, entries, target, name)
+        entries = []
     same_type = [entry for entry in entries if entry.key.get_name() == key.get_name()]
     if same_type:
         raise ConnectError(
@@ -106,4 +158,5 @@ def trust_target(target: Target, known_hosts: Path | None = None) -> TrustResult
     fd = os.open(known_hosts, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     with os.fdopen(fd, "a", encoding="utf-8") as handle:
         handle.write(("\n" if needs_newline else "") + f"{name} {key.get_name()} {key.get_base64()}\n")
-    return TrustResult(target, name, key.get_name(), fingerprint(key), "added", known_hosts)
+    return TrustResult(target, name, key.get_name(), fingerprint(key), "replaced" if replaced else "added",
+                       known_hosts, replaced)
