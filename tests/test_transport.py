@@ -201,3 +201,39 @@ def test_a_transient_connect_failure_is_retried_and_a_lasting_one_is_bounded(ssh
         open_transport(target)
     spent = time.monotonic() - started
     assert sum(CONNECT_BACKOFF[: CONNECT_ATTEMPTS - 1]) <= spent < sum(CONNECT_BACKOFF[: CONNECT_ATTEMPTS - 1]) + 2
+
+
+def test_a_frozen_device_is_reported_within_the_liveness_bound(ssh_home, tmp_path, monkeypatch):
+    """sshd's session processes stopped (SIGSTOP: a hung kernel, a link gone without a reset) while a command
+    waits: the keepalive that wants a reply goes unanswered and the command fails as a lost connection after
+    interval * count seconds, not at its own time limit."""
+    import os
+    import signal
+
+    from tests.lab.sshd import start_sshd, trust_device
+
+    monkeypatch.setenv("EDGEQ_ALIVE_INTERVAL", "1")
+    monkeypatch.setenv("EDGEQ_ALIVE_COUNT", "3")
+    device = start_sshd(tmp_path / "dev")
+    trust_device(device, ssh_home / ".ssh" / "known_hosts")
+    target = Target(name="frozen", host=device.host, port=device.port, user=device.user,
+                    key=str(device.client_key), profile="x86-avx2")
+    stopped: list[int] = []
+
+    def freeze() -> None:
+        for pid in device.session_pids():
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+
+    try:
+        transport = open_transport(target)
+        assert transport.run(["sleep", "2"], timeout=30).exit_code == 0  # a quiet command is not "frozen"
+        threading.Timer(0.5, freeze).start()
+        started = time.monotonic()
+        with pytest.raises(ConnectError, match=r"frozen \(.*\): no reply from the device for \d+s while running 'sleep 60'"):
+            transport.run(["sleep", "60"], timeout=120)
+        assert stopped and time.monotonic() - started < 10
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        device.stop()

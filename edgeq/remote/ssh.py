@@ -44,6 +44,7 @@ from edgeq.remote.known_hosts import (
     fingerprint,
     host_key_algorithms,
 )
+from edgeq.remote.liveness import Liveness
 from edgeq.remote.ssh_config import (
     SYSTEM_KNOWN_HOSTS,
     SSHSettings,
@@ -118,11 +119,12 @@ def _close_quietly(channel: paramiko.Channel) -> None:
 
 
 class _SSHRunning(RunningCommand):
-    def __init__(self, channel: paramiko.Channel, label: str, argv: list[str]):
+    def __init__(self, channel: paramiko.Channel, label: str, argv: list[str], liveness: Liveness | None = None):
         self._channel = channel
         self._label = label
         self._argv = argv
         self._buffer = b""
+        self._liveness = liveness
 
     def readline(self, timeout: float) -> str:
         deadline = time.monotonic() + timeout
@@ -132,6 +134,8 @@ class _SSHRunning(RunningCommand):
                 if not data:
                     break
                 self._buffer += data
+                if self._liveness:
+                    self._liveness.heard_from()
                 continue
             if self._channel.exit_status_ready() or self._channel.closed:
                 while self._channel.recv_ready():
@@ -139,6 +143,8 @@ class _SSHRunning(RunningCommand):
                 break
             if time.monotonic() > deadline:
                 raise RemoteCommandError(f"{self._label}: no answer from '{describe_argv(self._argv)}' in {timeout:g}s")
+            if self._liveness:
+                self._liveness.check(f"waiting on '{describe_argv(self._argv)}'")
             _wait_for_data()
         line, _, self._buffer = self._buffer.partition(b"\n")
         return line.decode("utf-8", "replace")
@@ -253,6 +259,7 @@ class SSHTransport(Transport):
 
     def _execute(self, argv: list[str], timeout: float, input: bytes | None, max_output: int) -> CommandResult:
         channel = self._open_channel(argv)
+        liveness = Liveness(self._transport, self.target.label)
         stdout, stderr = bytearray(), bytearray()
         deadline = time.monotonic() + timeout
         quiet_since: float | None = None
@@ -275,6 +282,7 @@ class SSHTransport(Transport):
                         raise output_limit_error(self.target.label, argv, "stderr", max_output)
                 if progressed:
                     quiet_since = None
+                    liveness.heard_from()
                     continue
                 if channel.exit_status_ready():
                     # sshd sends the exit status when the command ends, possibly before the rest of its
@@ -289,6 +297,7 @@ class SSHTransport(Transport):
                     raise ConnectError(f"{self.target.label}: connection lost while running '{describe_argv(argv)}'")
                 if time.monotonic() > deadline:
                     raise RemoteCommandError(f"{self.target.label}: '{describe_argv(argv)}' timed out after {timeout:g}s")
+                liveness.check(f"running '{describe_argv(argv)}'")
                 _wait_for_data()
             exit_code = channel.recv_exit_status()
         except TimeoutError as exc:
@@ -301,7 +310,8 @@ class SSHTransport(Transport):
 
     def start(self, argv: Sequence[str]) -> RunningCommand:
         argv = list(argv)
-        return _SSHRunning(self._open_channel(argv), self.target.label, argv)
+        return _SSHRunning(self._open_channel(argv), self.target.label, argv,
+                           Liveness(self._transport, self.target.label))
 
     # -- files -----------------------------------------------------------------------------------
     def sftp(self) -> paramiko.SFTPClient:
