@@ -278,6 +278,20 @@ def rollback(target: Target) -> RollbackResult:
     return RollbackResult(target, answer["previous"], answer["current"], answer.get("skipped") or [])
 
 
+def break_lock(target: Target) -> str:
+    """Stop the process that holds ``target``'s deploy lock (left by a controller gone in a partition) and
+    say whose it was; DeployError when the holder is not an edgeq lock process (nothing is stopped)."""
+    with open_transport(target) as transport:
+        workdir = device_workdir(transport, target)
+        answer = device_op(transport, target, "break_lock", {"workdir": workdir})
+    if not answer.get("ok"):
+        raise DeployError(f"{target.label}: the deploy lock in {workdir} was not broken: {answer.get('message')} "
+                          f"(held by {answer.get('holder') or 'unknown'})")
+    if not answer.get("held"):
+        return f"{target.name}: the deploy lock in {workdir} is not held; nothing to break"
+    return f"{target.name}: broke the deploy lock held by {answer.get('holder') or 'unknown'} (device pid {answer['pid']})"
+
+
 # -- fleet ---------------------------------------------------------------------------------------------
 def deploy_fleet(artifact_dir: str | Path, targets: list[Target], parallel: int = 8, canary: int = 0,
                  max_fail_percent: float | None = None, keep: int = 3, *,

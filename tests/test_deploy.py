@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import threading
@@ -590,3 +591,31 @@ def test_a_reinstalled_device_is_rekeyed_by_its_pinned_fingerprint(ssh_home, ssh
     assert lines[0] == other_host and len(lines) == 2 and lines[1] == f"{host} {sshd_device.host_key_line}"
     deployed = runner.invoke(cli, ["deploy", str(artifact), "--target", "moved", "-i", str(inv)])
     assert deployed.exit_code == 0, deployed.output
+
+
+def test_a_lock_left_by_a_vanished_controller_is_broken_by_targets_unlock(trusted_inventory, artifact):
+    """A controller cut off by a partition leaves its session, and the lock process on the device, alive for
+    hours. The busy error names the holder and the command; `targets unlock` stops only that lock process."""
+    from edgeq.remote import open_transport
+    from edgeq.remote.device import device_lock, device_workdir
+
+    t = target(trusted_inventory)
+    inventory = ["-i", str(trusted_inventory.path)]
+    runner = CliRunner()
+    idle = runner.invoke(cli, ["targets", "unlock", "dev-0", *inventory])
+    assert idle.exit_code == 0 and "is not held; nothing to break" in idle.output, idle.output
+    vanished = open_transport(t)  # stands for the partitioned controller: its connection stays up, silent
+    held = device_lock(vanished, t, device_workdir(vanished, t), purpose="deploy")
+    held.__enter__()
+    try:
+        busy = deploy(artifact, t)
+        assert busy.status == "failed" and "edgeq deploy on" in busy.error
+        assert "edgeq targets unlock dev-0" in (busy.hint or "")
+        broken = runner.invoke(cli, ["targets", "unlock", "dev-0", *inventory])
+        assert broken.exit_code == 0, broken.output
+        assert "broke the deploy lock held by edgeq deploy on" in broken.output and "device pid" in broken.output
+        assert deploy(artifact, t).status == "deployed"
+    finally:
+        with contextlib.suppress(Exception):
+            held.__exit__(None, None, None)
+        vanished.close()

@@ -116,6 +116,18 @@ def trust_command(name, inventory, pinned) -> None:
     run_per_target(_targets(inventory, name), lambda target: trust_target(target, pinned=pinned), report)
 
 
+@targets.command("unlock")
+@click.argument("name")
+@inventory_option
+def unlock_command(name, inventory) -> None:
+    """Break NAME's deploy lock when the controller holding it is gone (a partition leaves it for hours).
+
+    Only the device process that is edgeq's lock step is stopped; run it only when no deploy is running."""
+    from edgeq.deploy import break_lock
+
+    run_per_target(_targets(inventory, name), break_lock, lambda target, message: click.echo(message))
+
+
 @targets.command("setup")
 @click.argument("name")
 @inventory_option

@@ -222,7 +222,8 @@ def device_lock(transport: Transport, target: Target, workdir: str, purpose: str
         if not answer.get("locked"):
             raise DeployError(f"{target.label}: another deploy is in progress on this device "
                               f"(lock {workdir}/.deploy.lock held by {answer.get('holder') or 'another process'})",
-                              hint="wait for it to finish, then run the deploy again")
+                              hint=f"wait for it to finish; if that controller is gone (crashed, or cut off "
+                                   f"by a partition): edgeq targets unlock {target.name}")
         yield
     finally:
         process.close()

@@ -18,7 +18,9 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
+import time
 
 TMP_PREFIX = ".tmp-"
 HISTORY = ".history"
@@ -155,14 +157,63 @@ def op_lock(params, emit):
     except OSError as exc:
         if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
             raise
-        holder = os.read(fd, 4096).decode("utf-8", "replace").strip()
-        emit({"locked": False, "holder": holder})
+        holder, pid = _holder(os.read(fd, 4096).decode("utf-8", "replace"))
+        emit({"locked": False, "holder": holder, "pid": pid})
         return
     os.ftruncate(fd, 0)
-    os.write(fd, params.get("holder", "").encode("utf-8"))
+    os.write(fd, ("%s\n%s%d\n" % (params.get("holder", ""), LOCK_PID, os.getpid())).encode("utf-8"))
     emit({"locked": True})
     sys.stdin.read()  # EOF when the channel closes, whatever the reason
     os.ftruncate(fd, 0)
+
+
+LOCK_PID = "device pid "
+
+
+def _holder(text):
+    """(the holder's description, its device pid or None) from the lock file's text."""
+    lines = text.strip().splitlines()
+    pid = None
+    if lines and lines[-1].startswith(LOCK_PID) and lines[-1][len(LOCK_PID):].isdigit():
+        pid = int(lines.pop()[len(LOCK_PID):])
+    return " ".join(lines), pid
+
+
+def op_break_lock(params):
+    """Stop the process holding the deploy lock (a controller gone in a partition leaves its session and its
+    lock process alive until TCP gives up, about 2 h). Only a process that is this package's ``lock`` op is
+    stopped; the kernel releases the flock when it exits."""
+    path = os.path.join(params["workdir"], ".deploy.lock")
+    if not os.path.exists(path):
+        return {"ok": True, "held": False}
+    fd = os.open(path, os.O_RDWR)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return {"ok": True, "held": False}
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+        holder, pid = _holder(os.read(fd, 4096).decode("utf-8", "replace"))
+        try:
+            with open("/proc/%d/cmdline" % pid, "rb") as handle:
+                argv = handle.read().split(b"\0")
+        except (OSError, TypeError):
+            return {"ok": False, "error": "holder", "holder": holder, "message": "no lock process %s" % pid}
+        if b"lock" not in argv or not any(b"edgeq" in arg for arg in argv):
+            return {"ok": False, "error": "holder", "holder": holder,
+                    "message": "pid %d is not an edgeq lock process; not stopping it" % pid}
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return {"ok": True, "held": True, "broken": True, "holder": holder, "pid": pid}
+            except OSError:
+                time.sleep(0.05)
+        return {"ok": False, "error": "holder", "holder": holder, "message": "pid %d did not exit" % pid}
+    finally:
+        os.close(fd)  # closing drops our own flock, if we took it
 
 
 def op_inspect(params):
