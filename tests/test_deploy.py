@@ -619,3 +619,38 @@ def test_a_lock_left_by_a_vanished_controller_is_broken_by_targets_unlock(truste
         with contextlib.suppress(Exception):
             held.__exit__(None, None, None)
         vanished.close()
+
+
+@pytest.mark.slow
+def test_bench_holds_the_device_against_deploys_and_other_benches(trusted_inventory, make_artifact, artifact2,
+                                                                   tmp_path):
+    """While a bench runs, a deploy (which could swap or prune the release under it) and a second bench (which
+    would share the CPUs) fail fast naming the bench; afterwards both go through."""
+    from edgeq.bench import bench
+
+    t = target(trusted_inventory)
+    artifact = make_artifact("tflite", "fp32")  # a real model: the bench runs for its --min-seconds
+    assert deploy(artifact, t).status == "deployed"  # on the device already: the bench uploads nothing
+    benching, results = threading.Event(), {}
+
+    def long_bench():
+        benching.set()
+        results["bench"] = bench(artifact, t, output_dir=tmp_path / "r1", warmup=0, runs=1, min_seconds=6,
+                                 idle_seconds=0, power=False)
+
+    worker = threading.Thread(target=long_bench)
+    worker.start()
+    assert benching.wait(10)
+    lock_file = trusted_inventory.workdirs["dev-0"] / ".deploy.lock"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and "edgeq bench" not in (lock_file.read_text() if lock_file.exists() else ""):
+        time.sleep(0.05)  # until the bench holds its locks (the device's workdir is on this machine)
+    busy = deploy(artifact2, t)
+    assert busy.status == "failed" and "a bench is running on this device" in busy.error, (busy.status, busy.error)
+    second = bench(artifact, t, output_dir=tmp_path / "r2", warmup=0, runs=1, min_seconds=0, idle_seconds=0,
+                   power=False)
+    assert not second.ok and "another bench is running on this device" in second.result.error
+    worker.join(60)
+    assert results["bench"].ok, results["bench"].result.error
+    after = deploy(artifact2, t)
+    assert after.status == "deployed" and current_of(trusted_inventory.workdirs["dev-0"]) == after.release_id

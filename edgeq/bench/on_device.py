@@ -4,6 +4,7 @@ outputs downloaded (size-capped) and parsed strictly."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import secrets
@@ -16,7 +17,7 @@ import numpy as np
 from edgeq.bench.evaldata import EvalData
 from edgeq.errors import BenchError, EdgeqError
 from edgeq.manifest import Manifest
-from edgeq.remote.device import device_op, device_python, device_workdir, release_dir
+from edgeq.remote.device import device_lock, device_op, device_python, device_workdir, release_dir
 from edgeq.targets import Target
 
 log = logging.getLogger(__name__)
@@ -124,9 +125,13 @@ def run_on_device(target: Target, artifact_dir: Path, manifest: Manifest, settin
     from edgeq.remote.base import SizeLimitError
 
     profile = load_profile(target.profile)
-    with open_transport(target) as transport:
+    with open_transport(target) as transport, contextlib.ExitStack() as locks:
         python = device_python(transport, target)
         release = _ensure_release(transport, target, artifact_dir, manifest)
+        workdir = device_workdir(transport, target)
+        # One bench at a time on a device, and no deploy (swap, prune) while it runs.
+        locks.enter_context(device_lock(transport, target, workdir, "bench", lock="bench"))
+        locks.enter_context(device_lock(transport, target, workdir, "bench", shared=True))
         limit = settings.time_limit(data.dataset.samples if data else 0)
         runs_dir = f"{device_workdir(transport, target)}/runs"
         _remove_stale_runs(transport, target, runs_dir)

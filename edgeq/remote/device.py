@@ -199,15 +199,20 @@ def current_release(transport: Transport, target: Target) -> str | None:
 
 
 @contextmanager
-def device_lock(transport: Transport, target: Target, workdir: str, purpose: str = "deploy") -> Iterator[None]:
-    """Hold the device's deploy lock for the duration; fail fast when another deploy holds it.
+def device_lock(transport: Transport, target: Target, workdir: str, purpose: str = "deploy", *,
+                lock: str = "deploy", shared: bool = False) -> Iterator[None]:
+    """Hold one of the device's locks for the duration; fail fast when it is taken.
 
-    The lock is a flock held by a process whose stdin is this connection: if the controller dies, the
-    channel closes, the process sees EOF and the kernel releases the lock.
+    ``lock="deploy"``: exclusive for deploy, rollback and setup, shared (``shared=True``) for a bench, so no
+    release is swapped or pruned under a live run. ``lock="bench"``: one bench at a time (two would share the
+    device's CPUs and distort each other's latency and energy). The lock is a flock held by a process whose
+    stdin is this connection: if the controller dies, the channel closes, the process sees EOF and the kernel
+    releases the lock.
     """
     holder = f"edgeq {purpose} on {socket.gethostname()} pid {os.getpid()} since " \
              f"{datetime.now(timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')}"
-    argv = device_argv(transport, target, target.python, "lock", json.dumps({"workdir": workdir, "holder": holder}))
+    params = {"workdir": workdir, "holder": holder, "lock": lock, "shared": shared}
+    argv = device_argv(transport, target, target.python, "lock", json.dumps(params))
     process = transport.start(argv)
     try:
         line = process.readline(LOCK_TIMEOUT)
@@ -220,8 +225,13 @@ def device_lock(transport: Transport, target: Target, workdir: str, purpose: str
         if answer.get("error") == "os":
             raise DeployError(f"{target.label}: could not take the deploy lock: {answer.get('message')}")
         if not answer.get("locked"):
-            raise DeployError(f"{target.label}: another deploy is in progress on this device "
-                              f"(lock {workdir}/.deploy.lock held by {answer.get('holder') or 'another process'})",
+            held_by = answer.get("holder") or "another process"
+            if lock == "bench":
+                raise DeployError(f"{target.label}: another bench is running on this device (held by {held_by})",
+                                  hint="benches on one device share its CPUs: run them one after another")
+            what = "a bench is running" if held_by.startswith("edgeq bench") else "another deploy is in progress"
+            raise DeployError(f"{target.label}: {what} on this device "
+                              f"(lock {workdir}/.deploy.lock held by {held_by})",
                               hint=f"wait for it to finish; if that controller is gone (crashed, or cut off "
                                    f"by a partition): edgeq targets unlock {target.name}")
         yield

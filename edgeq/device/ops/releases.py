@@ -147,24 +147,30 @@ def prune(workdir, keep, also_keep=()):
     return removed
 
 
+LOCK_FILES = {"deploy": ".deploy.lock", "bench": ".bench.lock"}
+
+
 def op_lock(params, emit):
-    """Hold an exclusive flock on WORKDIR/.deploy.lock until stdin closes (the controller ends or dies)."""
+    """Hold a flock on WORKDIR/.deploy.lock (or .bench.lock) until stdin closes (the controller ends or dies):
+    exclusive for deploy, rollback and setup; shared for a bench, so no release moves under a live run."""
     workdir = params["workdir"]
+    shared = bool(params.get("shared"))
     os.makedirs(workdir, exist_ok=True)
-    fd = os.open(os.path.join(workdir, ".deploy.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(os.path.join(workdir, LOCK_FILES[params.get("lock", "deploy")]), os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except OSError as exc:
         if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
             raise
         holder, pid = _holder(os.read(fd, 4096).decode("utf-8", "replace"))
         emit({"locked": False, "holder": holder, "pid": pid})
         return
-    os.ftruncate(fd, 0)
-    os.write(fd, ("%s\n%s%d\n" % (params.get("holder", ""), LOCK_PID, os.getpid())).encode("utf-8"))
+    os.ftruncate(fd, 0)  # shared holders overwrite each other's line: the file names the latest
+    os.pwrite(fd, ("%s\n%s%d\n" % (params.get("holder", ""), LOCK_PID, os.getpid())).encode("utf-8"), 0)
     emit({"locked": True})
     sys.stdin.read()  # EOF when the channel closes, whatever the reason
-    os.ftruncate(fd, 0)
+    if not shared:
+        os.ftruncate(fd, 0)
 
 
 LOCK_PID = "device pid "
