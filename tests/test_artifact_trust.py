@@ -134,7 +134,7 @@ def test_bench_loads_only_the_source_the_artifact_came_from(hand_artifacts, digi
 # A device python that runs the real device step, then spoils the bench result the way a broken or hostile device would.
 _SPOILER = r"""#!/bin/sh
 case " $* " in
-  *" bench "*) ;;
+  *".pyz bench "*) ;;  # the bench op itself (not the lock op, whose holder text says "edgeq bench")
   *) exec "{python}" "$@";;
 esac
 params=$(mktemp); cat > "$params"

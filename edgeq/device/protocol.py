@@ -24,8 +24,8 @@ PACKAGE = __name__.rsplit(".", 1)[0]  # "edgeq_device" inside the zipapp, "edgeq
 # op -> (module, function). Functions take the params dict and return the answer dict.
 OPS = {
     "selfcheck": (None, "op_selfcheck"),
-    "lock": ("ops.releases", "op_lock"),
-    "break_lock": ("ops.releases", "op_break_lock"),
+    "lock": ("ops.locks", "op_lock"),
+    "break_lock": ("ops.locks", "op_break_lock"),
     "inspect": ("ops.releases", "op_inspect"),
     "prepare": ("ops.releases", "op_prepare"),
     "cleanup": ("ops.releases", "op_cleanup"),

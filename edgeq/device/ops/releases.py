@@ -12,15 +12,10 @@ Layout under WORKDIR:
     bin/edgeq-device-<sha12>.pyz   this package, one file per version
 """
 
-import errno
-import fcntl
 import hashlib
 import json
 import os
 import shutil
-import signal
-import sys
-import time
 
 TMP_PREFIX = ".tmp-"
 HISTORY = ".history"
@@ -145,81 +140,6 @@ def prune(workdir, keep, also_keep=()):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
             removed.append(name)
     return removed
-
-
-LOCK_FILES = {"deploy": ".deploy.lock", "bench": ".bench.lock"}
-
-
-def op_lock(params, emit):
-    """Hold a flock on WORKDIR/.deploy.lock (or .bench.lock) until stdin closes (the controller ends or dies):
-    exclusive for deploy, rollback and setup; shared for a bench, so no release moves under a live run."""
-    workdir = params["workdir"]
-    shared = bool(params.get("shared"))
-    os.makedirs(workdir, exist_ok=True)
-    fd = os.open(os.path.join(workdir, LOCK_FILES[params.get("lock", "deploy")]), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-            raise
-        holder, pid = _holder(os.read(fd, 4096).decode("utf-8", "replace"))
-        emit({"locked": False, "holder": holder, "pid": pid})
-        return
-    os.ftruncate(fd, 0)  # shared holders overwrite each other's line: the file names the latest
-    os.pwrite(fd, ("%s\n%s%d\n" % (params.get("holder", ""), LOCK_PID, os.getpid())).encode("utf-8"), 0)
-    emit({"locked": True})
-    sys.stdin.read()  # EOF when the channel closes, whatever the reason
-    if not shared:
-        os.ftruncate(fd, 0)
-
-
-LOCK_PID = "device pid "
-
-
-def _holder(text):
-    """(the holder's description, its device pid or None) from the lock file's text."""
-    lines = text.strip().splitlines()
-    pid = None
-    if lines and lines[-1].startswith(LOCK_PID) and lines[-1][len(LOCK_PID):].isdigit():
-        pid = int(lines.pop()[len(LOCK_PID):])
-    return " ".join(lines), pid
-
-
-def op_break_lock(params):
-    """Stop the process holding the deploy lock (a controller gone in a partition leaves its session and its
-    lock process alive until TCP gives up, about 2 h). Only a process that is this package's ``lock`` op is
-    stopped; the kernel releases the flock when it exits."""
-    path = os.path.join(params["workdir"], ".deploy.lock")
-    if not os.path.exists(path):
-        return {"ok": True, "held": False}
-    fd = os.open(path, os.O_RDWR)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return {"ok": True, "held": False}
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise
-        holder, pid = _holder(os.read(fd, 4096).decode("utf-8", "replace"))
-        try:
-            with open("/proc/%d/cmdline" % pid, "rb") as handle:
-                argv = handle.read().split(b"\0")
-        except (OSError, TypeError):
-            return {"ok": False, "error": "holder", "holder": holder, "message": "no lock process %s" % pid}
-        if b"lock" not in argv or not any(b"edgeq" in arg for arg in argv):
-            return {"ok": False, "error": "holder", "holder": holder,
-                    "message": "pid %d is not an edgeq lock process; not stopping it" % pid}
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return {"ok": True, "held": True, "broken": True, "holder": holder, "pid": pid}
-            except OSError:
-                time.sleep(0.05)
-        return {"ok": False, "error": "holder", "holder": holder, "message": "pid %d did not exit" % pid}
-    finally:
-        os.close(fd)  # closing drops our own flock, if we took it
 
 
 def op_inspect(params):
