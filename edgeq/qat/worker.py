@@ -83,8 +83,9 @@ def init_ranges(quantized, twin, x) -> int:
     calibration would), and return how many were set.
 
     tfmot starts activation ranges at [-6, 6] and moves them by an exponential average with decay 0.999, so a
-    short fine-tune spends its steps on ranges that clip: measured on the wide-range digits model, QAT from
-    tfmot's start reached 18% top-1, from calibrated ranges it recovers (NNCF likewise starts QAT from PTQ).
+    short fine-tune spends its steps on ranges that clip: measured on examples/qat/wide_range.py (3 epochs),
+    the QAT TFLite artifact reached 90.4% top-1 from tfmot's start and 94.9% from calibrated ranges (FP32
+    96.4%). NNCF likewise starts QAT from a PTQ calibration.
     """
     import numpy as np
     import tf_keras
