@@ -45,6 +45,20 @@ def mtimes(directory: Path) -> dict[str, int]:
     return {str(p.relative_to(directory)): p.stat().st_mtime_ns for p in directory.rglob("*")}
 
 
+@contextlib.contextmanager
+def tmpfs_at(directory: Path, size: str):
+    """``directory`` as a tmpfs of ``size`` for the block (a small disk that fills); skips without mount rights."""
+    directory.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], capture_output=True)
+
+
 def test_first_deploy_redeploy_and_rollback(trusted_inventory, artifact, artifact2):
     t = target(trusted_inventory)
     workdir = trusted_inventory.workdirs["dev-0"]
@@ -322,12 +336,7 @@ def test_connection_killed_mid_transfer(trusted_inventory, tmp_path, artifact):
 def test_disk_full_keeps_previous_release(trusted_inventory, tmp_path, artifact):
     t = target(trusted_inventory)
     workdir = trusted_inventory.workdirs["dev-0"]
-    workdir.mkdir(parents=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(workdir)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
+    with tmpfs_at(workdir, "2m"):
         first = deploy(artifact, t)
         assert first.status == "deployed", first.error
         big = make_synthetic_artifact(tmp_path / "big", {"model.tflite": os.urandom(3 * 1024 * 1024)})
@@ -353,8 +362,6 @@ def test_disk_full_keeps_previous_release(trusted_inventory, tmp_path, artifact)
         assert "dev-0" in outcome.error
         assert current_of(workdir) == first.release_id
         assert not any(p.name.startswith(".tmp-") for p in (workdir / "releases").iterdir())
-    finally:
-        subprocess.run(["umount", "-l", str(workdir)], capture_output=True)
 
 
 def test_corrupted_upload_is_not_activated(trusted_inventory, artifact, artifact2):
@@ -537,12 +544,7 @@ def test_a_device_full_of_kept_releases_takes_a_new_one(trusted_inventory, tmp_p
     the previous release), so a device full of kept releases still takes a new one with --keep 1."""
     t = target(trusted_inventory)
     workdir = trusted_inventory.workdirs["dev-0"]
-    workdir.mkdir(parents=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(workdir)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
+    with tmpfs_at(workdir, "5m"):
         size = 1200 * 1024  # three of them fill 5 MiB to 1.4 MiB free; a fourth needs 1.2 + 1 MiB margin
         ids = []
         for name in ("a", "b", "c"):
@@ -557,8 +559,6 @@ def test_a_device_full_of_kept_releases_takes_a_new_one(trusted_inventory, tmp_p
         kept = sorted(p.name for p in (workdir / "releases").iterdir() if not p.name.startswith("."))
         assert kept == sorted([ids[2], outcome.release_id])  # the oldest went first; the previous one stays
         assert rollback(t).to_id == ids[2]
-    finally:
-        subprocess.run(["umount", "-l", str(workdir)], capture_output=True)
 
 
 def test_a_reinstalled_device_is_rekeyed_by_its_pinned_fingerprint(ssh_home, sshd_device, tmp_path, artifact):

@@ -74,8 +74,9 @@ class QatResult:
         return data
 
 
-def _check_inputs(model: Path, train: Path, eval_path: Path) -> str:
-    """The model's input name, after checking the kinds and the data files (QatError naming the file)."""
+def _check_inputs(model: Path, train: Path, eval_path: Path) -> tuple[str, dict, dict]:
+    """(the model's input name, the train arrays, the eval arrays), after checking the model's kind and the data
+    files (QatError naming the file)."""
     kind = detect_kind(model)
     if kind in ("pytorch", "torchscript"):
         raise QatError(f"{model}: QAT of PyTorch models is not built yet (NNCF's PyTorch QAT flow is planned)",
@@ -83,14 +84,14 @@ def _check_inputs(model: Path, train: Path, eval_path: Path) -> str:
     if kind != "keras":
         raise QatError(f"{model}: QAT takes a Keras model (.keras/.h5), not a {kind} model",
                        hint="a SavedModel or ONNX model that is already quantized converts with --precision int8")
-    for path, role in ((train, "train"), (eval_path, "eval")):
-        arrays = read_npz(path)
+    data = {"train": read_npz(train), "eval": read_npz(eval_path)}
+    for (role, arrays), path in zip(data.items(), (train, eval_path), strict=True):
         if "labels" not in arrays:
             raise QatError(f"{path}: the {role} data has no 'labels' (class ids): QAT trains and is scored on them")
-    names = [name for name in read_npz(train) if name != "labels"]
+    names = [name for name in data["train"] if name != "labels"]
     if len(names) != 1:
         raise QatError(f"{train}: expected one input array besides 'labels', found {names or 'none'}")
-    return names[0]
+    return names[0], data["train"], data["eval"]
 
 
 def _run_worker(request: dict, timeout_s: float) -> dict:
@@ -157,17 +158,17 @@ def qat(model: Path | str, profile: DeviceProfile, *, train: Path | str, eval_pa
         raise QatError(f"QAT builds {', '.join(QAT_FORMATS)}, not {', '.join(unknown)}")
     if epochs < 1 or lr <= 0 or batch_size < 1:
         raise QatError(f"--epochs, --lr and --batch-size must be positive (got {epochs}, {lr}, {batch_size})")
-    input_name = _check_inputs(model, train, eval_path)
+    input_name, train_arrays, eval_arrays = _check_inputs(model, train, eval_path)
     output.mkdir(parents=True, exist_ok=True)
     savedmodel = output / "qat-savedmodel"
     training = _run_worker({"model": str(model.resolve()), "train": str(train.resolve()), "input": input_name,
                             "epochs": epochs, "lr": lr, "batch_size": batch_size, "output": str(savedmodel),
                             "calibration_samples": calibration_samples}, timeout_s)
-    sample = read_npz(eval_path)[input_name][0]
+    sample = eval_arrays[input_name][0]
     result = QatResult(str(model), str(output), None, training)
     with tempfile.TemporaryDirectory(prefix="edgeq-qat-") as scratch:
         calibration = Path(scratch) / "calib.npz"
-        np.savez(calibration, **{input_name: read_npz(train)[input_name][:calibration_samples]})
+        np.savez(calibration, **{input_name: train_arrays[input_name][:calibration_samples]})
         for fmt in formats:
             ptq_dir, qat_dir = output / f"ptq-{fmt}", output / f"qat-{fmt}"
             ptq = _row(fmt, "ptq", ptq_dir, lambda f=fmt, d=ptq_dir: convert(
@@ -180,8 +181,8 @@ def qat(model: Path | str, profile: DeviceProfile, *, train: Path | str, eval_pa
             result.rows.append(ptq)
             result.rows.append(_row(fmt, "qat", qat_dir, lambda f=fmt, d=qat_dir: convert(
                 savedmodel, profile, d, format=f, precision="int8", eval_path=eval_path), sample, threads))
-        fp32_dir = output / "fp32-tflite" if "tflite" in formats else output / f"fp32-{formats[0]}"
-        fmt = fp32_dir.name.split("-", 1)[1]
+        fmt = "tflite" if "tflite" in formats else formats[0]
+        fp32_dir = output / f"fp32-{fmt}"
         result.rows.insert(0, _row(fmt, "fp32", fp32_dir, lambda: convert(
             model, profile, fp32_dir, format=fmt, precision="fp32", eval_path=eval_path), sample, threads))
     result.seconds = time.monotonic() - started
