@@ -73,6 +73,13 @@ def matched_outputs(artifact_names: list[str], source_outputs: list[str], source
     return matched
 
 
+def by_source_name(outputs: list[np.ndarray], artifact_names: list[str], source_outputs: list[str],
+                   source_names: dict[str, str]) -> dict[str, np.ndarray]:
+    """The artifact's outputs keyed by the source output each one is (``matched_outputs``)."""
+    return {source_outputs[source_index]: outputs[artifact_index] for artifact_index, source_index
+            in matched_outputs(artifact_names, source_outputs, source_names).items()}
+
+
 def per_output_agreement(references: list[np.ndarray], source_outputs: list[str], outputs: list[np.ndarray],
                          artifact_names: list[str], source_names: dict[str, str]) -> dict[str, dict[str, float]]:
     """Each artifact output that has a source counterpart, compared with it: source output name -> agreement.

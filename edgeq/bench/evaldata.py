@@ -14,7 +14,7 @@ import numpy as np
 from edgeq.data import Dataset, InputSpec, check_labels_range, load_dataset, read_npz
 from edgeq.errors import BenchError, DataError, EdgeqError
 from edgeq.manifest import Manifest, TensorSpec, sha256_tree, verify_artifact
-from edgeq.metrics import agreement, matched_outputs, per_output_agreement, top_k_accuracy
+from edgeq.metrics import agreement, by_source_name, per_output_agreement, top_k_accuracy
 from edgeq.targets import Target
 from edgeq.taskmetrics import Metric, MetricData, compute_metrics
 
@@ -161,8 +161,7 @@ def device_outputs(manifest: Manifest, data: EvalData, outputs: Path, output_nam
                if array is not None and np.issubdtype(array.dtype, np.number) and np.all(np.isfinite(array))]
     source_names = {t.name: t.source_name for t in manifest.outputs if t.source_name}
     sources = list(data.references) or [t.source_name or t.name for t in manifest.outputs]
-    matched = matched_outputs([n for n, _ in present], sources, source_names)
-    return {sources[source_index]: present[index][1] for index, source_index in matched.items()}
+    return by_source_name([a for _, a in present], [n for n, _ in present], sources, source_names)
 
 
 def device_output_agreement(data: EvalData, by_source: dict[str, np.ndarray]) -> dict:

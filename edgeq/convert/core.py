@@ -120,13 +120,14 @@ def convert(
     kind = detect_kind(model_path)
     capability = find_capability(fmt, precision, kind, str(model_path))
     _require_backends(fmt, precision, kind)
+    # The int8 settings asked for beyond calibration (None: not asked; activation_bits 8 is everyone's default).
+    asked = {"int8_preset": int8_preset, "fast_bias_correction": fast_bias_correction, "transformer": transformer,
+             "accuracy_control": accuracy_control, "int8_op_types": int8_op_types,
+             "activation_bits": None if activation_bits == 8 else activation_bits}
     source_quantized_ops = quantized_ops(model_path, kind)
     if source_quantized_ops:  # its own scales are kept: see edgeq.convert.prequantized
-        check_prequantized_request(model_path, kind, source_quantized_ops, fmt, precision, calibration, float_nodes, {
-            "calibration_method": calibration_method, "int8_preset": int8_preset, "accuracy_control": accuracy_control,
-            "transformer": transformer,
-            "fast_bias_correction": fast_bias_correction, "int8_op_types": int8_op_types,
-            "activation_bits": None if activation_bits in (None, 8) else activation_bits})
+        check_prequantized_request(model_path, kind, source_quantized_ops, fmt, precision, calibration, float_nodes,
+                                   {"calibration_method": calibration_method, **asked})
         capability, calibration = replace(capability, needs_calibration=False), None
     _check_calibration_request(capability, fmt, precision, calibration, calibration_method, model_path)
     if precision == "bf16":
@@ -147,9 +148,6 @@ def convert(
         raise ConversionError(f"{model_path}: {fmt} {precision} cannot keep nodes in float",
                               hint=f"float nodes apply to {fmt} {', '.join(backend.float_node_precisions)}"
                               if backend.float_node_precisions else f"no {fmt} precision keeps nodes in float")
-    asked = {"int8_preset": int8_preset, "fast_bias_correction": fast_bias_correction, "transformer": transformer,
-             "accuracy_control": accuracy_control, "int8_op_types": int8_op_types,
-             "activation_bits": None if activation_bits == 8 else activation_bits}  # 8: everyone's default
     for name, value in asked.items():
         if value is not None and (precision != "int8" or name not in backend.int8_tunables):
             raise ConversionError(f"{model_path}: {fmt} {precision} does not take {name}",

@@ -9,7 +9,7 @@ import numpy as np
 from edgeq.convert.source import SourceModel
 from edgeq.data import Dataset, check_labels_range
 from edgeq.manifest import OutputAgreement, Validation
-from edgeq.metrics import agreement, matched_outputs, per_output_agreement, top_k_accuracy
+from edgeq.metrics import agreement, by_source_name, per_output_agreement, top_k_accuracy
 from edgeq.taskmetrics import Gate, Metric, MetricData, check_gates, compute_metrics
 
 log = logging.getLogger(__name__)
@@ -55,13 +55,6 @@ def run_artifact_outputs(session, source_names: dict[str, str], dataset: Dataset
         part = {name: arr[start : start + step] for name, arr in feed.items()}
         chunks.append(session.run(part))
     return [np.concatenate([chunk[i] for chunk in chunks]) for i in range(len(chunks[0]))]
-
-
-def by_source_name(outputs: list[np.ndarray], artifact_names: list[str], source_outputs: list[str],
-                   source_names: dict[str, str]) -> dict[str, np.ndarray]:
-    """The artifact's outputs keyed by the source output each one is (``matched_outputs``)."""
-    return {source_outputs[source_index]: outputs[artifact_index] for artifact_index, source_index
-            in matched_outputs(artifact_names, source_outputs, source_names).items()}
 
 
 def validate(source: SourceModel, session, source_names: dict[str, str], dataset: Dataset,
