@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 from edgeq.errors import DeployError, EdgeqError, Failure, RemoteCommandError, internal_failure
 from edgeq.manifest import MANIFEST_NAME, Manifest, sha256_file, verify_artifact
 from edgeq.remote import Transport, open_transport
-from edgeq.remote.device import device_lock, device_op, device_workdir
+from edgeq.remote.device import LockedDevice, device_lock, device_op, device_workdir
 from edgeq.targets import Target
 
 log = logging.getLogger(__name__)
@@ -163,21 +163,20 @@ def deploy_over(transport: Transport, target: Target, manifest: Manifest, plan: 
     """Deploy a checked artifact over an open connection, under the device lock; (status, message,
     uploaded bytes). Raises EdgeqError; ``deploy`` turns that into a failed outcome."""
     workdir = device_workdir(transport, target)
-    with device_lock(transport, target, workdir):
-        return _deploy_locked(transport, target, workdir, manifest, plan, keep, progress, _after_upload, activate)
+    with device_lock(transport, target, workdir) as device:
+        return _deploy_locked(device, manifest, plan, keep, progress, _after_upload, activate)
 
 
 def _mb(size: int) -> str:
     return f"{size / 1e6:.1f} MB"
 
 
-def _deploy_locked(transport: Transport, target: Target, workdir: str, manifest: Manifest,
-                   plan: list[ReleaseFile], keep: int, progress: DeployProgress | None,
-                   after_upload, activate: bool = True) -> tuple[str, str, int]:
+def _deploy_locked(device: LockedDevice, manifest: Manifest, plan: list[ReleaseFile], keep: int,
+                   progress: DeployProgress | None, after_upload, activate: bool = True) -> tuple[str, str, int]:
+    transport, target, workdir = device.transport, device.target, device.workdir
     release_id = manifest.id
     expected = {f.rel: f.sha256 for f in plan}
-    state = device_op(transport, target, "inspect", {"workdir": workdir, "release_id": release_id,
-                                                     "expected": expected})
+    state = device.op("inspect", {"workdir": workdir, "release_id": release_id, "expected": expected})
     current = state.get("current")
     replace: list[str] | None = None
     upload = plan
@@ -189,7 +188,7 @@ def _deploy_locked(transport: Transport, target: Target, workdir: str, manifest:
             if not activate:
                 return "unchanged", f"already on the device and verified; not activated (current is " \
                                     f"{current or 'unset'}); nothing uploaded", 0
-            _activate(transport, target, workdir, release_id, expected, keep, current)
+            _activate(device, release_id, expected, keep, current)
             return "deployed", f"release already on the device, verified and activated (was {current}); " \
                                "nothing uploaded", 0
         if bad <= {MANIFEST_NAME}:
@@ -202,9 +201,8 @@ def _deploy_locked(transport: Transport, target: Target, workdir: str, manifest:
     need = sum(f.size for f in upload) + SPACE_MARGIN
     dirs = sorted({str(PurePosixPath(f.rel).parent) for f in upload} - {"."})
     tmp_name = f".tmp-{release_id}-{secrets.token_hex(4)}"
-    prepared = device_op(transport, target, "prepare", {"workdir": workdir, "tmp_name": tmp_name,
-                                                        "need_bytes": need, "dirs": dirs, "keep": keep,
-                                                        "also_keep": [release_id]})
+    prepared = device.op("prepare", {"workdir": workdir, "tmp_name": tmp_name, "need_bytes": need, "dirs": dirs,
+                                     "keep": keep, "also_keep": [release_id]})
     if not prepared.get("ok"):
         raise DeployError(f"{target.label}: not enough free space in {workdir}: need {_mb(need)}, "
                           f"{_mb(prepared['free_bytes'])} free; nothing uploaded, current release unchanged",
@@ -223,7 +221,7 @@ def _deploy_locked(transport: Transport, target: Target, workdir: str, manifest:
     except RemoteCommandError:
         # The connection still works (e.g. disk full mid-write): remove the partial upload now.
         with suppress(EdgeqError):
-            device_op(transport, target, "cleanup", {"workdir": workdir}, timeout=60)
+            device.op("cleanup", {"workdir": workdir}, timeout=60)
         raise
     if after_upload is not None:
         after_upload(transport, tmp)
@@ -231,7 +229,7 @@ def _deploy_locked(transport: Transport, target: Target, workdir: str, manifest:
               "replace": replace, "activate": activate}
     if replace is not None:
         params["tmp_expected"] = {rel: expected[rel] for rel in replace}
-    answer = device_op(transport, target, "activate", params)
+    answer = device.op("activate", params)
     if not answer.get("ok"):
         raise _activation_error(target, answer, current)
     if replace is not None:
@@ -255,11 +253,11 @@ def _activation_error(target: Target, answer: dict, current: str | None) -> Depl
                        hint="run the deploy again; if it repeats, check the device's storage")
 
 
-def _activate(transport, target, workdir, release_id, expected, keep, current) -> None:
-    answer = device_op(transport, target, "activate", {"workdir": workdir, "release_id": release_id,
-                                                              "expected": expected, "keep": keep})
+def _activate(device: LockedDevice, release_id, expected, keep, current) -> None:
+    answer = device.op("activate", {"workdir": device.workdir, "release_id": release_id, "expected": expected,
+                                    "keep": keep})
     if not answer.get("ok"):
-        raise _activation_error(target, answer, current)
+        raise _activation_error(device.target, answer, current)
 
 
 # -- rollback ------------------------------------------------------------------------------------------
@@ -267,8 +265,8 @@ def rollback(target: Target) -> RollbackResult:
     """Point ``current`` back at the release that was active before it (verified on the device first)."""
     with open_transport(target) as transport:
         workdir = device_workdir(transport, target)
-        with device_lock(transport, target, workdir):
-            answer = device_op(transport, target, "rollback", {"workdir": workdir})
+        with device_lock(transport, target, workdir) as device:
+            answer = device.op("rollback", {"workdir": workdir})
     if not answer.get("ok"):
         if answer.get("error") == "no current release":
             raise DeployError(f"{target.label}: nothing is deployed in {target.workdir}; nothing to roll back")
@@ -279,17 +277,23 @@ def rollback(target: Target) -> RollbackResult:
 
 
 def break_lock(target: Target) -> str:
-    """Stop the process that holds ``target``'s deploy lock (left by a controller gone in a partition) and
-    say whose it was; DeployError when the holder is not an edgeq lock process (nothing is stopped)."""
+    """Stop the processes that hold ``target``'s deploy and bench locks (left by a controller gone in a
+    partition; each stops the step it runs first) and say whose they were; DeployError when a holder is not
+    an edgeq lock process (it is not stopped)."""
+    broken = []
     with open_transport(target) as transport:
         workdir = device_workdir(transport, target)
-        answer = device_op(transport, target, "break_lock", {"workdir": workdir})
-    if not answer.get("ok"):
-        raise DeployError(f"{target.label}: the deploy lock in {workdir} was not broken: {answer.get('message')} "
-                          f"(held by {answer.get('holder') or 'unknown'})")
-    if not answer.get("held"):
-        return f"{target.name}: the deploy lock in {workdir} is not held; nothing to break"
-    return f"{target.name}: broke the deploy lock held by {answer.get('holder') or 'unknown'} (device pid {answer['pid']})"
+        for lock in ("deploy", "bench"):
+            answer = device_op(transport, target, "break_lock", {"workdir": workdir, "lock": lock})
+            if not answer.get("ok"):
+                raise DeployError(f"{target.label}: the {lock} lock in {workdir} was not broken: "
+                                  f"{answer.get('message')} (held by {answer.get('holder') or 'unknown'})")
+            if answer.get("held"):
+                broken.append(f"broke the {lock} lock held by {answer.get('holder') or 'unknown'} "
+                              f"(device pid {answer['pid']})")
+    if not broken:
+        return f"{target.name}: the deploy and bench locks in {workdir} are not held; nothing to break"
+    return f"{target.name}: " + "; ".join(broken)
 
 
 # -- fleet ---------------------------------------------------------------------------------------------

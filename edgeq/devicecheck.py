@@ -13,7 +13,7 @@ from edgeq.device.runtimes import formats, runtime_module
 from edgeq.errors import ConnectError, DeployError, EdgeqError, Failure, RemoteCommandError
 from edgeq.profiles import DeviceProfile, load_profile
 from edgeq.remote import open_transport
-from edgeq.remote.device import device_lock, device_op, device_python, device_workdir
+from edgeq.remote.device import LockedDevice, device_lock, device_op, device_python, device_workdir
 from edgeq.targets import Target
 
 SETUP_TIMEOUT = 1800.0
@@ -174,18 +174,16 @@ def setup_target(target: Target, wheelhouse: str | Path | None = None, system_si
                                    + " ".join(packages) + " (with --platform/--python-version for the device)")
     with open_transport(target) as transport:
         workdir = device_workdir(transport, target)
-        with device_lock(transport, target, workdir, purpose="targets setup"):
-            device_op(transport, target, "venv_prepare", {"workdir": workdir}, timeout=300)
+        with device_lock(transport, target, workdir, purpose="targets setup") as device:
+            device.op("venv_prepare", {"workdir": workdir}, timeout=300)
             name = f"venv-{secrets.token_hex(4)}"
             build = f"{workdir}/{name}"
             try:
-                _build_venv(transport, target, workdir, build, packages, wheels, system_site_packages, timeout)
-                switched = device_op(transport, target, "venv_switch", {"workdir": workdir, "name": name},
-                                     timeout=300)
+                _build_venv(device, build, packages, wheels, system_site_packages, timeout)
+                switched = device.op("venv_switch", {"workdir": workdir, "name": name}, timeout=300)
             except BaseException as exc:
                 with suppress(EdgeqError):
-                    device_op(transport, target, "venv_discard", {"workdir": workdir, "name": name},
-                              timeout=300)
+                    device.op("venv_discard", {"workdir": workdir, "name": name}, timeout=300)
                 if isinstance(exc, RemoteCommandError):
                     raise RemoteCommandError(f"{exc.message}; the device's previous venv and recorded "
                                              "interpreter are unchanged", hint=exc.hint) from exc
@@ -194,25 +192,27 @@ def setup_target(target: Target, wheelhouse: str | Path | None = None, system_si
                        time.monotonic() - started)
 
 
-def _build_venv(transport, target: Target, workdir: str, build: str, packages: list[str], wheels: list[Path],
+def _build_venv(device: LockedDevice, build: str, packages: list[str], wheels: list[Path],
                 system_site_packages: bool, timeout: float) -> None:
-    """Make a venv at ``build`` on the device and pip install ``packages`` into it (raises on failure)."""
-    venv_argv = [target.python, "-m", "venv"]
+    """Make a venv at ``build`` on the device and pip install ``packages`` into it (raises on failure), under
+    the lock: a controller that goes leaves no pip running."""
+    transport = device.transport
+    venv_argv = [device.target.python, "-m", "venv"]
     if system_site_packages:
         venv_argv.append("--system-site-packages")
-    transport.run([*venv_argv, build], timeout=600)
+    device.run([*venv_argv, build], timeout=600)
     pip = [f"{build}/bin/python", "-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
     if wheels:
         # Only this setup's wheels: a directory of its own, removed afterwards (a shared one would let pip
         # pick up wheels an earlier setup left there).
         remote_wheels = f"{build}.wheelhouse"
-        transport.run(["mkdir", "-p", remote_wheels], timeout=60)
+        device.run(["mkdir", "-p", remote_wheels], timeout=60)
         try:
             for wheel in wheels:
                 transport.put(wheel, f"{remote_wheels}/{wheel.name}")
-            transport.run([*pip, "--no-index", "--find-links", remote_wheels, *packages], timeout=timeout)
+            device.run([*pip, "--no-index", "--find-links", remote_wheels, *packages], timeout=timeout)
         finally:
             with suppress(EdgeqError):
-                transport.run(["rm", "-rf", "--", remote_wheels], timeout=300)
+                device.run(["rm", "-rf", "--", remote_wheels], timeout=300)
     else:
-        transport.run([*pip, *packages], timeout=timeout)
+        device.run([*pip, *packages], timeout=timeout)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -274,16 +275,29 @@ def _aged(path: Path, seconds: float) -> Path:
     return path
 
 
-def test_a_run_removes_what_dropped_runs_left_but_not_live_ones(hand_artifacts, tmp_path, local_workdir):  # noqa: F811
+_HOLD_FLOCK = "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); print(1, flush=True); " \
+              "time.sleep(300)"
+
+
+def test_a_run_removes_what_dropped_runs_left_but_never_a_live_one(hand_artifacts, tmp_path, local_workdir):  # noqa: F811
+    """A run is live while a process holds its directory's .live flock; no clock is read. The live run here
+    has a directory dated three days back, as a device whose clock jumped two days forward (NTP reachable at
+    last, no RTC) sees it: the old rule, older than twice the run's limit, deleted it under the run."""
     runs = local_workdir / "runs"
-    stale = _aged(runs / "20250101T000000-0badc0de-L60", 121)  # over twice its 60 s limit: surely over
-    live = _aged(runs / "20250101T000000-feedf00d-L60", 100)  # within twice its limit: may still run
-    old_style = _aged(runs / "20240101T000000-00c0ffee", 2 * 24 * 3600)  # no limit in the name: a day
-    recent_old_style = _aged(runs / "20240101T000000-0decafe0", 3600)
-    run = bench(hand_artifacts["onnx"], local_target(), output_dir=tmp_path / "r", **QUICK_KW)
-    assert run.ok, run.result.error
-    assert not stale.exists() and not old_style.exists()
-    assert sorted(p.name for p in runs.iterdir()) == sorted([live.name, recent_old_style.name])
+    _aged(runs / "20250101T000000-0badc0de-L60", 121)  # an old-style name, long over
+    just_left = _aged(runs / "20261206T000000-00c0ffee", 0)  # a controller died right after making it
+    (just_left / ".live").touch()  # and its run had started: the flock went with it
+    live = _aged(runs / "20261206T000000-feedf00d", 3 * 24 * 3600)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_FLOCK, str(live / ".live")], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"1"
+        run = bench(hand_artifacts["onnx"], local_target(), output_dir=tmp_path / "r", **QUICK_KW)
+        assert run.ok, run.result.error
+        assert sorted(p.name for p in runs.iterdir()) == [live.name]
+        assert (live / "eval_inputs.npz").exists()
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_failed_result_for_a_built_and_an_unbuilt_artifact(hand_artifacts, tmp_path):  # noqa: F811

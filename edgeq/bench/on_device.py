@@ -17,7 +17,14 @@ import numpy as np
 from edgeq.bench.evaldata import EvalData
 from edgeq.errors import BenchError, EdgeqError
 from edgeq.manifest import Manifest
-from edgeq.remote.device import device_lock, device_op, device_python, device_workdir, release_dir
+from edgeq.remote.device import (
+    LockedDevice,
+    device_lock,
+    device_op,
+    device_python,
+    device_workdir,
+    release_dir,
+)
 from edgeq.targets import Target
 
 log = logging.getLogger(__name__)
@@ -55,10 +62,6 @@ class BenchSettings:
 
 # The runner is killed this long after its time limit if SIGTERM did not stop it.
 KILL_AFTER_S = 10
-# Run directories a dropped run left behind (its cleanup needs the connection) are removed by a later run
-# once they are older than twice their own time limit, which the name carries ("...-L<seconds>"); older
-# runs' names without one are kept this long.
-STALE_RUN_DEFAULT_S = 24 * 3600
 
 
 # What a device may send back: the runner's result is a few hundred KiB at most (latency samples); the eval
@@ -105,11 +108,12 @@ def _ensure_release(transport, target: Target, artifact_dir: Path, manifest: Man
     return release_dir(transport, target, manifest.id)
 
 
-def _remove_stale_runs(transport, target: Target, runs_dir: str) -> None:
-    """Remove run directories that dropped runs left on the device (never one that may still be running)."""
+def _remove_stale_runs(device: LockedDevice, runs_dir: str) -> None:
+    """Remove run directories that dropped runs left on the device (never one that is still running: a live
+    run holds its directory's flock; no clock is read). Under the bench lock."""
+    target = device.target
     try:
-        answer = device_op(transport, target, "clean_runs", {"runs_dir": runs_dir,
-                                                              "default_age_s": STALE_RUN_DEFAULT_S}, timeout=60)
+        answer = device.op("clean_runs", {"runs_dir": runs_dir}, timeout=60)
     except EdgeqError as exc:
         log.info("%s: could not clean %s: %s", target.name, runs_dir, exc.message)
         return
@@ -130,13 +134,13 @@ def run_on_device(target: Target, artifact_dir: Path, manifest: Manifest, settin
         release = _ensure_release(transport, target, artifact_dir, manifest)
         workdir = device_workdir(transport, target)
         # One bench at a time on a device, and no deploy (swap, prune) while it runs.
-        locks.enter_context(device_lock(transport, target, workdir, "bench", lock="bench"))
+        # The bench lock's holder runs the bench step, so `edgeq targets unlock` stops it with the lock.
+        device = locks.enter_context(device_lock(transport, target, workdir, "bench", lock="bench"))
         locks.enter_context(device_lock(transport, target, workdir, "bench", shared=True))
         limit = settings.time_limit(data.dataset.samples if data else 0)
-        runs_dir = f"{device_workdir(transport, target)}/runs"
-        _remove_stale_runs(transport, target, runs_dir)
-        # The name carries how long the run may take, so a later run can tell when it is surely over.
-        run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(4)}-L{int(limit) + KILL_AFTER_S}"
+        runs_dir = f"{workdir}/runs"
+        _remove_stale_runs(device, runs_dir)
+        run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(4)}"
         run_dir = f"{runs_dir}/{run_id}"
         transport.run(["mkdir", "-p", run_dir], timeout=30)
         try:
@@ -147,9 +151,8 @@ def run_on_device(target: Target, artifact_dir: Path, manifest: Manifest, settin
                 transport.put(data.device_file, f"{run_dir}/eval_inputs.npz")
             # The device package's bench op runs the measurement in a session of its own under the limit,
             # with the interpreter ``targets setup`` made (isolated: -I).
-            done = device_op(transport, target, "bench",
-                             {"request": f"{run_dir}/request.json", "result": f"{run_dir}/result.json",
-                              "limit_s": limit, "kill_after_s": KILL_AFTER_S},
+            done = device.op("bench", {"request": f"{run_dir}/request.json", "result": f"{run_dir}/result.json",
+                                       "limit_s": limit, "kill_after_s": KILL_AFTER_S},
                              python=python, timeout=limit + KILL_AFTER_S + 30)
             local_result = scratch / "result.json"
             try:

@@ -154,6 +154,10 @@ class RunningCommand(ABC):
         """One line of stdout ('' at EOF); raises RemoteCommandError when nothing arrives in time."""
 
     @abstractmethod
+    def write(self, data: bytes) -> None:
+        """Send ``data`` to its stdin; raises RemoteCommandError when the command or connection is gone."""
+
+    @abstractmethod
     def close(self) -> None:
         """Close its stdin (the command sees EOF and ends) and let go of it."""
 

@@ -6,7 +6,8 @@ once per version, and every device step run through it.
 - ``ensure_package()`` puts it at ``WORKDIR/bin/`` once per version: uploaded to a temp name, checked on
   the device with ``selfcheck <sha256>``, then renamed into place (a half-written package is never run).
 - ``device_op()`` runs ``python -I WORKDIR/bin/edgeq-device-<sha12>.pyz OP`` with JSON on stdin and reads
-  its one JSON line; ``device_lock()`` holds the deploy lock for a block.
+  its one JSON line; ``device_lock()`` holds the deploy lock (or the bench lock) for a block and yields a
+  ``LockedDevice``, whose ``op()`` runs a step through the lock's holder, so it is stopped with it.
 
 Names never reach a shell: argv lists only, parameters as JSON.
 """
@@ -29,7 +30,14 @@ from functools import lru_cache
 from pathlib import Path
 
 from edgeq.errors import DeployError, RemoteCommandError
-from edgeq.remote.base import Transport, stderr_tail
+from edgeq.remote.base import (
+    CommandResult,
+    RunningCommand,
+    Transport,
+    check_argument,
+    describe_argv,
+    stderr_tail,
+)
 from edgeq.targets import Target
 
 DEVICE_SOURCE = Path(__file__).resolve().parent.parent / "device"
@@ -167,23 +175,80 @@ def device_argv(transport: Transport, target: Target, python: str, op: str, *arg
 def device_op(transport: Transport, target: Target, op: str, params: dict, *, python: str | None = None,
               timeout: float = STEP_TIMEOUT) -> dict:
     """Run one device operation (JSON in on stdin, one JSON line out) with ``python`` (default the
-    target's) and return its answer."""
+    target's) and return its answer. Steps that change the device run under its lock instead
+    (``LockedDevice.op``), which stops them when the controller goes."""
     python = python or target.python
     argv = device_argv(transport, target, python, op)
     result = transport.run(argv, timeout=timeout, check=False, input=json.dumps(params).encode())
-    data = _last_json(result.stdout)
+    return _answer(target, op, python, argv, result.exit_code, result.stdout, result.stderr)
+
+
+def _answer(target: Target, op: str, python: str, argv: list[str], exit_code: int | None, stdout: str,
+            stderr: str) -> dict:
+    """A device step's JSON answer, or the error its exit code, output and error kind say."""
+    data = _last_json(stdout)
     label = target.label
-    where = {"host": target.name, "argv": argv, "exit_code": result.exit_code}
-    if result.exit_code == 127 or (data is None and "not found" in result.stderr):
+    where = {"host": target.name, "argv": argv, "exit_code": exit_code}
+    if exit_code == 127 or (data is None and "not found" in stderr):
         raise _no_python(target, python)
     if data is None:
-        raise RemoteCommandError(f"{label}: device step '{op}' failed (exit {result.exit_code})"
-                                 + (f": {stderr_tail(result.stderr)}" if result.stderr.strip() else ""), **where)
+        raise RemoteCommandError(f"{label}: device step '{op}' failed (exit {exit_code})"
+                                 + (f": {stderr_tail(stderr)}" if stderr.strip() else ""), **where)
     if data.get("error") == "os":
         raise DeployError(f"{label}: {op} failed on the device: {data.get('message')}", **where)
     if data.get("error") in ("usage", "internal"):
         raise RemoteCommandError(f"{label}: device step '{op}' failed: {data.get('message')}", **where)
     return data
+
+
+# How long past a step's own limit the controller waits for the holder's answer (it stops the step first).
+STOP_MARGIN = 30.0
+
+
+class LockedDevice:
+    """A device whose lock this controller holds: ``op`` runs a step through the lock's holder process,
+    which stops the step's process group when its time limit passes or this controller goes, and keeps the
+    lock until then (edgeq/device/ops/steps.py)."""
+
+    def __init__(self, transport: Transport, target: Target, holder: RunningCommand, workdir: str):
+        self.transport, self.target, self.workdir = transport, target, workdir
+        self._holder = holder
+
+    def op(self, op: str, params: dict, *, python: str | None = None, timeout: float | None = None) -> dict:
+        """Run device operation ``op`` (with ``python``, default the target's) under the lock, stopped after
+        ``timeout`` seconds (default ``STEP_TIMEOUT``); its answer."""
+        python = python or self.target.python
+        timeout = STEP_TIMEOUT if timeout is None else timeout
+        argv = device_argv(self.transport, self.target, python, op)
+        exit_code, stdout, stderr = self._step(argv, json.dumps(params), timeout, f"device step '{op}'")
+        return _answer(self.target, op, python, argv, exit_code, stdout, stderr)
+
+    def run(self, argv: list[str], timeout: float) -> CommandResult:
+        """Run a command (say pip) under the lock; RemoteCommandError when it fails or runs past ``timeout``."""
+        argv = [check_argument(arg) for arg in argv]
+        exit_code, stdout, stderr = self._step(argv, "", timeout, f"'{describe_argv(argv)}'")
+        if exit_code != 0:
+            raise RemoteCommandError(f"{self.target.label}: '{describe_argv(argv)}' failed with exit code {exit_code}"
+                                     + (f": {stderr_tail(stderr)}" if stderr.strip() else ""),
+                                     host=self.target.name, argv=argv, exit_code=exit_code)
+        return CommandResult(argv, exit_code, stdout, stderr)
+
+    def _step(self, argv: list[str], input: str, timeout: float, what: str) -> tuple[int, str, str]:
+        """(exit code, stdout, stderr) of ``argv`` run by the lock's holder."""
+        self._holder.write((json.dumps({"argv": argv, "input": input, "timeout_s": timeout}) + "\n").encode())
+        line = self._holder.readline(timeout + STOP_MARGIN)
+        where = {"host": self.target.name, "argv": argv}
+        try:
+            reply = json.loads(line)
+        except json.JSONDecodeError:
+            raise RemoteCommandError(f"{self.target.label}: the device's lock process ended during {what}"
+                                     + (f": {line.strip()}" if line.strip() else ""), **where) from None
+        if reply.get("timed_out"):
+            raise RemoteCommandError(f"{self.target.label}: {what} timed out after {timeout:g}s; the device "
+                                     "stopped it", **where)
+        if not isinstance(reply.get("exit_code"), int):  # the holder's own refusal (a malformed request)
+            raise RemoteCommandError(f"{self.target.label}: {what} failed: {reply.get('message')}", **where)
+        return reply["exit_code"], reply.get("stdout") or "", reply.get("stderr") or ""
 
 
 def device_python(transport: Transport, target: Target) -> str:
@@ -200,14 +265,14 @@ def current_release(transport: Transport, target: Target) -> str | None:
 
 @contextmanager
 def device_lock(transport: Transport, target: Target, workdir: str, purpose: str = "deploy", *,
-                lock: str = "deploy", shared: bool = False) -> Iterator[None]:
+                lock: str = "deploy", shared: bool = False) -> Iterator[LockedDevice]:
     """Hold one of the device's locks for the duration; fail fast when it is taken.
 
     ``lock="deploy"``: exclusive for deploy, rollback and setup, shared (``shared=True``) for a bench, so no
     release is swapped or pruned under a live run. ``lock="bench"``: one bench at a time (two would share the
     device's CPUs and distort each other's latency and energy). The lock is a flock held by a process whose
     stdin is this connection: if the controller dies, the channel closes, the process sees EOF and the kernel
-    releases the lock.
+    releases the lock. Steps run under the lock go through the yielded ``LockedDevice``.
     """
     holder = f"edgeq {purpose} on {socket.gethostname()} pid {os.getpid()} since " \
              f"{datetime.now(timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')}"
@@ -228,12 +293,13 @@ def device_lock(transport: Transport, target: Target, workdir: str, purpose: str
             held_by = answer.get("holder") or "another process"
             if lock == "bench":
                 raise DeployError(f"{target.label}: another bench is running on this device (held by {held_by})",
-                                  hint="benches on one device share its CPUs: run them one after another")
+                                  hint=f"benches on one device share its CPUs: run them one after another; if "
+                                       f"that controller is gone: edgeq targets unlock {target.name}")
             what = "a bench is running" if held_by.startswith("edgeq bench") else "another deploy is in progress"
             raise DeployError(f"{target.label}: {what} on this device "
                               f"(lock {workdir}/.deploy.lock held by {held_by})",
                               hint=f"wait for it to finish; if that controller is gone (crashed, or cut off "
                                    f"by a partition): edgeq targets unlock {target.name}")
-        yield
+        yield LockedDevice(transport, target, process, workdir)
     finally:
         process.close()

@@ -42,6 +42,13 @@ class _LocalRunning(RunningCommand):
             raise RemoteCommandError(f"{self._label}: no answer from '{describe_argv(self._argv)}' in {timeout:g}s")
         return result[0].decode("utf-8", "replace")
 
+    def write(self, data: bytes) -> None:
+        try:
+            self._process.stdin.write(data)
+            self._process.stdin.flush()
+        except (OSError, ValueError) as exc:
+            raise RemoteCommandError(f"{self._label}: '{describe_argv(self._argv)}' is gone: {exc}") from exc
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self._process.stdin.close()

@@ -149,6 +149,13 @@ class _SSHRunning(RunningCommand):
         line, _, self._buffer = self._buffer.partition(b"\n")
         return line.decode("utf-8", "replace")
 
+    def write(self, data: bytes) -> None:
+        try:
+            self._channel.sendall(data)
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise RemoteCommandError(f"{self._label}: '{describe_argv(self._argv)}' is gone (connection lost?): "
+                                     f"{exc or type(exc).__name__}") from exc
+
     def close(self) -> None:
         try:
             self._channel.shutdown_write()

@@ -2,21 +2,24 @@
 release is swapped or pruned under a live run) and WORKDIR/.bench.lock (one bench at a time). Each is a flock
 held by the ``lock`` op's process until its stdin (the controller's channel) closes; the file names the holder
 and its device pid, so ``break_lock`` (``edgeq targets unlock``) can stop a holder whose controller is gone.
+The holder also runs the steps done under its lock (ops/steps.py) and stops them before it lets go.
 """
 
 import errno
 import fcntl
 import os
 import signal
-import sys
 import time
+
+from .steps import serve_steps
 
 LOCK_FILES = {"deploy": ".deploy.lock", "bench": ".bench.lock"}
 
 
 def op_lock(params, emit):
     """Hold a flock on WORKDIR/.deploy.lock (or .bench.lock) until stdin closes (the controller ends or dies):
-    exclusive for deploy, rollback and setup; shared for a bench, so no release moves under a live run."""
+    exclusive for deploy, rollback and setup; shared for a bench, so no release moves under a live run.
+    Meanwhile run the controller's steps (``serve_steps``); none is left running when the flock goes."""
     workdir = params["workdir"]
     shared = bool(params.get("shared"))
     os.makedirs(workdir, exist_ok=True)
@@ -31,8 +34,8 @@ def op_lock(params, emit):
         return
     os.ftruncate(fd, 0)  # shared holders overwrite each other's line: the file names the latest
     os.pwrite(fd, ("%s\n%s%d\n" % (params.get("holder", ""), LOCK_PID, os.getpid())).encode("utf-8"), 0)
-    emit({"locked": True})
-    sys.stdin.read()  # EOF when the channel closes, whatever the reason
+    emit({"locked": True, "pid": os.getpid()})
+    serve_steps(emit)  # until EOF (the channel closed, whatever the reason), SIGTERM or SIGHUP
     if not shared:
         os.ftruncate(fd, 0)
 
@@ -50,10 +53,11 @@ def _holder(text):
 
 
 def op_break_lock(params):
-    """Stop the process holding the deploy lock (a controller gone in a partition leaves its session and its
-    lock process alive until TCP gives up, about 2 h). Only a process that is this package's ``lock`` op is
-    stopped; the kernel releases the flock when it exits."""
-    path = os.path.join(params["workdir"], ".deploy.lock")
+    """Stop the process holding the deploy lock (or the bench lock: ``lock``). A controller gone in a partition
+    leaves its session and its lock process alive until TCP gives up, about 2 h. Only a process that is this
+    package's ``lock`` op is stopped; it stops the step it runs, and the kernel releases the flock when it
+    exits."""
+    path = os.path.join(params["workdir"], LOCK_FILES[params.get("lock", "deploy")])
     if not os.path.exists(path):
         return {"ok": True, "held": False}
     fd = os.open(path, os.O_RDWR)
@@ -74,7 +78,7 @@ def op_break_lock(params):
             return {"ok": False, "error": "holder", "holder": holder,
                     "message": "pid %d is not an edgeq lock process; not stopping it" % pid}
         os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 20  # the holder stops its step first
         while time.monotonic() < deadline:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
