@@ -30,6 +30,7 @@ COMMANDS = {
     "lab": "edgeq.cli.lab:lab",
     "tune": "edgeq.cli.tune:tune",
     "qat": "edgeq.cli.qat:qat",
+    "package": "edgeq.cli.package:package",
 }
 
 

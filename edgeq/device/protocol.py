@@ -4,7 +4,8 @@ Parameters come as JSON on stdin (``lock``, which holds stdin open for its lifet
 next argument). Every operation prints exactly one JSON object on stdout; a failure is an object with
 ``ok: false``, an ``error`` kind (``os``, ``usage``, ``internal``) and a one-line ``message``, and a non-zero
 exit. ``run`` is the exception: it is the bench run itself, started by ``bench``, and writes its result
-to the file named by ``--result``.
+to the file named by ``--result``; so is ``mender STATE FILES``, the Mender update module's states
+(ops/mender.py).
 
 Operation modules are imported only when called: ``inspect`` on a device without numpy works, and a
 short operation costs an interpreter start and a few stdlib imports.
@@ -84,11 +85,14 @@ def _fail(kind, message, code):
 def main(argv=None):
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2:
-        return _fail("usage", "usage: edgeq-device OP (one of: run, %s)" % ", ".join(sorted(OPS)), 2)
+        return _fail("usage", "usage: edgeq-device OP (one of: run, mender, %s)" % ", ".join(sorted(OPS)), 2)
     op = argv[1]
     if op == "run":
         from .bench.runner import main as run_main
         return run_main(argv[2:])
+    if op == "mender":  # the edgeq-release update module's states (Mender's argv, not JSON)
+        from .ops.mender import main as mender_main
+        return mender_main(argv[2:])
     if op not in OPS:
         return _fail("usage", "unknown operation %r (this device package is version %s)" % (op, DEVICE_VERSION), 2)
     try:
