@@ -10,7 +10,7 @@ groups:
 
 ``host`` may be an alias from ``~/.ssh/config``; fields left out here (user, port, key) come from there,
 as OpenSSH would resolve them, and fields given here win. ``local`` is a built-in target: this machine,
-no SSH.
+no SSH. An Ansible inventory (INI, or Ansible's YAML layout) is read too: see ``edgeq.ansible_inventory``.
 """
 
 from __future__ import annotations
@@ -187,11 +187,20 @@ def inventory_files(path: str | Path | None = None) -> list[Path]:
 
 def load_inventory(path: str | Path | None = None) -> Inventory:
     """Load and merge the inventory; a name defined in two files is an error naming both."""
+    from edgeq import ansible_inventory as ansible
+
     merged = Inventory()
     for file in inventory_files(path):
-        data = load_yaml_file(file, InventoryError)
-        if data is None:
-            data = {}
+        if ansible.is_ini(file):
+            if not file.is_file():
+                raise InventoryError(f"{file}: no such inventory file")
+            data = ansible.read_ansible_inventory(file)
+        else:
+            data = load_yaml_file(file, InventoryError)
+            if data is None:
+                data = {}
+            elif ansible.is_ansible_yaml(data):
+                data = ansible.read_ansible_inventory(file)
         inventory = validate_model(Inventory, data, str(file), InventoryError)
         for target in inventory.targets.values():
             known_hosts = target.known_hosts or inventory.known_hosts
