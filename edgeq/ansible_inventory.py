@@ -22,10 +22,17 @@ Ansible variable                    target field
 Every Ansible group but ``ungrouped`` becomes a group of the same name (``all`` too, unless a target has
 that name). Other variables (passwords, become settings) are not read, kept or logged. A value that is a
 Jinja template is refused: edgeq does not evaluate templates.
+
+ansible-core is imported only in a child process (``python -m edgeq.ansible_inventory FILE``), which prints
+the result as JSON: importing it patches interpreter globals (``sys.intern``), which broke torch's
+compiler in the same process.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +84,19 @@ def _ansible():
 def read_ansible_inventory(path: Path) -> dict:
     """The edgeq inventory data (``{"targets": ..., "groups": ...}``) that the Ansible inventory at ``path``
     describes, for ``Inventory`` to validate; InventoryError naming the file and host on any problem."""
+    child = subprocess.run([sys.executable, "-m", "edgeq.ansible_inventory", str(path.resolve())],
+                           capture_output=True, text=True, timeout=120)
+    try:
+        answer = json.loads(child.stdout)
+    except ValueError:
+        raise InventoryError(f"{path}: reading the Ansible inventory failed: "
+                             f"{first_line(child.stderr.strip() or f'exit status {child.returncode}')}") from None
+    if "error" in answer:
+        raise InventoryError(answer["error"], hint=answer.get("hint"))
+    return answer
+
+
+def _parse(path: Path) -> dict:
     InventoryData, get_group_vars, DataLoader, inventory_loader, vars_loader, combine_vars = _ansible()
     path = path.resolve()
     kind = "ini" if is_ini(path) else "yaml"
@@ -127,3 +147,17 @@ def _target_fields(path: Path, name: str, variables: dict) -> dict:
         raise InventoryError(f"{path}: host {name}: no edgeq_profile variable (the device profile, e.g. rpi4)",
                              hint="set edgeq_profile for the host or one of its groups (group_vars/ works too)")
     return fields
+
+
+def main(argv: list[str]) -> int:
+    """The child's side: parse one inventory, print the result or the error as one JSON object."""
+    try:
+        print(json.dumps(_parse(Path(argv[0]))))
+    except InventoryError as exc:
+        print(json.dumps({"error": str(exc), "hint": exc.hint}))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
