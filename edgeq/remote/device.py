@@ -20,6 +20,7 @@ import json
 import os
 import secrets
 import socket
+import time
 import zipapp
 import zipfile
 from collections.abc import Iterator
@@ -205,14 +206,27 @@ def _answer(target: Target, op: str, python: str, argv: list[str], exit_code: in
 STOP_MARGIN = 30.0
 
 
+def _start_within_s() -> float:
+    """A step request that reaches the device later than this after it was sent is not started: sooner than
+    the controller reports a silent device frozen (edgeq.remote.liveness), so a request it gave up on never
+    runs when the device wakes."""
+    from edgeq.remote.liveness import frozen_after_s
+
+    return max(1.0, frozen_after_s() - 1.0)
+
+
 class LockedDevice:
     """A device whose lock this controller holds: ``op`` runs a step through the lock's holder process,
     which stops the step's process group when its time limit passes or this controller goes, and keeps the
     lock until then (edgeq/device/ops/steps.py)."""
 
-    def __init__(self, transport: Transport, target: Target, holder: RunningCommand, workdir: str):
+    def __init__(self, transport: Transport, target: Target, holder: RunningCommand, workdir: str,
+                 device_clock: float | None = None):
         self.transport, self.target, self.workdir = transport, target, workdir
         self._holder = holder
+        # The holder's monotonic clock minus ours (off by the answer's one-way latency, which only makes a
+        # request's start_by later).
+        self._clock_offset = None if device_clock is None else device_clock - time.monotonic()
 
     def op(self, op: str, params: dict, *, python: str | None = None, timeout: float | None = None) -> dict:
         """Run device operation ``op`` (with ``python``, default the target's) under the lock, stopped after
@@ -235,7 +249,10 @@ class LockedDevice:
 
     def _step(self, argv: list[str], input: str, timeout: float, what: str) -> tuple[int, str, str]:
         """(exit code, stdout, stderr) of ``argv`` run by the lock's holder."""
-        self._holder.write((json.dumps({"argv": argv, "input": input, "timeout_s": timeout}) + "\n").encode())
+        request = {"argv": argv, "input": input, "timeout_s": timeout}
+        if self._clock_offset is not None:  # not started if it reaches the device after we would give up on it
+            request["start_by"] = time.monotonic() + self._clock_offset + _start_within_s()
+        self._holder.write((json.dumps(request) + "\n").encode())
         line = self._holder.readline(timeout + STOP_MARGIN)
         where = {"host": self.target.name, "argv": argv}
         try:
@@ -243,6 +260,9 @@ class LockedDevice:
         except json.JSONDecodeError:
             raise RemoteCommandError(f"{self.target.label}: the device's lock process ended during {what}"
                                      + (f": {line.strip()}" if line.strip() else ""), **where) from None
+        if reply.get("expired"):
+            raise RemoteCommandError(f"{self.target.label}: {what} reached the device {reply.get('late_s')}s too "
+                                     "late (frozen, or the link stalled); it was not started", **where)
         if reply.get("timed_out"):
             raise RemoteCommandError(f"{self.target.label}: {what} timed out after {timeout:g}s; the device "
                                      "stopped it", **where)
@@ -300,6 +320,8 @@ def device_lock(transport: Transport, target: Target, workdir: str, purpose: str
                               f"(lock {workdir}/.deploy.lock held by {held_by})",
                               hint=f"wait for it to finish; if that controller is gone (crashed, or cut off "
                                    f"by a partition): edgeq targets unlock {target.name}")
-        yield LockedDevice(transport, target, process, workdir)
+        clock = answer.get("clock")
+        yield LockedDevice(transport, target, process, workdir,
+                           device_clock=float(clock) if isinstance(clock, (int, float)) else None)
     finally:
         process.close()

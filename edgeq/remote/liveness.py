@@ -16,6 +16,12 @@ ALIVE_INTERVAL = 15.0
 ALIVE_COUNT = 3
 
 
+def frozen_after_s() -> float:
+    """Seconds of silence, probes unanswered, after which a device is reported frozen."""
+    return float(os.environ.get("EDGEQ_ALIVE_INTERVAL", ALIVE_INTERVAL)) * \
+        int(os.environ.get("EDGEQ_ALIVE_COUNT", ALIVE_COUNT))
+
+
 class Liveness:
     """ServerAliveInterval / ServerAliveCountMax for a connection waiting on a silent command.
 
@@ -59,3 +65,45 @@ class Liveness:
             self._probe_sent = now
             self._probe = threading.Thread(target=self._ask, name=f"edgeq-alive-{self.label}", daemon=True)
             self._probe.start()
+
+
+class UploadWatch:
+    """Closes the connection when an upload moves nothing for ``frozen_after_s()`` seconds.
+
+    An upload to a frozen device blocks in paramiko's socket write once the kernel's send buffer is full, and
+    paramiko retries a timed-out socket write for as long as the transport is open: no channel timeout and no
+    keepalive (which waits for the same write lock) ends it. Closing the transport does. ``moved()`` after each
+    write; ``error(doing)`` is the ConnectError to raise when the watch closed the connection, else None.
+    """
+
+    def __init__(self, transport: paramiko.Transport, label: str):
+        self.transport, self.label = transport, label
+        self.after_s = frozen_after_s()
+        self.moved_at = time.monotonic()
+        self.stalled_s: float | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name=f"edgeq-upload-{label}", daemon=True)
+
+    def __enter__(self) -> UploadWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._done.set()
+
+    def moved(self) -> None:
+        self.moved_at = time.monotonic()
+
+    def _watch(self) -> None:
+        while not self._done.wait(min(1.0, self.after_s / 4)):
+            still = time.monotonic() - self.moved_at
+            if still > self.after_s:
+                self.stalled_s = still
+                self.transport.close()
+                return
+
+    def error(self, doing: str) -> ConnectError | None:
+        if self.stalled_s is None:
+            return None
+        return ConnectError(f"{self.label}: nothing moved for {self.stalled_s:.0f}s while {doing} (frozen, or the "
+                            "link is down)", hint="check the device's power and network, then deploy again")

@@ -29,9 +29,7 @@ from edgeq.remote.base import (
     RunningCommand,
     Transport,
     check_limit,
-    copy_bounded,
     describe_argv,
-    download_limit_error,
     output_limit_error,
     shell_join,
 )
@@ -45,6 +43,7 @@ from edgeq.remote.known_hosts import (
     host_key_algorithms,
 )
 from edgeq.remote.liveness import Liveness
+from edgeq.remote.sftp import MAX_PACKET_SIZE, WINDOW_SIZE, get_file, open_sftp, put_file
 from edgeq.remote.ssh_config import (
     SYSTEM_KNOWN_HOSTS,
     SSHSettings,
@@ -76,12 +75,6 @@ CONNECT_BACKOFF = (1.0, 2.0, 4.0)
 # The errors worth another try, by kind (errno), not by message: refused, reset, unreachable, timed out.
 TRANSIENT_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EHOSTUNREACH,
                               errno.ENETUNREACH, errno.ENETDOWN, errno.ETIMEDOUT, errno.EHOSTDOWN})
-# Bigger windows and packets than paramiko's defaults keep SFTP writes flowing on fast links.
-WINDOW_SIZE = 64 * 1024 * 1024
-MAX_PACKET_SIZE = 256 * 1024
-# OpenSSH's sftp-server drops the connection for messages over 256 KiB (data + header): stay well below.
-SFTP_WRITE_CHUNK = 128 * 1024
-SFTP_READ_CHUNK = 256 * 1024
 # After a command's exit status, how long to wait for output still on its way when no EOF comes.
 EXIT_DRAIN_SECONDS = 1.0
 # AES-GCM (AEAD, one pass) is the cheapest cipher for paramiko; keep the others as fallbacks.
@@ -324,55 +317,15 @@ class SSHTransport(Transport):
     def sftp(self) -> paramiko.SFTPClient:
         """The connection's SFTP session (opened once, with a large window)."""
         if self._sftp is None:
-            try:
-                self._sftp = paramiko.SFTPClient.from_transport(
-                    self._transport, window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET_SIZE)
-                self._sftp.get_channel().settimeout(max(self.connect_timeout, 30.0))
-            except (paramiko.SSHException, OSError, EOFError) as exc:
-                raise self._lost(exc, "opening SFTP") from exc
+            self._sftp = open_sftp(self._transport, self.target.label, self.connect_timeout, self._lost)
         return self._sftp
 
     def put(self, local_path: str | Path, remote_path: str, progress: ProgressCallback | None = None) -> None:
-        total = os.path.getsize(local_path)
-        done = 0
-        sftp = self.sftp()
-        try:
-            with open(local_path, "rb") as source, sftp.open(remote_path, "wb") as dest:
-                dest.set_pipelined(True)
-                # SFTPFile splits writes at MAX_REQUEST_SIZE (32 KiB); OpenSSH's sftp-server takes 256 KiB.
-                dest.MAX_REQUEST_SIZE = SFTP_WRITE_CHUNK
-                while chunk := source.read(SFTP_WRITE_CHUNK * 4):
-                    dest.write(chunk)
-                    done += len(chunk)
-                    if progress:
-                        progress(done, total)
-        except (paramiko.SSHException, EOFError, OSError) as exc:
-            if self._transport.is_active() and isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
-                detail = exc.strerror or str(exc)
-                if detail == "Failure":  # sftp-server's answer to ENOSPC, EDQUOT and friends
-                    detail = "write failed on the device (disk full?)"
-                raise RemoteCommandError(f"{self.target.label}: cannot write {remote_path}: {detail}") from exc
-            raise self._lost(exc, f"uploading to {remote_path}") from exc
+        put_file(self.sftp(), self._transport, self.target.label, local_path, remote_path, progress, self._lost)
 
     def get(self, remote_path: str, local_path: str | Path, max_bytes: int | None = None) -> None:
         limit = check_limit(max_bytes, MAX_DOWNLOAD_BYTES, "max_bytes")
-        sftp = self.sftp()
-        label = self.target.label
-        try:
-            size = sftp.stat(remote_path).st_size
-            if size is not None and size > limit:
-                raise download_limit_error(label, remote_path, limit, size)
-            with sftp.open(remote_path, "rb") as source:
-                if size:
-                    source.prefetch(size)  # pipelined reads, as sftp.get does; reads past it are counted too
-                copy_bounded(source.read, local_path, limit, SFTP_READ_CHUNK,
-                             lambda: download_limit_error(label, remote_path, limit), label)
-        except OSError as exc:
-            if self._transport.is_active():
-                raise RemoteCommandError(f"{label}: cannot read {remote_path}: {exc.strerror or exc}") from exc
-            raise self._lost(exc, f"downloading {remote_path}") from exc
-        except (paramiko.SSHException, EOFError) as exc:
-            raise self._lost(exc, f"downloading {remote_path}") from exc
+        get_file(self.sftp(), self._transport, self.target.label, remote_path, local_path, limit, self._lost)
 
     def close(self) -> None:
         for closeable in (self._sftp, self.client, *reversed(self._jump_clients), self._proxy):

@@ -71,8 +71,9 @@ class SshdDevice:
         return f"{parts[0]} {parts[1]}"
 
     def known_hosts_line(self) -> str:
-        """A known_hosts line for this device (OpenSSH's ``[host]:port`` form)."""
-        return f"[{self.host}]:{self.port} {self.host_key_line}"
+        """A known_hosts line for this device (OpenSSH's ``[host]:port`` form; the bare host on port 22)."""
+        name = self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+        return f"{name} {self.host_key_line}"
 
     def session_pids(self) -> list[int]:
         """Pids of the sshd processes serving connections (descendants of the listener named sshd)."""
@@ -121,8 +122,11 @@ class SshdDevice:
 
 
 def start_sshd(root: Path, *, client_key: Path | None = None, port: int | None = None,
-               timeout: float = 10.0, extra_config: str = "") -> SshdDevice:
-    """Start ``sshd -D -e`` on 127.0.0.1 with keys and config under ``root``; wait until it answers."""
+               timeout: float = 10.0, extra_config: str = "", listen: str = "127.0.0.1",
+               netns: str | None = None, sftp: bool = True) -> SshdDevice:
+    """Start ``sshd -D -e`` on ``listen`` (127.0.0.1) with keys and config under ``root``; wait until it
+    answers. ``netns``: run it in that network namespace (its mounts are the host's; give ``listen`` and ``port``).
+    ``sftp=False``: a server without the sftp subsystem."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     root.chmod(0o700)
@@ -144,7 +148,7 @@ def start_sshd(root: Path, *, client_key: Path | None = None, port: int | None =
         config = root / "sshd_config"
         config.write_text(
             f"Port {chosen}\n"
-            "ListenAddress 127.0.0.1\n"
+            f"ListenAddress {listen}\n"
             f"HostKey {host_key}\n"
             f"PidFile {root / 'sshd.pid'}\n"
             f"AuthorizedKeysFile {authorized}\n"
@@ -155,23 +159,26 @@ def start_sshd(root: Path, *, client_key: Path | None = None, port: int | None =
             "StrictModes no\n"
             "PermitRootLogin prohibit-password\n"
             f"AllowUsers {user}\n"
-            "Subsystem sftp internal-sftp\n"
-            "MaxSessions 64\n"
+            + ("Subsystem sftp internal-sftp\n" if sftp else "")
+            + "MaxSessions 64\n"
             "MaxStartups 64:30:128\n"
             "LogLevel ERROR\n"
             + extra_config
         )
         log = open(root / "sshd.log", "ab")  # noqa: SIM115 - handed to the child process
-        process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=log,
+        # nsenter joins the network namespace only and execs sshd (the pid is sshd's). ``ip netns exec`` would
+        # also give it a mount namespace of its own, where a tmpfs mounted later for a test is not seen.
+        prefix = ["nsenter", f"--net=/run/netns/{netns}"] if netns else []
+        process = subprocess.Popen([*prefix, SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=log,
                                    stdin=subprocess.DEVNULL)
         log.close()
-        device = SshdDevice(root=root, host="127.0.0.1", port=chosen, user=user, client_key=client_key,
+        device = SshdDevice(root=root, host=listen, port=chosen, user=user, client_key=client_key,
                             host_key=host_key, process=process)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 break
-            if _banner_ready(chosen):
+            if _banner_ready(listen, chosen):
                 return device
             time.sleep(0.05)
         if process.poll() is None:
@@ -183,9 +190,9 @@ def start_sshd(root: Path, *, client_key: Path | None = None, port: int | None =
     raise RuntimeError(f"sshd did not start in {root}: {last_error}")
 
 
-def _banner_ready(port: int) -> bool:
+def _banner_ready(host: str, port: int) -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+        with socket.create_connection((host, port), timeout=0.5) as sock:
             sock.settimeout(1.0)
             return sock.recv(8).startswith(b"SSH-")
     except OSError:

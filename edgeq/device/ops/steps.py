@@ -13,6 +13,11 @@ process group (SIGTERM, then SIGKILL) when
 
 and only then lets the flock go. So no step swaps ``current`` after the controller reported the deploy
 failed, and a retry that gets the lock never runs beside a step of the one before.
+
+A request may carry ``start_by``, a time on the holder's monotonic clock (the lock's answer told the
+controller that clock): a request that arrives later is not started. A device frozen while the request
+was in flight (SIGSTOP, a hung kernel) would otherwise run it on waking, after the controller had given
+up on it; the closed connection's EOF may reach the holder only just after the request does.
 """
 
 import contextlib
@@ -104,8 +109,13 @@ def serve_steps(emit):
             request = json.loads(line.decode("utf-8"))
             argv, data = [str(arg) for arg in request["argv"]], request.get("input", "").encode("utf-8")
             timeout_s = float(request["timeout_s"])
+            start_by = request.get("start_by")
+            start_by = None if start_by is None else float(start_by)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             emit({"ok": False, "error": "usage", "message": "lock: a step request is malformed: %s" % exc})
+            continue
+        if start_by is not None and time.monotonic() > start_by:
+            emit({"expired": True, "late_s": round(time.monotonic() - start_by, 3)})
             continue
         answer = _run_step(argv, data, timeout_s, stop, controller)
         if answer is None:  # the controller is gone or the holder was told to stop: the step was stopped
