@@ -3,6 +3,9 @@ watched for a frozen peer, downloads bounded. Used by ``SSHTransport`` (ssh.py);
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +21,9 @@ MAX_PACKET_SIZE = 256 * 1024
 # OpenSSH's sftp-server drops the connection for messages over 256 KiB (data + header): stay well below.
 SFTP_WRITE_CHUNK = 128 * 1024
 SFTP_READ_CHUNK = 256 * 1024
+# Uploads of at least 2 x STREAM_MIN_BYTES are split over sessions (upload_streams).
+DEFAULT_UPLOAD_STREAMS = 4
+STREAM_MIN_BYTES = 8 * 1024 * 1024
 
 # (the exception, what was being done) -> the ConnectError for a lost connection
 Lost = Callable[[BaseException, str], ConnectError]
@@ -50,22 +56,37 @@ def open_sftp(transport: paramiko.Transport, label: str, connect_timeout: float,
         raise lost(exc, "opening SFTP") from exc
 
 
-def put_file(sftp: paramiko.SFTPClient, transport: paramiko.Transport, label: str, local_path: str | Path,
-             remote_path: str, progress: ProgressCallback | None, lost: Lost) -> None:
+def upload_streams(size: int) -> int:
+    """SFTP sessions an upload of ``size`` bytes is split over. Each session is an SSH channel whose window the
+    device's sshd sets (OpenSSH: 2 MiB), so one stream carries at most that per round trip: 40 MB/s at 50 ms,
+    less at a Wi-Fi link's 100 ms. Big files go over several (EDGEQ_UPLOAD_STREAMS, default 4)."""
+    streams = int(os.environ.get("EDGEQ_UPLOAD_STREAMS", DEFAULT_UPLOAD_STREAMS))
+    return max(1, min(streams, size // STREAM_MIN_BYTES))
+
+
+def put_file(sessions: Callable[[int], list[paramiko.SFTPClient]], transport: paramiko.Transport, label: str,
+             local_path: str | Path, remote_path: str, progress: ProgressCallback | None, lost: Lost) -> None:
+    """Upload ``local_path`` to ``remote_path``, pipelined, over ``upload_streams(size)`` SFTP sessions
+    (``sessions(n)`` gives them; each writes its own byte range of the file)."""
     total = Path(local_path).stat().st_size
-    done = 0
+    moved = _Moved(total, progress)
     try:
-        with UploadWatch(transport, label) as watch, open(local_path, "rb") as source, \
-                sftp.open(remote_path, "wb") as dest:
-            dest.set_pipelined(True)
-            # SFTPFile splits writes at MAX_REQUEST_SIZE (32 KiB); OpenSSH's sftp-server takes 256 KiB.
-            dest.MAX_REQUEST_SIZE = SFTP_WRITE_CHUNK
-            while chunk := source.read(SFTP_WRITE_CHUNK):
-                dest.write(chunk)
-                watch.moved()
-                done += len(chunk)
-                if progress:
-                    progress(done, total)
+        with UploadWatch(transport, label) as watch:
+            moved.watch = watch
+            clients = sessions(upload_streams(total))
+            step = -(-total // len(clients))  # ceil: the last range is the shorter one
+            with clients[0].open(remote_path, "wb") as first:  # created (and truncated) before the others write
+                others = [threading.Thread(target=moved.run, args=(_write_range, client, local_path, remote_path,
+                                                                   index * step, min(total, (index + 1) * step)),
+                                           name=f"edgeq-upload-{label}-{index}", daemon=True)
+                          for index, client in enumerate(clients[1:], start=1)]
+                for thread in others:
+                    thread.start()
+                moved.run(_write_range, first, local_path, remote_path, 0, min(total, step))
+                for thread in others:
+                    thread.join()
+            if moved.errors:
+                raise moved.errors[0]
     except (paramiko.SSHException, EOFError, OSError) as exc:
         if transport.is_active() and isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
             detail = exc.strerror or str(exc)
@@ -73,6 +94,58 @@ def put_file(sftp: paramiko.SFTPClient, transport: paramiko.Transport, label: st
                 detail = "write failed on the device (disk full?)"
             raise RemoteCommandError(f"{label}: cannot write {remote_path}: {detail}") from exc
         raise watch.error(f"uploading to {remote_path}") or lost(exc, f"uploading to {remote_path}") from exc
+
+
+def _write_range(client_or_file, local_path: str | Path, remote_path: str, start: int, end: int,
+                 moved: _Moved) -> None:
+    """Write bytes [start, end) of the local file at the same offsets of the remote one."""
+    with contextlib.ExitStack() as stack:
+        dest = client_or_file
+        if isinstance(client_or_file, paramiko.SFTPClient):  # a second stream opens the file the first made
+            dest = stack.enter_context(client_or_file.open(remote_path, "r+b"))
+        source = stack.enter_context(open(local_path, "rb"))
+        dest.set_pipelined(True)
+        # SFTPFile splits writes at MAX_REQUEST_SIZE (32 KiB); OpenSSH's sftp-server takes 256 KiB.
+        dest.MAX_REQUEST_SIZE = SFTP_WRITE_CHUNK
+        source.seek(start)
+        dest.seek(start)
+        position = start
+        while position < end:
+            chunk = source.read(min(SFTP_WRITE_CHUNK, end - position))
+            if not chunk:
+                raise OSError(f"{local_path} shrank during the upload")
+            dest.write(chunk)
+            position += len(chunk)
+            moved.add(len(chunk))
+        # Wait for every pipelined write's answer, in order, raising the first error. paramiko's close does not:
+        # its writes register no file for their answers, so an error answer that arrives while the close
+        # waits for its own (a full disk) is dropped, and the upload looks complete.
+        while dest._reqs:
+            dest.sftp._read_response(dest._reqs.popleft())
+
+
+class _Moved:
+    """Bytes moved across streams: progress in order, the watch fed, the first stream error kept."""
+
+    def __init__(self, total: int, progress: ProgressCallback | None):
+        self.total, self.progress, self.done = total, progress, 0
+        self.watch: UploadWatch | None = None
+        self.errors: list[BaseException] = []
+        self._lock = threading.Lock()
+
+    def add(self, count: int) -> None:
+        with self._lock:
+            self.done += count
+            if self.watch is not None:
+                self.watch.moved()
+            if self.progress:
+                self.progress(self.done, self.total)
+
+    def run(self, write, *args) -> None:
+        try:
+            write(*args, self)
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            self.errors.append(exc)
 
 
 def get_file(sftp: paramiko.SFTPClient, transport: paramiko.Transport, label: str, remote_path: str,

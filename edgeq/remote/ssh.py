@@ -171,6 +171,7 @@ class SSHTransport(Transport):
         self._jump_clients: list[paramiko.SSHClient] = []
         self._proxy: paramiko.ProxyCommand | None = None
         self._sftp: paramiko.SFTPClient | None = None
+        self._more_sftp: list[paramiko.SFTPClient] = []
         self.client = self._connect(self.settings, target.name)
         self._transport = self.client.get_transport()
         self._transport.set_keepalive(KEEPALIVE_SECONDS)
@@ -320,17 +321,23 @@ class SSHTransport(Transport):
             self._sftp = open_sftp(self._transport, self.target.label, self.connect_timeout, self._lost)
         return self._sftp
 
+    def sftp_sessions(self, count: int) -> list[paramiko.SFTPClient]:
+        """``count`` SFTP sessions of this connection (the first is ``sftp()``), kept for the next upload."""
+        while len(self._more_sftp) < count - 1:
+            self._more_sftp.append(open_sftp(self._transport, self.target.label, self.connect_timeout, self._lost))
+        return [self.sftp(), *self._more_sftp[:count - 1]]
+
     def put(self, local_path: str | Path, remote_path: str, progress: ProgressCallback | None = None) -> None:
-        put_file(self.sftp(), self._transport, self.target.label, local_path, remote_path, progress, self._lost)
+        put_file(self.sftp_sessions, self._transport, self.target.label, local_path, remote_path, progress, self._lost)
 
     def get(self, remote_path: str, local_path: str | Path, max_bytes: int | None = None) -> None:
         limit = check_limit(max_bytes, MAX_DOWNLOAD_BYTES, "max_bytes")
         get_file(self.sftp(), self._transport, self.target.label, remote_path, local_path, limit, self._lost)
 
     def close(self) -> None:
-        for closeable in (self._sftp, self.client, *reversed(self._jump_clients), self._proxy):
+        for closeable in (*self._more_sftp, self._sftp, self.client, *reversed(self._jump_clients), self._proxy):
             if closeable is not None:
                 # closing a dead connection may raise anything; there is nothing left to do about it
                 with contextlib.suppress(Exception):
                     closeable.close()
-        self._sftp = None
+        self._sftp, self._more_sftp = None, []

@@ -99,3 +99,20 @@ class DelayRelay:
 
         threading.Thread(target=read, daemon=True).start()
         threading.Thread(target=write, daemon=True).start()
+
+
+def main() -> None:
+    """``python -m tests.lab.delay_relay HOST PORT ONE_WAY_MS [JITTER_MS]``: relay until killed, printing the
+    local port first. A benchmark runs the relay in a process of its own, so that its threads do not share
+    an interpreter lock with the transfer being measured."""
+    import sys
+
+    host, port, one_way_ms = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    jitter_ms = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
+    relay = DelayRelay((host, port), one_way_ms, jitter_ms)
+    print(relay.port, flush=True)
+    relay._accept()
+
+
+if __name__ == "__main__":
+    main()
