@@ -61,7 +61,7 @@ def main(argv=None):
     parser.add_argument("--request", required=True, help="request JSON written by the controller")
     parser.add_argument("--result", required=True, help="where to write the result JSON")
     args = parser.parse_args(argv)
-    wall_start = time.time()
+    started = time.monotonic()  # not time.time(): a device without an RTC may have its clock set mid-run
     result = {"result_version": RESULT_VERSION, "runner_version": DEVICE_VERSION, "status": "failed",
               "error": None, "error_kind": None, "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "pid": os.getpid()}
@@ -101,7 +101,7 @@ def main(argv=None):
         _stopping["now"] = True  # from here on a SIGTERM waits for the result to be written
         if watchdog:
             watchdog.stop()
-        result["duration_s"] = time.time() - wall_start
+        result["duration_s"] = time.monotonic() - started
         try:
             _write_json(args.result, _json_safe(result))
         finally:
