@@ -272,3 +272,60 @@ def test_restart_after_crash_cleans_stale_state(emu_lab, tmp_path):
         device.stop()
     assert rpi_emu.mounts_under(device.state_dir) == []
     assert rpi_emu.processes_rooted_at(device.root) == []
+
+
+def test_mender_installs_commits_and_rolls_back_on_the_emulated_arm64_device(emu_lab, tmp_path):
+    """The Mender hand-off on an arm64 device reached over sshd: the artifacts and the edgeq-release module go
+    over SFTP, and the device's own client (Debian's arm64 mender-client 3.4, standalone mode) installs,
+    commits and rolls back, running the module under the device's python3."""
+    from edgeq.cli import cli
+    from edgeq.remote import open_transport
+    from edgeq.targets import load_inventory
+    from tests.sshd_fixtures import make_synthetic_artifact
+
+    target = load_inventory(emu_lab.inventory).targets["rpi-emu"]
+    workdir = "/var/lib/edgeq-mender"
+    ids = []
+    for name in ("first", "second"):
+        artifact = make_synthetic_artifact(tmp_path / name, {"model.tflite": os.urandom(4096)})
+        ids.append(json.loads((artifact / "manifest.json").read_text())["id"])
+        packaged = CliRunner().invoke(cli, ["package", str(artifact), "--mender", "--device-type", "raspberrypi4",
+                                            "--workdir", workdir, "-o", str(tmp_path / f"{name}.mender")])
+        assert packaged.exit_code == 0, packaged.output
+    (tmp_path / "mender.conf").write_text(json.dumps({"DeviceTypeFile": "/var/lib/mender/device_type"}))
+    (tmp_path / "device_type").write_text("device_type=raspberrypi4\n")
+    (tmp_path / "artifact_info").write_text("artifact_name=factory-image\n")
+    (tmp_path / "fallback.conf").write_text("{}")
+    mender = ["mender", "-c", "/etc/mender/mender.conf", "-b", "/var/lib/mender/fallback.conf",
+              "-d", "/var/lib/mender", "--no-syslog"]
+    with open_transport(target) as transport:
+        if transport.run(["test", "-x", "/usr/bin/mender"], check=False, timeout=60).exit_code != 0:
+            pytest.skip("the emulated root has no mender-client (a root cached before it was added)")
+        transport.run(["mkdir", "-p", "/etc/mender", "/var/lib/mender", "/usr/share/mender/modules/v3"], timeout=60)
+        for local, remote in (("mender.conf", "/etc/mender/mender.conf"), ("artifact_info", "/etc/mender/artifact_info"),
+                              ("device_type", "/var/lib/mender/device_type"),
+                              ("fallback.conf", "/var/lib/mender/fallback.conf"),
+                              ("edgeq-release", "/usr/share/mender/modules/v3/edgeq-release"),
+                              ("first.mender", "/tmp/first.mender"), ("second.mender", "/tmp/second.mender")):
+            transport.put(tmp_path / local, remote)
+        transport.run(["chmod", "755", "/usr/share/mender/modules/v3/edgeq-release"], timeout=60)
+
+        def current() -> str:
+            return transport.run(["readlink", f"{workdir}/current"], timeout=60).stdout.strip().split("/")[-1]
+
+        def run(*args: str, expect: int = 0):
+            result = transport.run([*mender, *args], check=False, timeout=600)
+            assert result.exit_code == expect, (args, result.stdout, result.stderr)
+            return result
+
+        run("install", "/tmp/first.mender")
+        assert current() == ids[0]
+        run("commit")
+        assert run("show-artifact").stdout.strip() == f"edgeq-tflite-int8-{ids[0]}"
+        run("install", "/tmp/second.mender")
+        assert current() == ids[1]
+        run("rollback")
+        assert current() == ids[0]
+        assert run("show-artifact").stdout.strip() == f"edgeq-tflite-int8-{ids[0]}"
+        arch = transport.run(["uname", "-m"], timeout=60).stdout.strip()
+    assert arch == "aarch64"

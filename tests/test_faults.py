@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import itertools
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -181,6 +182,64 @@ def test_a_device_frozen_before_activate_never_activates_on_waking(device, tmp_p
     assert device.current() == was, "the device activated a release after the deploy was reported failed"
     after = _deploy_when_free(second, device.target, within_s=20)
     assert after.status == "deployed" and device.current() == after.release_id, after.error
+
+
+def _lock_holders(workdir: Path) -> list[int]:
+    """Pids of the device processes holding ``workdir``'s lock (the device package's ``lock`` op)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"lock" in argv and any(str(workdir).encode() in arg for arg in argv):
+                found.append(int(entry.name))
+    return found
+
+
+def test_a_stopped_lock_holder_is_given_up_while_sshd_still_answers(device, tmp_path, monkeypatch):
+    """Only the device's lock process is stopped (starved, or SIGSTOP): sshd answers keepalives, so liveness
+    sees a live device. Its heartbeats stop, and the deploy is given up within the bound (3.5 s here; 55 s by
+    default) instead of waiting out the step's 300 s limit. Woken, the holder finds the request past its
+    start-by time, runs nothing and ends with the connection."""
+    import edgeq.deploy as deploy_mod
+
+    monkeypatch.setenv("EDGEQ_STEP_HEARTBEAT_S", "0.5")
+    first, second = _artifact(tmp_path / "a1"), _artifact(tmp_path / "a2")
+    assert deploy(first, device.target).status == "deployed"
+    was, stopped = device.current(), []
+
+    def stop_holder(transport, tmp):
+        stopped.extend(_lock_holders(device.workdir))
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+
+    outcome, seconds = _timed(deploy_mod.deploy, second, device.target, _after_upload=stop_holder)
+    try:
+        assert stopped, "no lock holder found"
+        assert outcome.status == "failed" and "lock process sent nothing for 3.5s" in outcome.error, outcome.error
+        assert seconds < 15, seconds
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    time.sleep(2)
+    assert device.current() == was, "the stopped holder activated the release after waking"
+    after = _deploy_when_free(second, device.target, within_s=20)
+    assert after.status == "deployed" and device.current() == after.release_id, after.error
+
+
+def test_a_step_longer_than_the_heartbeat_bound_is_not_cut(device, monkeypatch):
+    from edgeq.remote import open_transport
+    from edgeq.remote.device import device_lock
+
+    monkeypatch.setenv("EDGEQ_STEP_HEARTBEAT_S", "0.5")
+    device.workdir.mkdir(parents=True)
+    with open_transport(device.target) as transport, device_lock(transport, device.target,
+                                                                 str(device.workdir)) as locked:
+        started = time.monotonic()
+        result = locked.run(["sleep", "6"], timeout=30)
+        assert result.exit_code == 0 and time.monotonic() - started >= 6
 
 
 @pytest.mark.slow

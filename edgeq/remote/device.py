@@ -215,15 +215,29 @@ def _start_within_s() -> float:
     return max(1.0, frozen_after_s() - 1.0)
 
 
+def _heartbeat_s() -> float:
+    """How often the lock's holder reports a running step (EDGEQ_STEP_HEARTBEAT_S, default 10 s)."""
+    return float(os.environ.get("EDGEQ_STEP_HEARTBEAT_S", 10.0))
+
+
+def _silent_holder_s(beat_s: float) -> float:
+    """Silence after which the holder is given up: three beats, and longer than a frozen device takes to be
+    reported (edgeq.remote.liveness), so that a device gone silent as a whole is a connect failure."""
+    from edgeq.remote.liveness import frozen_after_s
+
+    return max(3 * beat_s, frozen_after_s() + beat_s)
+
+
 class LockedDevice:
     """A device whose lock this controller holds: ``op`` runs a step through the lock's holder process,
     which stops the step's process group when its time limit passes or this controller goes, and keeps the
     lock until then (edgeq/device/ops/steps.py)."""
 
     def __init__(self, transport: Transport, target: Target, holder: RunningCommand, workdir: str,
-                 device_clock: float | None = None):
+                 device_clock: float | None = None, heartbeats: bool = False):
         self.transport, self.target, self.workdir = transport, target, workdir
         self._holder = holder
+        self._heartbeats = heartbeats
         # The holder's monotonic clock minus ours (off by the answer's one-way latency, which only makes a
         # request's start_by later).
         self._clock_offset = None if device_clock is None else device_clock - time.monotonic()
@@ -252,14 +266,30 @@ class LockedDevice:
         request = {"argv": argv, "input": input, "timeout_s": timeout}
         if self._clock_offset is not None:  # not started if it reaches the device after we would give up on it
             request["start_by"] = time.monotonic() + self._clock_offset + _start_within_s()
+        beat_s = _heartbeat_s() if self._heartbeats else None
+        if beat_s:
+            request["heartbeat_s"] = beat_s
         self._holder.write((json.dumps(request) + "\n").encode())
-        line = self._holder.readline(timeout + STOP_MARGIN)
         where = {"host": self.target.name, "argv": argv}
-        try:
-            reply = json.loads(line)
-        except json.JSONDecodeError:
-            raise RemoteCommandError(f"{self.target.label}: the device's lock process ended during {what}"
-                                     + (f": {line.strip()}" if line.strip() else ""), **where) from None
+        deadline = time.monotonic() + timeout + STOP_MARGIN
+        while True:
+            wait = deadline - time.monotonic()
+            try:
+                line = self._holder.readline(min(wait, _silent_holder_s(beat_s)) if beat_s else wait)
+            except RemoteCommandError:
+                if not beat_s or time.monotonic() >= deadline:
+                    raise
+                raise RemoteCommandError(f"{self.target.label}: the device's lock process sent nothing for "
+                                         f"{_silent_holder_s(beat_s):g}s during {what} (stopped, or starved); given up",
+                                         hint="check the device's load and memory; the step is stopped when "
+                                              "the connection closes", **where) from None
+            try:
+                reply = json.loads(line)
+            except json.JSONDecodeError:
+                raise RemoteCommandError(f"{self.target.label}: the device's lock process ended during {what}"
+                                         + (f": {line.strip()}" if line.strip() else ""), **where) from None
+            if not (isinstance(reply, dict) and "heartbeat" in reply):
+                break
         if reply.get("expired"):
             raise RemoteCommandError(f"{self.target.label}: {what} reached the device {reply.get('late_s')}s too "
                                      "late (frozen, or the link stalled); it was not started", **where)
@@ -322,6 +352,7 @@ def device_lock(transport: Transport, target: Target, workdir: str, purpose: str
                                    f"by a partition): edgeq targets unlock {target.name}")
         clock = answer.get("clock")
         yield LockedDevice(transport, target, process, workdir,
-                           device_clock=float(clock) if isinstance(clock, (int, float)) else None)
+                           device_clock=float(clock) if isinstance(clock, (int, float)) else None,
+                           heartbeats=answer.get("heartbeats") is True)
     finally:
         process.close()

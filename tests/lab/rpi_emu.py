@@ -5,7 +5,7 @@ How it works:
   kernel opens the static qemu binary once at registration and arm64 programs run in any chroot without a
   qemu binary inside it.
 - ``ensure_root()`` builds a minbase arm64 root with debootstrap (python3, python3-venv, openssh-server,
-  ca-certificates) once and caches it OUTSIDE the repository (``$EDGEQ_LAB_CACHE`` or
+  ca-certificates, mender-client) once and caches it OUTSIDE the repository (``$EDGEQ_LAB_CACHE`` or
   ``/var/cache/edgeq-lab``), keyed by ``ROOT_VERSION`` so a change to the recipe rebuilds it.
 - ``RpiEmu(state_dir)`` is one running device: an overlay of the cached root (writes go to
   ``state_dir/upper``, so the cache stays pristine; a plain copy where overlayfs is not available), with
@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 
 SUITE = "bookworm"
 ARCH = "arm64"
-PACKAGES = ("python3", "python3-venv", "openssh-server", "ca-certificates")
+# mender-client: the real Mender client on an arm64 device, for `edgeq package --mender` (tests/test_emulated.py).
+PACKAGES = ("python3", "python3-venv", "openssh-server", "ca-certificates", "mender-client")
 # Bump when the build recipe below changes; the cache key also hashes suite, arch and packages.
 RECIPE_REVISION = "1"
 ROOT_VERSION = "{}-{}-{}".format(

@@ -34,7 +34,7 @@ def op_lock(params, emit):
         return
     os.ftruncate(fd, 0)  # shared holders overwrite each other's line: the file names the latest
     os.pwrite(fd, ("%s\n%s%d\n" % (params.get("holder", ""), LOCK_PID, os.getpid())).encode("utf-8"), 0)
-    emit({"locked": True, "pid": os.getpid(), "clock": time.monotonic()})
+    emit({"locked": True, "pid": os.getpid(), "clock": time.monotonic(), "heartbeats": True})
     serve_steps(emit)  # until EOF (the channel closed, whatever the reason), SIGTERM or SIGHUP
     if not shared:
         os.ftruncate(fd, 0)

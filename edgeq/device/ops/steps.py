@@ -18,6 +18,10 @@ A request may carry ``start_by``, a time on the holder's monotonic clock (the lo
 controller that clock): a request that arrives later is not started. A device frozen while the request
 was in flight (SIGSTOP, a hung kernel) would otherwise run it on waking, after the controller had given
 up on it; the closed connection's EOF may reach the holder only just after the request does.
+
+A request may carry ``heartbeat_s``: while its step runs, the holder writes ``{"heartbeat": seconds}`` lines
+that often, so the controller tells a long step from a holder that stopped (SIGSTOP, starved by swapping)
+while the device's sshd still answers keepalives.
 """
 
 import contextlib
@@ -111,19 +115,37 @@ def serve_steps(emit):
             timeout_s = float(request["timeout_s"])
             start_by = request.get("start_by")
             start_by = None if start_by is None else float(start_by)
+            heartbeat_s = request.get("heartbeat_s")
+            heartbeat_s = None if heartbeat_s is None else max(0.1, float(heartbeat_s))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             emit({"ok": False, "error": "usage", "message": "lock: a step request is malformed: %s" % exc})
             continue
         if start_by is not None and time.monotonic() > start_by:
             emit({"expired": True, "late_s": round(time.monotonic() - start_by, 3)})
             continue
-        answer = _run_step(argv, data, timeout_s, stop, controller)
+        answer = _run_step(argv, data, timeout_s, stop, controller, _Heartbeat(emit, heartbeat_s))
         if answer is None:  # the controller is gone or the holder was told to stop: the step was stopped
             return
         emit(answer)
 
 
-def _run_step(argv, data, timeout_s, stop, controller):
+class _Heartbeat(object):
+    """Writes ``{"heartbeat": seconds since the step started}`` every ``every_s`` (never when None)."""
+
+    def __init__(self, emit, every_s):
+        self.emit, self.every_s = emit, every_s
+        self.started = self.next_at = time.monotonic()
+        if every_s:
+            self.next_at += every_s
+
+    def tick(self):
+        now = time.monotonic()
+        if self.every_s and now >= self.next_at:
+            self.emit({"heartbeat": round(now - self.started, 1)})
+            self.next_at = now + self.every_s
+
+
+def _run_step(argv, data, timeout_s, stop, controller, heartbeat):
     """One step under the holder; its answer, or None when it was stopped because the holder must end."""
     try:
         process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -143,6 +165,7 @@ def _run_step(argv, data, timeout_s, stop, controller):
             if time.monotonic() > deadline:
                 stop_group(process)
                 return {"timed_out": True, "exit_code": None, "stdout": out.text(), "stderr": err.text()}
+            heartbeat.tick()
             try:
                 ready, _, _ = select.select(list(streams) + ([] if controller.closed else [0]), [], [], POLL_S)
             except InterruptedError:
@@ -161,6 +184,7 @@ def _run_step(argv, data, timeout_s, stop, controller):
                 stop_group(process)
                 return None if stop.signal is not None or controller.closed else \
                     {"timed_out": True, "exit_code": None, "stdout": out.text(), "stderr": err.text()}
+            heartbeat.tick()
             time.sleep(0.01)
         return {"exit_code": process.returncode, "stdout": out.text(), "stderr": err.text()}
     finally:
