@@ -301,7 +301,8 @@ def test_mender_installs_commits_and_rolls_back_on_the_emulated_arm64_device(emu
     with open_transport(target) as transport:
         if transport.run(["test", "-x", "/usr/bin/mender"], check=False, timeout=60).exit_code != 0:
             pytest.skip("the emulated root has no mender-client (a root cached before it was added)")
-        transport.run(["mkdir", "-p", "/etc/mender", "/var/lib/mender", "/usr/share/mender/modules/v3"], timeout=60)
+        # As on a Mender image, the package's /var/lib/mender links to the data partition's /data/mender.
+        transport.run(["mkdir", "-p", "/etc/mender", "/data/mender", "/usr/share/mender/modules/v3"], timeout=60)
         for local, remote in (("mender.conf", "/etc/mender/mender.conf"), ("artifact_info", "/etc/mender/artifact_info"),
                               ("device_type", "/var/lib/mender/device_type"),
                               ("fallback.conf", "/var/lib/mender/fallback.conf"),
