@@ -58,10 +58,14 @@ class _RichProgress:
 @click.option("--calibration-samples", type=click.IntRange(min=1), default=300, show_default=True)
 @click.option("--runs", type=click.IntRange(min=1), default=100, show_default=True, help="Timed runs per device bench.")
 @input_shape_option
+@click.option("--train", type=click.Path(path_type=Path),
+              help="Training .npz with labels (Keras models): adds QAT candidates, fine-tuned with simulated int8.")
+@click.option("--qat-epochs", type=click.IntRange(min=1), default=3, show_default=True, help="QAT fine-tune epochs.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="DIR for candidates, chosen/, tune.*")
 @click.option("--force", is_flag=True, help="Replace a non-empty DIR.")
 def tune(model, target_name, profile_name, inventory, calibration, eval_path, max_accuracy_drop, min_cosine, objective,
-         formats, max_time, max_candidates, calibration_samples, runs, input_shapes, output, force) -> None:
+         formats, max_time, max_candidates, calibration_samples, runs, input_shapes, train, qat_epochs, output,
+         force) -> None:
     """Find the fastest artifact of MODEL that meets the accuracy budget on a device, and put it in DIR/chosen
     (for a group: DIR/<profile>/chosen per device class, each measured on the class's first target)."""
     from rich.console import Console
@@ -80,7 +84,7 @@ def tune(model, target_name, profile_name, inventory, calibration, eval_path, ma
     options = {"calibration": calibration, "eval_path": eval_path, "budget": budget, "objective": objective,
                "formats": list(formats) or None, "max_time_s": _duration(max_time), "max_candidates": max_candidates,
                "calibration_samples": calibration_samples, "runs": runs, "input_shapes": input_shapes,
-               "force": force}
+               "force": force, "train": train, "qat_epochs": qat_epochs}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=Console(stderr=True), transient=False) as bars:
         if len(targets) == 1:

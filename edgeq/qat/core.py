@@ -116,6 +116,24 @@ def _run_worker(request: dict, timeout_s: float) -> dict:
     return result
 
 
+def check_train(model: Path, train: Path) -> str:
+    """The model's input name, after checking that QAT can take ``model`` and that ``train`` has its input and
+    labels, and that the QAT packages are installed (QatError naming the file)."""
+    require_qat_site()
+    return _check_inputs(model, train, train)[0]
+
+
+def fine_tune(model: Path, train: Path, savedmodel: Path, *, input_name: str | None = None, epochs: int = 3, lr: float = 1e-3, batch_size: int = 32,
+              calibration_samples: int = 300, timeout_s: float = 3600.0) -> dict:
+    """The QAT step alone: ``model`` fine-tuned on ``train`` with fake quantization, saved as a SavedModel at
+    ``savedmodel`` (its FakeQuant ranges are what ``convert`` keeps); the training record. Also used by tune."""
+    if input_name is None:
+        input_name = check_train(model, train)
+    return _run_worker({"model": str(model.resolve()), "train": str(train.resolve()), "input": input_name,
+                        "epochs": epochs, "lr": lr, "batch_size": batch_size, "output": str(savedmodel),
+                        "calibration_samples": calibration_samples}, timeout_s)
+
+
 def host_p50_ms(artifact: Path, manifest: Manifest, sample: np.ndarray, threads: int) -> float:
     """Median latency of one sample on this host (a quick figure for the table; bench measures devices)."""
     from edgeq.device.runtimes import open_session
@@ -161,9 +179,8 @@ def qat(model: Path | str, profile: DeviceProfile, *, train: Path | str, eval_pa
     input_name, train_arrays, eval_arrays = _check_inputs(model, train, eval_path)
     output.mkdir(parents=True, exist_ok=True)
     savedmodel = output / "qat-savedmodel"
-    training = _run_worker({"model": str(model.resolve()), "train": str(train.resolve()), "input": input_name,
-                            "epochs": epochs, "lr": lr, "batch_size": batch_size, "output": str(savedmodel),
-                            "calibration_samples": calibration_samples}, timeout_s)
+    training = fine_tune(model, train, savedmodel, input_name=input_name, epochs=epochs, lr=lr,
+                         batch_size=batch_size, calibration_samples=calibration_samples, timeout_s=timeout_s)
     sample = eval_arrays[input_name][0]
     result = QatResult(str(model), str(output), None, training)
     with tempfile.TemporaryDirectory(prefix="edgeq-qat-") as scratch:

@@ -18,7 +18,8 @@ from typing import Any
 from edgeq.convert import capabilities
 from edgeq.tune.budget import Score
 
-STAGES = {"int8": "A", "dynamic": "A", "mixed": "B", "a16": "C", "fp16": "D", "bf16": "D", "fp32": "E"}
+# Q: quantization-aware training (tune --train), int8 artifacts of the fine-tuned model with its own scales.
+STAGES = {"int8": "A", "dynamic": "A", "mixed": "B", "a16": "C", "qat": "Q", "fp16": "D", "bf16": "D", "fp32": "E"}
 CALIBRATION_ORDER = ("minmax", "percentile", "entropy")
 
 
@@ -28,11 +29,12 @@ class Candidate:
 
     format: str
     precision: str
-    scheme: str  # int8 | dynamic | mixed | a16 | fp16 | bf16 | fp32
+    scheme: str  # int8 | dynamic | mixed | a16 | qat | fp16 | bf16 | fp32
     calibration_method: str | None = None
     float_nodes: tuple[str, ...] = ()  # asked for (ONNX), or as the backend chose them (OpenVINO accuracy control)
     settings: dict[str, Any] = field(default_factory=dict)  # further int8 settings (NNCF preset, bias correction)
     accuracy_control: bool = False  # the backend picks the float layers against the budget itself
+    source_model: Path | None = None  # built from this model instead of tune's (QAT's SavedModel)
     directory: Path | None = None
     artifact_id: str | None = None
     size_bytes: int | None = None
@@ -82,14 +84,15 @@ class Candidate:
 
     @property
     def quantized(self) -> bool:
-        return self.scheme in ("int8", "dynamic", "mixed", "a16")
+        return self.scheme in ("int8", "dynamic", "mixed", "a16", "qat")
 
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id, "name": self.name, "stage": self.stage, "format": self.format, "precision": self.precision,
             "scheme": self.scheme, "calibration_method": self.calibration_method,
             "float_nodes": list(self.float_nodes), "settings": self.settings,
-            "accuracy_control": self.accuracy_control, "artifact": str(self.directory) if self.directory else None,
+            "accuracy_control": self.accuracy_control,
+            "source_model": str(self.source_model) if self.source_model else None, "artifact": str(self.directory) if self.directory else None,
             "artifact_id": self.artifact_id, "size_bytes": self.size_bytes, "seconds": round(self.seconds, 3),
             "screen": self.screen.to_json() if self.screen else None,
             "host": self.score.to_json() if self.score else None, "passed": self.passed,

@@ -109,10 +109,11 @@ class _Search:
         started = time.monotonic()
         candidate.directory = self.root / "candidates" / candidate.id
         try:
+            # A QAT candidate's model carries its own scales: nothing to calibrate.
+            calibrate = candidate.precision == "int8" and candidate.source_model is None
             manifest = convert(
-                self.model, self.profile, candidate.directory, format=candidate.format,
-                precision=candidate.precision,
-                calibration=self.calibration if candidate.precision == "int8" else None,
+                candidate.source_model or self.model, self.profile, candidate.directory, format=candidate.format,
+                precision=candidate.precision, calibration=self.calibration if calibrate else None,
                 calibration_samples=self.calibration_samples, calibration_method=candidate.calibration_method,
                 float_nodes=() if candidate.accuracy_control else candidate.float_nodes,
                 accuracy_control=self._accuracy_control() if candidate.accuracy_control else None,
@@ -295,12 +296,41 @@ def _search_mixed(search: _Search, fmt: str, full_int8: Candidate) -> None:
             return
 
 
+def _search_qat(search: _Search, fmts: list[str], train: Path, epochs: int) -> None:
+    """Stage Q (``--train``): fine-tune the Keras model once with simulated int8 rounding (edgeq.qat), then an
+    int8 candidate per format from the fine-tuned model, its learned scales kept."""
+    from edgeq.qat.core import QAT_FORMATS, fine_tune
+
+    qat_fmts = [f for f in fmts if f in QAT_FORMATS]
+    if not qat_fmts or search.out_of_budget():
+        if not qat_fmts:
+            search.notes.append(f"QAT not tried: it builds {', '.join(QAT_FORMATS)}, none of {', '.join(fmts)}")
+        return
+    search.progress.step("QAT fine-tune")
+    started = time.monotonic()
+    savedmodel = search.root / "qat-savedmodel"
+    try:
+        training = fine_tune(search.model, train, savedmodel, epochs=epochs,
+                             calibration_samples=search.calibration_samples,
+                             timeout_s=max(60.0, search.deadline - time.monotonic()))
+    except EdgeqError as exc:
+        search.notes.append(f"QAT not tried: {exc.message}")
+        return
+    search.notes.append(f"QAT: {epochs} epochs on {train.name} in {time.monotonic() - started:.0f} s "
+                        f"(final loss {training['loss'][-1]:.4g})")
+    for fmt in qat_fmts:
+        if search.try_candidate(Candidate(fmt, "int8", "qat", source_model=savedmodel)) is None:
+            return
+
+
 def tune(model: Path | str, target: Target, profile: DeviceProfile, *, calibration: Path | str,
          eval_path: Path | str, budget: Budget, output: Path | str, objective: str = "latency",
          formats: list[str] | None = None, max_time_s: float = 1200.0, max_candidates: int = 24,
          calibration_samples: int = 300, runs: int = 100, min_seconds: float = 0.5,
-         input_shapes: dict | None = None, force: bool = False, progress: Progress | None = None) -> TuneResult:
-    """Find the artifact for ``target`` that meets ``budget`` and is best by ``objective``; see the module."""
+         input_shapes: dict | None = None, force: bool = False, progress: Progress | None = None,
+         train: Path | str | None = None, qat_epochs: int = 3) -> TuneResult:
+    """Find the artifact for ``target`` that meets ``budget`` and is best by ``objective``; see the module.
+    ``train`` (a Keras model's training .npz with labels) adds QAT candidates (stage Q)."""
     from edgeq.tune.output import write_outputs  # the report's writers, only once there is something to write
 
     started = time.monotonic()
@@ -325,6 +355,13 @@ def tune(model: Path | str, target: Target, profile: DeviceProfile, *, calibrati
                         "quantize a float model", hint="convert it with --precision int8 for each format (its "
                         "scales are kept) and bench each on the device; or tune the float model")
     source = load_source(model, input_shapes)
+    if train is not None:
+        if source.kind != "keras":
+            raise TuneError(f"{model}: --train adds QAT candidates, which are built for Keras models only (this "
+                            f"is a {source.kind} model)", hint="leave out --train")
+        from edgeq.qat.core import check_train
+
+        check_train(model, Path(train))  # a bad file or missing QAT packages fail now, not after stage C
     notes: list[str] = []
     fmts = runnable_formats(target, allowed_formats(profile, source.kind, formats), formats, notes)
     dataset = load_dataset(eval_path, source.inputs, role="eval")
@@ -345,6 +382,8 @@ def tune(model: Path | str, target: Target, profile: DeviceProfile, *, calibrati
     search.try_candidate(Candidate(fmts[0], "fp32", "fp32"), always=True)  # the baseline, first
     for fmt in fmts:
         _search_format(search, fmt)
+    if train is not None:
+        _search_qat(search, fmts, Path(train), qat_epochs)
     can_bf16, why_not = cpu_supports_bf16()
     if not can_bf16 and any("bf16" in buildable(f, source.kind) for f in fmts):
         search.notes.append(f"bf16 not tried: this host cannot validate it ({why_not})")
