@@ -231,3 +231,38 @@ def test_from_savedmodel_source(digits, tmp_path):
                        eval_path=digits["eval"])  # rpi4: tflite int8 by default
     assert (manifest.format, manifest.precision, manifest.source.kind) == ("tflite", "int8", "savedmodel")
     assert manifest.validation.top1_drop <= 0.01
+
+
+def test_host_caveat_names_saturating_int8_kernels_only_where_they_apply():
+    """Pure rule, the same on every CPU: an AVX2 host (no VNNI) validating an int8 ONNX or OpenVINO artifact
+    that keeps full 8-bit weights (any profile but x86-avx2) says its figures may be below the device's."""
+    from edgeq.convert.validate import host_caveat
+
+    amx, vnni, avx2, rpi4 = (load_profile(p) for p in ("x86-amx", "x86-avx512-vnni", "x86-avx2", "rpi4"))
+    for fmt in ("onnx", "openvino"):
+        for profile in (amx, vnni, rpi4):
+            caveat = host_caveat(fmt, "int8", profile, "x86-avx2")
+            assert caveat and "without VNNI" in caveat and profile.name in caveat and "bench --eval" in caveat
+        assert host_caveat(fmt, "int8", avx2, "x86-avx2") is None  # 7-bit weights there: nothing saturates
+        assert host_caveat(fmt, "int8", avx2, "x86-amx") is None
+        assert host_caveat(fmt, "int8", amx, "x86-avx512-vnni") is None
+        assert host_caveat(fmt, "fp32", amx, "x86-avx2") is None
+    assert host_caveat("tflite", "int8", amx, "x86-avx2") is None
+
+
+def test_validation_records_the_host_and_its_caveat(digits, tmp_path):
+    """What the manifest says follows from the host's detected profile (asserted against the rule, so the test
+    holds on every CPU), and the CLI prints the caveat."""
+    from edgeq.cli import cli
+    from edgeq.convert.validate import host_caveat
+    from edgeq.targets import detect_local_profile
+
+    result = CliRunner().invoke(cli, ["convert", str(digits["model"]), "--profile", "x86-amx", "--format", "onnx",
+                                      "--precision", "int8", "--calibration", str(digits["calib"]), "--eval",
+                                      str(digits["eval"]), "-o", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    validation = read_manifest(tmp_path / "a").validation
+    assert validation.host_profile == detect_local_profile()
+    expected = host_caveat("onnx", "int8", load_profile("x86-amx"), validation.host_profile)
+    assert validation.host_caveat == expected
+    assert ("caveat      validated on a CPU without VNNI" in result.output) == (expected is not None)

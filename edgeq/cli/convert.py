@@ -153,4 +153,6 @@ def _summary(manifest, output: Path) -> None:
         from edgeq.report.model import what_ran
 
         click.echo(f"  ran         {what_ran(val.execution) or 'not recorded'}")
+        if val.host_caveat:
+            click.echo(f"  caveat      {val.host_caveat}")
     click.echo(f"status    {manifest.status}")

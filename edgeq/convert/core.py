@@ -20,7 +20,7 @@ from edgeq.convert.formats import find_capability
 from edgeq.convert.prequantized import check_prequantized_request, quantized_ops
 from edgeq.convert.shapes import frozen_inputs, resolve_input_shapes
 from edgeq.convert.source import SourceModel, detect_kind, load_source
-from edgeq.convert.validate import validate
+from edgeq.convert.validate import host_caveat, host_profile_name, validate
 from edgeq.data import MIN_CALIBRATION_SAMPLES, Dataset, InputSpec, load_dataset, subsample
 from edgeq.errors import ConversionError, ValidationError, require_backend
 from edgeq.manifest import (
@@ -185,6 +185,10 @@ def convert(
         if dataset is not None:
             manifest.validation = validate(source, session, result.source_names, dataset, max_accuracy_drop,
                                            min_cosine, task_metrics, parsed_gates)
+            manifest.validation.host_profile = host_profile_name()
+            if manifest.validation.host_profile:
+                manifest.validation.host_caveat = host_caveat(fmt, precision, profile,
+                                                              manifest.validation.host_profile)
             if manifest.validation.status == "failed":
                 manifest.status = "failed"
         del session

@@ -10,6 +10,7 @@ from edgeq.convert.source import SourceModel
 from edgeq.data import Dataset, check_labels_range
 from edgeq.manifest import OutputAgreement, Validation
 from edgeq.metrics import agreement, by_source_name, per_output_agreement, top_k_accuracy
+from edgeq.profiles import DeviceProfile
 from edgeq.taskmetrics import Gate, Metric, MetricData, check_gates, compute_metrics
 
 log = logging.getLogger(__name__)
@@ -112,3 +113,34 @@ def validate(source: SourceModel, session, source_names: dict[str, str], dataset
     if gate_failure and result.status == "passed":
         result.status, result.message = "failed", f"{gate_failure} on {dataset.samples} samples"
     return result
+
+
+def host_profile_name() -> str | None:
+    """The shipped profile that fits this machine's CPU, or None for a CPU no profile describes."""
+    from edgeq.errors import EdgeqError
+    from edgeq.targets import detect_local_profile
+
+    try:
+        return detect_local_profile()
+    except EdgeqError:
+        return None
+
+
+def host_caveat(fmt: str, precision: str, profile: DeviceProfile, host_profile: str) -> str | None:
+    """Why an int8 artifact's accuracy on this host may not be the device's, or None.
+
+    ONNX Runtime's U8S8 kernels and OpenVINO's int8 kernels on x86 without VNNI sum byte pairs into int16
+    (vpmaddubsw), which saturates with full 8-bit weights; a VNNI or AMX CPU (vpdpbusd) and Arm do not. An
+    artifact built for such a device keeps 8-bit weights, so validating it on an AVX2 host measures a
+    saturation the device never has (measured: OpenVINO logits cosine 0.927 on AVX2 against 0.969 on AMX for
+    the same IR). The figures are this host's; the device's come from ``bench --eval`` on it.
+    """
+    if precision != "int8" or host_profile != "x86-avx2" or profile.name == host_profile:
+        return None
+    full_weights = {"onnx": not profile.onnx_reduce_range,
+                    "openvino": profile.openvino_overflow_fix != "enable"}.get(fmt, False)
+    if not full_weights:
+        return None
+    return (f"validated on a CPU without VNNI (profile {host_profile}), whose {fmt} int8 kernels saturate the "
+            f"8-bit weights this {profile.name} artifact keeps; the device does not, so its accuracy may be higher "
+            f"than these figures: bench --eval on the device measures it")

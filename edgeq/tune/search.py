@@ -22,7 +22,7 @@ from edgeq.convert import convert, registry
 from edgeq.convert.base import AccuracyControl
 from edgeq.convert.prequantized import describe, onnx_quantized_ops
 from edgeq.convert.source import SourceModel, load_source
-from edgeq.convert.validate import primary_output_index, run_artifact
+from edgeq.convert.validate import host_caveat, host_profile_name, primary_output_index, run_artifact
 from edgeq.data import Dataset, check_labels_range, load_dataset
 from edgeq.device.runtimes import cpu_supports_bf16, open_session
 from edgeq.errors import EdgeqError, TuneError
@@ -34,6 +34,7 @@ from edgeq.tune.budget import Budget, check_eval_for_budget, score
 from edgeq.tune.cache import reference_outputs
 from edgeq.tune.candidates import Candidate, buildable, calibration_methods
 from edgeq.tune.choose import choose, mark_pareto
+from edgeq.tune.qat_stage import search_qat
 
 log = logging.getLogger(__name__)
 
@@ -296,33 +297,6 @@ def _search_mixed(search: _Search, fmt: str, full_int8: Candidate) -> None:
             return
 
 
-def _search_qat(search: _Search, fmts: list[str], train: Path, epochs: int) -> None:
-    """Stage Q (``--train``): fine-tune the Keras model once with simulated int8 rounding (edgeq.qat), then an
-    int8 candidate per format from the fine-tuned model, its learned scales kept."""
-    from edgeq.qat.core import QAT_FORMATS, fine_tune
-
-    qat_fmts = [f for f in fmts if f in QAT_FORMATS]
-    if not qat_fmts or search.out_of_budget():
-        if not qat_fmts:
-            search.notes.append(f"QAT not tried: it builds {', '.join(QAT_FORMATS)}, none of {', '.join(fmts)}")
-        return
-    search.progress.step("QAT fine-tune")
-    started = time.monotonic()
-    savedmodel = search.root / "qat-savedmodel"
-    try:
-        training = fine_tune(search.model, train, savedmodel, epochs=epochs,
-                             calibration_samples=search.calibration_samples,
-                             timeout_s=max(60.0, search.deadline - time.monotonic()))
-    except EdgeqError as exc:
-        search.notes.append(f"QAT not tried: {exc.message}")
-        return
-    search.notes.append(f"QAT: {epochs} epochs on {train.name} in {time.monotonic() - started:.0f} s "
-                        f"(final loss {training['loss'][-1]:.4g})")
-    for fmt in qat_fmts:
-        if search.try_candidate(Candidate(fmt, "int8", "qat", source_model=savedmodel)) is None:
-            return
-
-
 def tune(model: Path | str, target: Target, profile: DeviceProfile, *, calibration: Path | str,
          eval_path: Path | str, budget: Budget, output: Path | str, objective: str = "latency",
          formats: list[str] | None = None, max_time_s: float = 1200.0, max_candidates: int = 24,
@@ -383,7 +357,7 @@ def tune(model: Path | str, target: Target, profile: DeviceProfile, *, calibrati
     for fmt in fmts:
         _search_format(search, fmt)
     if train is not None:
-        _search_qat(search, fmts, Path(train), qat_epochs)
+        search_qat(search, fmts, Path(train), qat_epochs)
     can_bf16, why_not = cpu_supports_bf16()
     if not can_bf16 and any("bf16" in buildable(f, source.kind) for f in fmts):
         search.notes.append(f"bf16 not tried: this host cannot validate it ({why_not})")
@@ -395,6 +369,9 @@ def tune(model: Path | str, target: Target, profile: DeviceProfile, *, calibrati
             search.try_candidate(Candidate(fmt, "fp32", "fp32"))
     if search.stopped:
         search.notes.append(search.stopped)
+    host = host_profile_name()
+    search.notes += [f"{fmt} int8 host scores: {c}" for fmt in fmts if host and any(
+        x.format == fmt and x.quantized for x in search.candidates) and (c := host_caveat(fmt, "int8", profile, host))]
 
     result = TuneResult(root, target.name, profile.name, objective, budget, search.candidates, None, None, "",
                         search.notes, cached, source_kind=source.kind)

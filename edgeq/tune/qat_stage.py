@@ -1,0 +1,40 @@
+"""Tune's stage Q (``tune --train``): quantization-aware training as a candidate source, for Keras models."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from edgeq.errors import EdgeqError
+from edgeq.tune.candidates import Candidate
+
+if TYPE_CHECKING:
+    from edgeq.tune.search import _Search
+
+
+def search_qat(search: _Search, fmts: list[str], train: Path, epochs: int) -> None:
+    """Stage Q (``--train``): fine-tune the Keras model once with simulated int8 rounding (edgeq.qat), then an
+    int8 candidate per format from the fine-tuned model, its learned scales kept."""
+    from edgeq.qat.core import QAT_FORMATS, fine_tune
+
+    qat_fmts = [f for f in fmts if f in QAT_FORMATS]
+    if not qat_fmts or search.out_of_budget():
+        if not qat_fmts:
+            search.notes.append(f"QAT not tried: it builds {', '.join(QAT_FORMATS)}, none of {', '.join(fmts)}")
+        return
+    search.progress.step("QAT fine-tune")
+    started = time.monotonic()
+    savedmodel = search.root / "qat-savedmodel"
+    try:
+        training = fine_tune(search.model, train, savedmodel, epochs=epochs,
+                             calibration_samples=search.calibration_samples,
+                             timeout_s=max(60.0, search.deadline - time.monotonic()))
+    except EdgeqError as exc:
+        search.notes.append(f"QAT not tried: {exc.message}")
+        return
+    search.notes.append(f"QAT: {epochs} epochs on {train.name} in {time.monotonic() - started:.0f} s "
+                        f"(final loss {training['loss'][-1]:.4g})")
+    for fmt in qat_fmts:
+        if search.try_candidate(Candidate(fmt, "int8", "qat", source_model=savedmodel)) is None:
+            return
