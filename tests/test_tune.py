@@ -256,3 +256,39 @@ def test_tflite_layers_kept_float_through_the_quantization_debugger(sensitive_ke
     assert winner.bench["status"] == "ok" and winner.bench["p50_ms"] > 0
     passing = [c for c in result.candidates if c.passed]
     assert result.chosen is min(passing, key=lambda c: c.bench["p50_ms"])
+
+
+@pytest.fixture(scope="module")
+def tiny_attention_model(tmp_path_factory) -> dict[str, Path]:
+    """A Keras self-attention block (float inputs, so the layer, not the dtype, makes it a transformer)."""
+    import keras
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("attention")
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 16), name="x")
+    attended = keras.layers.MultiHeadAttention(num_heads=2, key_dim=8, name="mha")(inputs, inputs)
+    outputs = keras.layers.Dense(4, name="head")(keras.layers.Flatten()(attended + inputs))
+    model = keras.Model(inputs, outputs)
+    model.save(root / "attention.keras")
+    rng = np.random.default_rng(0)
+    np.savez(root / "calib.npz", x=rng.normal(size=(64, 8, 16)).astype(np.float32))
+    np.savez(root / "eval.npz", x=rng.normal(size=(32, 8, 16)).astype(np.float32))
+    return {"model": root / "attention.keras", "calibration": root / "calib.npz", "eval": root / "eval.npz"}
+
+
+def test_smoothquant_is_a_stage_a_setting_for_transformers_only(tiny_attention_model, sensitive_model, tmp_path,
+                                                                tune_env):
+    from edgeq.convert.source import load_source
+    from edgeq.tune.candidates import looks_like_transformer
+
+    assert looks_like_transformer(load_source(tiny_attention_model["model"]))
+    assert not looks_like_transformer(load_source(sensitive_model["model"]))  # an MLP: every MatMul has a weight
+    result = _tune(tiny_attention_model, tmp_path / "tuned", formats=["openvino"], max_candidates=7,
+                   budget=Budget(min_cosine=0.999999))  # out of int8's reach: stage A tries every setting
+    smooth = [c for c in result.candidates if c.settings.get("transformer")]
+    assert len(smooth) == 1 and smooth[0].name.endswith("-sq") and smooth[0].scheme == "int8", \
+        [c.name for c in result.candidates]
+    assert read_manifest(smooth[0].directory).options["model_type"] == "transformer"
+    cnn = _tune(sensitive_model, tmp_path / "cnn", formats=["openvino"], max_candidates=5)
+    assert not [c for c in cnn.candidates if c.settings.get("transformer")]

@@ -67,6 +67,8 @@ class Candidate:
             parts.append("asym")
         if self.settings.get("fast_bias_correction") is False:
             parts.append("fullbc")
+        if self.settings.get("transformer"):
+            parts.append("sq")
         if self.accuracy_control:
             parts.append("ac")
         elif self.float_nodes:
@@ -109,3 +111,44 @@ def buildable(fmt: str, source_kind: str) -> dict[str, tuple[str, ...]]:
 def calibration_methods(methods: tuple[str, ...]) -> list[str]:
     """The methods to try, in tune's order (cheapest, most often right first)."""
     return [m for m in CALIBRATION_ORDER if m in methods] or list(methods[:1])
+
+
+ATTENTION_OPS = frozenset({"Attention", "MultiHeadAttention", "PackedAttention", "GroupQueryAttention"})
+
+
+def looks_like_transformer(source) -> bool:
+    """Whether SmoothQuant (NNCF model_type TRANSFORMER) is worth a candidate: token-id (integer) inputs, an
+    ONNX graph with an attention op or a MatMul of two activations (attention scores; a layer's MatMul has a
+    weight), or a Keras model with an attention layer. On a CNN or MLP it moves nothing that needs moving."""
+    if any(spec.dtype.startswith(("int", "uint")) for spec in source.inputs):
+        return True
+    if source.kind == "onnx":
+        import onnx
+
+        model = onnx.load(str(source.path), load_external_data=False)
+        for graph in _graphs(model.graph):
+            constants = {i.name for i in graph.initializer} | \
+                {out for node in graph.node if node.op_type == "Constant" for out in node.output}
+            for node in graph.node:
+                if node.op_type in ATTENTION_OPS or (node.op_type in ("MatMul", "Einsum") and len(node.input) == 2
+                                                     and not constants & set(node.input)):
+                    return True
+        return False
+    keras_model = getattr(source, "_keras_model", None)
+    if keras_model is not None:
+        return any("Attention" in type(layer).__name__ for layer in _keras_layers(keras_model))
+    return False
+
+
+def _graphs(graph):
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            for sub in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                yield from _graphs(sub)
+
+
+def _keras_layers(model):
+    for layer in getattr(model, "layers", []):
+        yield layer
+        yield from _keras_layers(layer)

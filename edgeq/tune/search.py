@@ -32,7 +32,7 @@ from edgeq.targets import Target
 from edgeq.tune import sensitivity
 from edgeq.tune.budget import Budget, check_eval_for_budget, score
 from edgeq.tune.cache import reference_outputs
-from edgeq.tune.candidates import Candidate, buildable, calibration_methods
+from edgeq.tune.candidates import Candidate, buildable, calibration_methods, looks_like_transformer
 from edgeq.tune.choose import choose, mark_pareto
 from edgeq.tune.qat_stage import search_qat
 
@@ -218,6 +218,7 @@ def _better(tried: Candidate | None, best: Candidate | None) -> Candidate | None
 # Settings tried one at a time after the calibration method, each kept only if it scores better, where the
 # format's backend takes them: ORT on weighted layers only; NNCF's asymmetric preset, full bias correction.
 INT8_SETTINGS = ({"int8_op_types": "weighted"}, {"int8_preset": "mixed"}, {"fast_bias_correction": False})
+# and, for transformer-like sources (candidates.looks_like_transformer), {"transformer": True}: SmoothQuant
 
 
 def _search_int8(search: _Search, fmt: str, methods: tuple[str, ...]) -> Candidate | None:
@@ -230,7 +231,8 @@ def _search_int8(search: _Search, fmt: str, methods: tuple[str, ...]) -> Candida
         if tried is None or tried.passed:
             return best
     tunables = registry.backend(fmt).int8_tunables
-    for setting in INT8_SETTINGS:
+    settings = INT8_SETTINGS + (({"transformer": True},) if looks_like_transformer(search.source) else ())
+    for setting in settings:
         if best is None or best.passed or not set(setting) <= set(tunables):
             continue
         tried = search.try_candidate(Candidate(fmt, "int8", "int8", best.calibration_method,
