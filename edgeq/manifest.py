@@ -122,7 +122,8 @@ class Validation(_Record):
     gates: list[str] | None = Field(default=None, description="the --gate bounds checked (METRIC[.FIELD]>=VALUE)")
     execution: dict[str, Any] | None = Field(
         default=None, description="what the runtime ran during validation, as it reports it (precision pinned)")
-    host_profile: str | None = Field(default=None, description="the profile of the CPU that ran validation")
+    host_profile: str | None = Field(
+        default=None, description="the CPU class that ran validation: a profile name, or x86-avx-vnni")
     host_caveat: str | None = Field(
         default=None, description="why the device's accuracy may differ from this host's figures, when it may")
 

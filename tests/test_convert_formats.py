@@ -247,6 +247,7 @@ def test_host_caveat_names_saturating_int8_kernels_only_where_they_apply():
         assert host_caveat(fmt, "int8", avx2, "x86-amx") is None
         assert host_caveat(fmt, "int8", amx, "x86-avx512-vnni") is None
         assert host_caveat(fmt, "fp32", amx, "x86-avx2") is None
+        assert host_caveat(fmt, "int8", amx, "x86-avx-vnni") is None  # AVX-VNNI (no AVX-512): no saturation
     assert host_caveat("tflite", "int8", amx, "x86-avx2") is None
 
 
@@ -254,15 +255,14 @@ def test_validation_records_the_host_and_its_caveat(digits, tmp_path):
     """What the manifest says follows from the host's detected profile (asserted against the rule, so the test
     holds on every CPU), and the CLI prints the caveat."""
     from edgeq.cli import cli
-    from edgeq.convert.validate import host_caveat
-    from edgeq.targets import detect_local_profile
+    from edgeq.convert.validate import host_caveat, host_profile_name
 
     result = CliRunner().invoke(cli, ["convert", str(digits["model"]), "--profile", "x86-amx", "--format", "onnx",
                                       "--precision", "int8", "--calibration", str(digits["calib"]), "--eval",
                                       str(digits["eval"]), "-o", str(tmp_path / "a")])
     assert result.exit_code == 0, result.output
     validation = read_manifest(tmp_path / "a").validation
-    assert validation.host_profile == detect_local_profile()
+    assert validation.host_profile == host_profile_name()
     expected = host_caveat("onnx", "int8", load_profile("x86-amx"), validation.host_profile)
     assert validation.host_caveat == expected
     assert ("caveat      validated on a CPU without VNNI" in result.output) == (expected is not None)

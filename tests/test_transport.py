@@ -129,6 +129,31 @@ def test_a_big_upload_goes_over_several_sftp_sessions_byte_for_byte(trusted_inve
     assert calls == sorted(calls) and calls[-1] == source.stat().st_size
 
 
+def test_a_server_that_caps_sessions_gets_the_upload_over_fewer(ssh_home, tmp_path):
+    """sshd with MaxSessions 2 (hardened configs): a file worth 3 streams goes over the 2 sessions it allows."""
+    import hashlib
+    import os
+
+    import edgeq.remote.sftp as sftp
+    from tests.lab.sshd import start_sshd, trust_device, write_inventory
+
+    server = start_sshd(tmp_path / "sshd", max_sessions=2)
+    try:
+        trust_device(server, ssh_home / ".ssh" / "known_hosts")
+        inventory = write_inventory(tmp_path / "inv.yaml", {"capped": server}, python=sys.executable)
+        source = tmp_path / "big"
+        source.write_bytes(os.urandom(3 * sftp.STREAM_MIN_BYTES + 5))
+        with open_transport(resolve_targets(load_inventory(inventory), "capped")[0]) as transport:
+            transport.put(source, str(tmp_path / "up"))
+            assert len(transport._more_sftp) == 1
+            transport.put(source, str(tmp_path / "up2"))  # the limit is remembered: no refused request again
+        digest = hashlib.sha256(source.read_bytes()).digest()
+        assert hashlib.sha256((tmp_path / "up").read_bytes()).digest() == digest
+        assert hashlib.sha256((tmp_path / "up2").read_bytes()).digest() == digest
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("size_mib", [10, 17], ids=["one-stream", "two-streams"])
 def test_an_upload_to_a_full_disk_is_one_clear_error(trusted_inventory, tmp_path, size_mib):
     """paramiko drops a pipelined write's error answer that arrives during the close: on the code before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 
@@ -116,14 +117,27 @@ def validate(source: SourceModel, session, source_names: dict[str, str], dataset
 
 
 def host_profile_name() -> str | None:
-    """The shipped profile that fits this machine's CPU, or None for a CPU no profile describes."""
+    """The CPU class of this machine: the shipped profile that fits it, ``x86-avx-vnni`` for an x86 CPU with
+    AVX-VNNI but no AVX-512 (no profile of its own; its int8 kernels do not saturate), or None where the CPU's
+    flags cannot be read (no /proc/cpuinfo) or no profile describes it."""
+    import platform
+
     from edgeq.errors import EdgeqError
-    from edgeq.targets import detect_local_profile
+    from edgeq.targets import profile_for_cpu
 
     try:
-        return detect_local_profile()
+        cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return None
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
+                  if line.lower().startswith(("flags", "features"))), None)
+    if not flags:
+        return None
+    try:
+        profile = profile_for_cpu(platform.machine(), flags)
     except EdgeqError:
         return None
+    return "x86-avx-vnni" if profile == "x86-avx2" and "avx_vnni" in flags else profile
 
 
 def host_caveat(fmt: str, precision: str, profile: DeviceProfile, host_profile: str) -> str | None:

@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 
-from edgeq.errors import DeployError, RemoteCommandError
+from edgeq.errors import ConnectError, DeployError, RemoteCommandError
 from edgeq.remote.base import (
     CommandResult,
     RunningCommand,
@@ -238,8 +238,9 @@ class LockedDevice:
         self.transport, self.target, self.workdir = transport, target, workdir
         self._holder = holder
         self._heartbeats = heartbeats
-        # The holder's monotonic clock minus ours (off by the answer's one-way latency, which only makes a
-        # request's start_by later).
+        self._lost: str | None = None  # why the holder was given up: no later step may read its answers
+        # The holder's monotonic clock minus ours, low by the answer's one-way latency L: a request's start_by
+        # then falls L early, and the request travels L, so its window (_start_within_s) shrinks by 2L.
         self._clock_offset = None if device_clock is None else device_clock - time.monotonic()
 
     def op(self, op: str, params: dict, *, python: str | None = None, timeout: float | None = None) -> dict:
@@ -266,6 +267,9 @@ class LockedDevice:
         request = {"argv": argv, "input": input, "timeout_s": timeout}
         if self._clock_offset is not None:  # not started if it reaches the device after we would give up on it
             request["start_by"] = time.monotonic() + self._clock_offset + _start_within_s()
+        if self._lost:
+            raise RemoteCommandError(f"{self.target.label}: {what} not sent: {self._lost}", host=self.target.name,
+                                     argv=argv)
         beat_s = _heartbeat_s() if self._heartbeats else None
         if beat_s:
             request["heartbeat_s"] = beat_s
@@ -276,13 +280,17 @@ class LockedDevice:
             wait = deadline - time.monotonic()
             try:
                 line = self._holder.readline(min(wait, _silent_holder_s(beat_s)) if beat_s else wait)
-            except RemoteCommandError:
-                if not beat_s or time.monotonic() >= deadline:
+            except (RemoteCommandError, ConnectError) as exc:
+                # The step's answer may still come (a starved holder): close the channel, so that it never
+                # passes for a later step's, and the holder stops the step when it sees the EOF.
+                self._lost = f"the lock process was given up during {what}"
+                self._holder.close()
+                if not beat_s or time.monotonic() >= deadline or isinstance(exc, ConnectError):
                     raise
                 raise RemoteCommandError(f"{self.target.label}: the device's lock process sent nothing for "
                                          f"{_silent_holder_s(beat_s):g}s during {what} (stopped, or starved); given up",
-                                         hint="check the device's load and memory; the step is stopped when "
-                                              "the connection closes", **where) from None
+                                         hint="check the device's load and memory; the device stops the step "
+                                              "when it reads the closed connection", **where) from None
             try:
                 reply = json.loads(line)
             except json.JSONDecodeError:

@@ -11,15 +11,16 @@ import paramiko
 from edgeq.errors import ConnectError
 
 # A silent command's connection is probed after ALIVE_INTERVAL s; no reply for ALIVE_INTERVAL * ALIVE_COUNT s
-# (45 s) is a frozen peer (EDGEQ_ALIVE_INTERVAL, EDGEQ_ALIVE_COUNT).
+# more is a frozen peer, reported 60 s after the last sign of life (EDGEQ_ALIVE_INTERVAL, EDGEQ_ALIVE_COUNT).
 ALIVE_INTERVAL = 15.0
 ALIVE_COUNT = 3
 
 
 def frozen_after_s() -> float:
-    """Seconds of silence, probes unanswered, after which a device is reported frozen."""
+    """Seconds after the last sign of life at which a silent device is reported frozen: one interval before
+    the first probe, then ``count`` intervals of unanswered probing (``Liveness.check``)."""
     return float(os.environ.get("EDGEQ_ALIVE_INTERVAL", ALIVE_INTERVAL)) * \
-        int(os.environ.get("EDGEQ_ALIVE_COUNT", ALIVE_COUNT))
+        (int(os.environ.get("EDGEQ_ALIVE_COUNT", ALIVE_COUNT)) + 1)
 
 
 class Liveness:

@@ -82,12 +82,20 @@ def put_file(sessions: Callable[[int], list[paramiko.SFTPClient]], transport: pa
                           for index, client in enumerate(clients[1:], start=1)]
                 for thread in others:
                     thread.start()
-                moved.run(_write_range, first, local_path, remote_path, 0, min(total, step))
-                for thread in others:
-                    thread.join()
+                try:
+                    moved.run(_write_range, first, local_path, remote_path, 0, min(total, step))
+                finally:
+                    for thread in others:  # every stream is done before the file is closed or an error raised
+                        thread.join()
             if moved.errors:
-                raise moved.errors[0]
+                error = moved.errors[0]
+                if not isinstance(error, (paramiko.SSHException, EOFError, OSError)):  # SFTPError, a bad answer
+                    raise RemoteCommandError(f"{label}: uploading to {remote_path} failed: {error}") from error
+                raise error
     except (paramiko.SSHException, EOFError, OSError) as exc:
+        if isinstance(exc, TimeoutError):
+            # A session that timed out may still get its answers: none of them must pass for a later request's.
+            transport.close()
         if transport.is_active() and isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
             detail = exc.strerror or str(exc)
             if detail == "Failure":  # sftp-server's answer to ENOSPC, EDQUOT and friends
@@ -110,7 +118,7 @@ def _write_range(client_or_file, local_path: str | Path, remote_path: str, start
         source.seek(start)
         dest.seek(start)
         position = start
-        while position < end:
+        while position < end and not moved.errors:  # stop once another stream failed: the upload has failed
             chunk = source.read(min(SFTP_WRITE_CHUNK, end - position))
             if not chunk:
                 raise OSError(f"{local_path} shrank during the upload")
@@ -120,8 +128,9 @@ def _write_range(client_or_file, local_path: str | Path, remote_path: str, start
         # Wait for every pipelined write's answer, in order, raising the first error. paramiko's close does not:
         # its writes register no file for their answers, so an error answer that arrives while the close
         # waits for its own (a full disk) is dropped, and the upload looks complete.
-        while dest._reqs:
-            dest.sftp._read_response(dest._reqs.popleft())
+        pending = getattr(dest, "_reqs", None)  # paramiko's own queue (3.x); without it, close's checks only
+        while pending:
+            dest.sftp._read_response(pending.popleft())
 
 
 class _Moved:
@@ -144,7 +153,7 @@ class _Moved:
     def run(self, write, *args) -> None:
         try:
             write(*args, self)
-        except (paramiko.SSHException, EOFError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any stream's failure is the upload's: put_file raises it
             self.errors.append(exc)
 
 
@@ -160,6 +169,8 @@ def get_file(sftp: paramiko.SFTPClient, transport: paramiko.Transport, label: st
             copy_bounded(source.read, local_path, limit, SFTP_READ_CHUNK,
                          lambda: download_limit_error(label, remote_path, limit), label)
     except OSError as exc:
+        if isinstance(exc, TimeoutError):  # as in put_file: a late answer must not pass for a later request's
+            transport.close()
         if transport.is_active():
             raise RemoteCommandError(f"{label}: cannot read {remote_path}: {exc.strerror or exc}") from exc
         raise lost(exc, f"downloading {remote_path}") from exc

@@ -172,6 +172,7 @@ class SSHTransport(Transport):
         self._proxy: paramiko.ProxyCommand | None = None
         self._sftp: paramiko.SFTPClient | None = None
         self._more_sftp: list[paramiko.SFTPClient] = []
+        self._sessions_refused = False
         self.client = self._connect(self.settings, target.name)
         self._transport = self.client.get_transport()
         self._transport.set_keepalive(KEEPALIVE_SECONDS)
@@ -322,10 +323,20 @@ class SSHTransport(Transport):
         return self._sftp
 
     def sftp_sessions(self, count: int) -> list[paramiko.SFTPClient]:
-        """``count`` SFTP sessions of this connection (the first is ``sftp()``), kept for the next upload."""
-        while len(self._more_sftp) < count - 1:
-            self._more_sftp.append(open_sftp(self._transport, self.target.label, self.connect_timeout, self._lost))
-        return [self.sftp(), *self._more_sftp[:count - 1]]
+        """Up to ``count`` SFTP sessions of this connection (the first is ``sftp()``), kept for the next upload.
+        Fewer where the server refuses more (sshd's MaxSessions): the upload goes over those it has."""
+        first = self.sftp()
+        while len(self._more_sftp) < count - 1 and not self._sessions_refused:
+            try:
+                self._more_sftp.append(open_sftp(self._transport, self.target.label, self.connect_timeout,
+                                                 self._lost))
+            except ConnectError:
+                if not self._transport.is_active():
+                    raise
+                self._sessions_refused = True
+                log.info("%s: the server refused SFTP session %d (MaxSessions?); uploading over %d",
+                         self.target.label, len(self._more_sftp) + 2, len(self._more_sftp) + 1)
+        return [first, *self._more_sftp[:count - 1]]
 
     def put(self, local_path: str | Path, remote_path: str, progress: ProgressCallback | None = None) -> None:
         put_file(self.sftp_sessions, self._transport, self.target.label, local_path, remote_path, progress, self._lost)

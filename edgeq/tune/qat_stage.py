@@ -23,13 +23,17 @@ def search_qat(search: _Search, fmts: list[str], train: Path, epochs: int) -> No
         if not qat_fmts:
             search.notes.append(f"QAT not tried: it builds {', '.join(QAT_FORMATS)}, none of {', '.join(fmts)}")
         return
+    left_s = search.deadline - time.monotonic()
+    if left_s < 30:  # a fine-tune that --max-time would cut off
+        search.notes.append(f"QAT not tried: {max(0.0, left_s):.0f} s of --max-time left")
+        return
     search.progress.step("QAT fine-tune")
     started = time.monotonic()
     savedmodel = search.root / "qat-savedmodel"
     try:
         training = fine_tune(search.model, train, savedmodel, epochs=epochs,
                              calibration_samples=search.calibration_samples,
-                             timeout_s=max(60.0, search.deadline - time.monotonic()))
+                             timeout_s=left_s)
     except EdgeqError as exc:
         search.notes.append(f"QAT not tried: {exc.message}")
         return

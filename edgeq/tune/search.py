@@ -91,6 +91,7 @@ class _Search:
     candidates: list[Candidate] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     stopped: str | None = None
+    transformer: bool = False  # candidates.looks_like_transformer(source): SmoothQuant is worth a candidate
 
     def out_of_budget(self) -> bool:
         if self.stopped is None and len(self.candidates) >= self.max_candidates:
@@ -231,7 +232,7 @@ def _search_int8(search: _Search, fmt: str, methods: tuple[str, ...]) -> Candida
         if tried is None or tried.passed:
             return best
     tunables = registry.backend(fmt).int8_tunables
-    settings = INT8_SETTINGS + (({"transformer": True},) if looks_like_transformer(search.source) else ())
+    settings = INT8_SETTINGS + (({"transformer": True},) if search.transformer else ())
     for setting in settings:
         if best is None or best.passed or not set(setting) <= set(tunables):
             continue
@@ -354,6 +355,7 @@ def tune(model: Path | str, target: Target, profile: DeviceProfile, *, calibrati
     search = _Search(model, profile, calibration, calibration_samples, budget, source, dataset, reference, root,
                      started + max_time_s, max_candidates, progress, input_shapes=dict(input_shapes or {}),
                      notes=notes)
+    search.transformer = "openvino" in fmts and looks_like_transformer(source)
     progress.stage("host: build and score candidates")
     search.try_candidate(Candidate(fmts[0], "fp32", "fp32"), always=True)  # the baseline, first
     for fmt in fmts:

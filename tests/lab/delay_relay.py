@@ -50,8 +50,12 @@ class DelayRelay:
         while not self._closed.is_set():
             try:
                 client, _ = self._listener.accept()
+            except OSError:
+                continue
+            try:
                 server = socket.create_connection(self.upstream, timeout=10)
             except OSError:
+                client.close()
                 continue
             server.settimeout(None)
             self._sockets += [client, server]

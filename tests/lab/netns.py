@@ -139,11 +139,13 @@ class NetnsHost:
         self.frozen = None
 
     def stop(self) -> None:
-        if self.frozen:
-            self.thaw()
-        self.sshd.stop()
-        subprocess.run(["ip", "link", "del", self.host_if], capture_output=True)
-        subprocess.run(["ip", "netns", "del", self.namespace], capture_output=True)
+        try:
+            if self.frozen:
+                self.thaw()
+            self.sshd.stop()
+        finally:
+            subprocess.run(["ip", "link", "del", self.host_if], capture_output=True)
+            subprocess.run(["ip", "netns", "del", self.namespace], capture_output=True)
 
 
 def start_netns_host(root: Path, index: int, *, client_key: Path | None = None, sftp: bool = True) -> NetnsHost:

@@ -123,10 +123,10 @@ class SshdDevice:
 
 def start_sshd(root: Path, *, client_key: Path | None = None, port: int | None = None,
                timeout: float = 10.0, extra_config: str = "", listen: str = "127.0.0.1",
-               netns: str | None = None, sftp: bool = True) -> SshdDevice:
+               netns: str | None = None, sftp: bool = True, max_sessions: int = 64) -> SshdDevice:
     """Start ``sshd -D -e`` on ``listen`` (127.0.0.1) with keys and config under ``root``; wait until it
     answers. ``netns``: run it in that network namespace (its mounts are the host's; give ``listen`` and ``port``).
-    ``sftp=False``: a server without the sftp subsystem."""
+    ``sftp=False``: a server without the sftp subsystem; ``max_sessions``: sshd's MaxSessions."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     root.chmod(0o700)
@@ -160,7 +160,7 @@ def start_sshd(root: Path, *, client_key: Path | None = None, port: int | None =
             "PermitRootLogin prohibit-password\n"
             f"AllowUsers {user}\n"
             + ("Subsystem sftp internal-sftp\n" if sftp else "")
-            + "MaxSessions 64\n"
+            + f"MaxSessions {max_sessions}\n"
             "MaxStartups 64:30:128\n"
             "LogLevel ERROR\n"
             + extra_config
