@@ -123,8 +123,9 @@ def check_train(model: Path, train: Path) -> str:
     return _check_inputs(model, train, train)[0]
 
 
-def fine_tune(model: Path, train: Path, savedmodel: Path, *, input_name: str | None = None, epochs: int = 3, lr: float = 1e-3, batch_size: int = 32,
-              calibration_samples: int = 300, timeout_s: float = 3600.0) -> dict:
+def fine_tune(model: Path, train: Path, savedmodel: Path, *, input_name: str | None = None, epochs: int = 3,
+              lr: float = 1e-3, batch_size: int = 32, calibration_samples: int = 300,
+              timeout_s: float = 3600.0) -> dict:
     """The QAT step alone: ``model`` fine-tuned on ``train`` with fake quantization, saved as a SavedModel at
     ``savedmodel`` (its FakeQuant ranges are what ``convert`` keeps); the training record. Also used by tune."""
     if input_name is None:

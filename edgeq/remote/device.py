@@ -264,12 +264,12 @@ class LockedDevice:
 
     def _step(self, argv: list[str], input: str, timeout: float, what: str) -> tuple[int, str, str]:
         """(exit code, stdout, stderr) of ``argv`` run by the lock's holder."""
-        request = {"argv": argv, "input": input, "timeout_s": timeout}
-        if self._clock_offset is not None:  # not started if it reaches the device after we would give up on it
-            request["start_by"] = time.monotonic() + self._clock_offset + _start_within_s()
         if self._lost:
             raise RemoteCommandError(f"{self.target.label}: {what} not sent: {self._lost}", host=self.target.name,
                                      argv=argv)
+        request = {"argv": argv, "input": input, "timeout_s": timeout}
+        if self._clock_offset is not None:  # not started if it reaches the device after we would give up on it
+            request["start_by"] = time.monotonic() + self._clock_offset + _start_within_s()
         beat_s = _heartbeat_s() if self._heartbeats else None
         if beat_s:
             request["heartbeat_s"] = beat_s
@@ -293,10 +293,12 @@ class LockedDevice:
                                               "when it reads the closed connection", **where) from None
             try:
                 reply = json.loads(line)
+                if not isinstance(reply, dict):
+                    raise json.JSONDecodeError("not an object", line, 0)
             except json.JSONDecodeError:
                 raise RemoteCommandError(f"{self.target.label}: the device's lock process ended during {what}"
                                          + (f": {line.strip()}" if line.strip() else ""), **where) from None
-            if not (isinstance(reply, dict) and "heartbeat" in reply):
+            if "heartbeat" not in reply:
                 break
         if reply.get("expired"):
             raise RemoteCommandError(f"{self.target.label}: {what} reached the device {reply.get('late_s')}s too "

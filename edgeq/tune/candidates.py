@@ -117,10 +117,10 @@ ATTENTION_OPS = frozenset({"Attention", "MultiHeadAttention", "PackedAttention",
 
 
 def looks_like_transformer(source) -> bool:
-    """Whether SmoothQuant (NNCF model_type TRANSFORMER) is worth a candidate: token-id (integer) inputs, an
+    """Whether SmoothQuant (NNCF model_type TRANSFORMER) is worth a candidate: token-id (int32/64) inputs, an
     ONNX graph with an attention op or a MatMul of two activations (attention scores; a layer's MatMul has a
     weight), or a Keras model with an attention layer. On a CNN or MLP it moves nothing that needs moving."""
-    if any(spec.dtype.startswith(("int", "uint")) for spec in source.inputs):
+    if any(spec.dtype in ("int32", "int64") for spec in source.inputs):  # token ids (uint8 is an image)
         return True
     if source.kind == "onnx":
         import onnx
