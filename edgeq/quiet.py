@@ -13,13 +13,15 @@ import os
 import re
 import sys
 import threading
+import warnings
 from collections.abc import Iterator
 
 # Lines that carry no information for an edgeq user; anything else on stderr is passed through.
 NOISE = re.compile(
     rb"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
     rb"|[IW]\d{4} [\d:.]+ +\d+ \S+:\d+\] (oneDNN custom operations are on|TensorFlow binary is optimized"
-    rb"|Unable to register|computation placer|cuda|CUDA|could not open file to read NUMA)"
+    rb"|Unable to register|computation placer|cuda|CUDA|could not open file to read NUMA"
+    rb"|torchvision is not installed\. Skipping torchvision::)"
     rb"|INFO: Created TensorFlow Lite XNNPACK delegate for CPU\."
     rb"|INFO: Initialized TensorFlow Lite runtime\."
     rb"|fully_quantize: \d+, inference_type: \d+, input_inference_type: \S+, output_inference_type: \S+"
@@ -44,6 +46,9 @@ def _forward(read_fd: int, write_fd: int) -> None:
 @contextlib.contextmanager
 def filtered_stderr() -> Iterator[None]:
     """fd 2 goes through the noise filter inside the block (only where stderr is the real fd 2)."""
+    # torch 2.13's own pytree code trips its deprecation of LeafSpec on every export: nothing a user can change.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
     try:
         if sys.stderr is None or sys.stderr.fileno() != 2:
             raise ValueError

@@ -322,3 +322,36 @@ def test_failed_result_for_a_built_and_an_unbuilt_artifact(hand_artifacts, tmp_p
         (tmp_path / f"{name}.json").write_text(json.dumps(result))
     loaded = load_results([tmp_path])
     assert not loaded.broken and sorted(r.result.target for r in loaded.records) == ["dev-1", "dev-2"]
+
+
+@pytest.mark.sshd
+def test_a_release_pruned_before_the_bench_locks_it_is_uploaded_again(
+        hand_artifacts, trusted_inventory, tmp_path, monkeypatch):  # noqa: F811
+    """The release is uploaded under the deploy lock, and the bench's shared lock comes after: a deploy's prune in
+    between would leave the bench without its model. The bench looks again under its locks and uploads once more;
+    if the release is gone a second time it stops with a one-line error."""
+    import shutil
+
+    from edgeq.bench import on_device
+    from edgeq.manifest import read_manifest
+
+    (device,) = resolve_targets(load_inventory(trusted_inventory.path), "dev-0")
+    release = trusted_inventory.workdirs["dev-0"] / "releases" / read_manifest(hand_artifacts["onnx"]).id
+    real, uploads = on_device._ensure_release, []
+
+    def pruned_after_upload(*args, times):
+        uploaded = real(*args)
+        uploads.append(release.is_dir())
+        if len(uploads) <= times:
+            shutil.rmtree(release)  # what a concurrent deploy's prune does in the window
+        return uploaded
+
+    monkeypatch.setattr(on_device, "_ensure_release", lambda *a: pruned_after_upload(*a, times=1))
+    run = bench(hand_artifacts["onnx"], device, output_dir=tmp_path / "r1", **QUICK_KW)
+    assert run.ok, run.result.error
+    assert uploads == [True, True] and release.is_dir()  # uploaded, pruned, looked for, uploaded again
+    uploads.clear()
+    monkeypatch.setattr(on_device, "_ensure_release", lambda *a: pruned_after_upload(*a, times=2))
+    run = bench(hand_artifacts["onnx"], device, output_dir=tmp_path / "r2", **QUICK_KW)
+    assert not run.ok and len(uploads) == 2
+    assert "was removed by a deploy twice before the bench could lock it" in run.result.error

@@ -15,12 +15,12 @@ RNG = np.random.default_rng(0)
 W = RNG.normal(0, 0.3, (16, 16)).astype(np.float32)
 
 
-def _save(path, nodes, initializers, opset=17):
+def _save(path, nodes, initializers, opset=17, batch="N"):
     import onnx
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph(nodes, path.stem, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])], initializers)
+    graph = helper.make_graph(nodes, path.stem, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 16])], initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -112,3 +112,19 @@ def test_an_old_opset_is_upgraded_before_per_channel_int8(tmp_path):
     expected = np.maximum(x[:8] @ W, 0) @ W
     got = _run(tmp_path / "int8", manifest, x[:8])
     assert np.sum(got * expected) / (np.linalg.norm(got) * np.linalg.norm(expected)) > 0.99
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_a_source_with_a_fixed_batch_of_one_is_validated_sample_by_sample(tmp_path, fmt):
+    """Models exported at a static 1xC... input are common; validation ran them in batches of 64, and ORT's
+    dimension error came out as a traceback."""
+    from onnx import helper, numpy_helper
+
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Relu", ["h"], ["y"])]
+    model = _save(tmp_path / "batch1.onnx", nodes, [numpy_helper.from_array(W, "W")], batch=1)
+    x = RNG.normal(0, 1, (100, 16)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    np.savez(tmp_path / "eval.npz", x=x)
+    manifest = convert(model, load_profile("x86-avx2"), tmp_path / fmt, format=fmt, precision="int8",
+                       calibration=tmp_path / "calib.npz", eval_path=tmp_path / "eval.npz")
+    assert manifest.validation.samples == 100 and manifest.validation.cosine_similarity > 0.99

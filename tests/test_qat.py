@@ -96,7 +96,7 @@ def test_what_qat_cannot_take_is_refused_in_one_line(wide_range, tmp_path, monke
          "layer's output"),
         ([str(wide_range["model"]), "--train", str(tmp_path / "nolabels.npz")], "has no 'labels'"),
         ([str(wide_range["out"] / "qat-savedmodel"), "--train", str(wide_range["train"])],
-         "QAT takes a Keras model (.keras/.h5), not a savedmodel model"),
+         "QAT takes a Keras (.keras/.h5) or PyTorch (.pt2) model, not a savedmodel model"),
     ]
     for index, (args, expected) in enumerate(cases):
         result = CliRunner().invoke(cli, ["qat", *args, *base, "--output", str(tmp_path / f"o{index}")])

@@ -108,6 +108,27 @@ def _ensure_release(transport, target: Target, artifact_dir: Path, manifest: Man
     return release_dir(transport, target, manifest.id)
 
 
+def _locked_release(transport, target: Target, workdir: str, artifact_dir: Path, manifest: Manifest,
+                    locks: contextlib.ExitStack):
+    """(the bench lock's holder, the release directory), with the release on the device under both locks.
+
+    One bench at a time on a device, and no deploy (swap, prune) while it runs; the bench lock's holder runs the
+    bench step, so `edgeq targets unlock` stops it with the lock. The release is uploaded under the deploy lock,
+    before the shared one can be taken: a deploy in between may prune it, so it is looked for again under the
+    locks, and uploaded once more if it went."""
+    for attempt in (1, 2):
+        release = _ensure_release(transport, target, artifact_dir, manifest)
+        device = locks.enter_context(device_lock(transport, target, workdir, "bench", lock="bench"))
+        locks.enter_context(device_lock(transport, target, workdir, "bench", shared=True))
+        if manifest.id in device_op(transport, target, "inspect", {"workdir": workdir}).get("releases", []):
+            return device, release
+        locks.close()  # both locks go; the upload needs the deploy lock exclusive
+        log.info("%s: release %s was removed before the bench locked it (attempt %d)", target.name, manifest.id,
+                 attempt)
+    raise BenchError(f"{target.label}: release {manifest.id} was removed by a deploy twice before the bench could "
+                     "lock it", hint="a deploy with a small --keep is pruning this device; bench after it", kind="remote")
+
+
 def _remove_stale_runs(device: LockedDevice, runs_dir: str) -> None:
     """Remove run directories that dropped runs left on the device (never one that is still running: a live
     run holds its directory's flock; no clock is read). Under the bench lock."""
@@ -131,12 +152,8 @@ def run_on_device(target: Target, artifact_dir: Path, manifest: Manifest, settin
     profile = load_profile(target.profile)
     with open_transport(target) as transport, contextlib.ExitStack() as locks:
         python = device_python(transport, target)
-        release = _ensure_release(transport, target, artifact_dir, manifest)
         workdir = device_workdir(transport, target)
-        # One bench at a time on a device, and no deploy (swap, prune) while it runs.
-        # The bench lock's holder runs the bench step, so `edgeq targets unlock` stops it with the lock.
-        device = locks.enter_context(device_lock(transport, target, workdir, "bench", lock="bench"))
-        locks.enter_context(device_lock(transport, target, workdir, "bench", shared=True))
+        device, release = _locked_release(transport, target, workdir, artifact_dir, manifest, locks)
         limit = settings.time_limit(data.dataset.samples if data else 0)
         runs_dir = f"{workdir}/runs"
         _remove_stale_runs(device, runs_dir)

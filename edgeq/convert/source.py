@@ -131,9 +131,11 @@ class SourceModel:
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         """FP32 reference outputs for ``feed`` (arrays keyed by source input name), batched."""
         count = len(next(iter(feed.values())))
+        # A model exported with a fixed batch (1x3x224x224, common in the wild) takes one sample at a time.
+        step = 1 if any(spec.shape and spec.shape[0] is not None for spec in self.inputs) else REFERENCE_BATCH
         chunks: list[list[np.ndarray]] = []
-        for start in range(0, count, REFERENCE_BATCH):
-            part = {name: arr[start : start + REFERENCE_BATCH] for name, arr in feed.items()}
+        for start in range(0, count, step):
+            part = {name: arr[start : start + step] for name, arr in feed.items()}
             chunks.append(self._run_batch(part))
         return [np.concatenate([chunk[i] for chunk in chunks]) for i in range(len(chunks[0]))]
 
@@ -148,13 +150,7 @@ class SourceModel:
             result = self._signature(**{name: tf.constant(arr) for name, arr in feed.items()})
             return [np.asarray(result[name], dtype=np.float32) for name in self.outputs]
         if self.kind in TORCH_KINDS:
-            names = [spec.name for spec in self.inputs]
-            if all(spec.shape and spec.shape[0] is not None for spec in self.inputs):  # a fixed batch: one by one
-                count = len(feed[names[0]])
-                parts = [run_module(self.torch_module, names, {k: v[i : i + 1] for k, v in feed.items()})
-                         for i in range(count)]
-                return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
-            return run_module(self.torch_module, names, feed)
+            return run_module(self.torch_module, [spec.name for spec in self.inputs], feed)
         return [np.asarray(o, dtype=np.float32) for o in self._ort_session.run(self.outputs, feed)]
 
 

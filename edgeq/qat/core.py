@@ -1,9 +1,11 @@
-"""``edgeq qat``: fine-tune a Keras model with simulated INT8 rounding, then build its artifacts, and show what it
-bought against post-training quantization (PTQ) of the same model.
+"""``edgeq qat``: fine-tune a Keras or PyTorch model with simulated INT8 rounding, then build its artifacts, and
+show what it bought against post-training quantization (PTQ) of the same model.
 
-Steps: the QAT step in its own process (``edgeq.qat.worker``: Keras 3 -> tf_keras rebuild, tfmot
-``quantize_model`` with activation ranges calibrated first, a short fine-tune, a SavedModel with FakeQuant ops);
-then for each format, the QAT SavedModel through ``convert`` at int8 with its own scales (no calibration:
+Steps: the QAT step, which writes a model that carries its learned scales:
+- Keras, in its own process (``edgeq.qat.worker``: Keras 3 -> tf_keras rebuild, tfmot ``quantize_model`` with
+  activation ranges calibrated first, a short fine-tune), a SavedModel with FakeQuant ops;
+- PyTorch ``.pt2``, in this process (``edgeq.qat.torch_qat``: torchao's PT2E QAT), a QDQ ONNX model.
+Then for each format, that model through ``convert`` at int8 with its own scales (no calibration:
 ``edgeq.convert.prequantized``) and the float model through ordinary PTQ, both validated on the eval labels.
 ``DIR/qat.json`` and ``DIR/qat.md`` hold the table: FP32, PTQ and QAT top-1, size and host latency per format.
 """
@@ -33,6 +35,7 @@ from edgeq.qat.deps import require_qat_site
 log = logging.getLogger(__name__)
 
 QAT_FORMATS = ("tflite", "onnx", "openvino")  # what a QAT SavedModel becomes with its own scales
+PYTORCH_QAT_FORMATS = ("onnx", "openvino")  # what a QAT QDQ ONNX model becomes (no TFLite from PyTorch)
 RESULT_MARK = "EDGEQ-QAT-RESULT "
 LATENCY_RUNS = 50
 
@@ -74,16 +77,32 @@ class QatResult:
         return data
 
 
+def qat_formats(kind: str) -> tuple[str, ...]:
+    """The formats QAT of a ``kind`` model builds with its learned scales."""
+    return PYTORCH_QAT_FORMATS if kind == "pytorch" else QAT_FORMATS
+
+
+def _check_model(model: Path) -> str:
+    """The model's kind, after refusing (QatError) what QAT cannot take."""
+    kind = detect_kind(model)
+    if kind == "torchscript":
+        raise QatError(f"{model}: QAT of a PyTorch model takes a .pt2 (torch.export.save): torchao's PT2E flow "
+                       "prepares an exported graph, which a TorchScript file does not hold",
+                       hint="export the model with torch.export.export and torch.export.save")
+    if kind == "pytorch":
+        from edgeq.qat.torch_qat import check_program
+
+        check_program(model)
+    elif kind != "keras":
+        raise QatError(f"{model}: QAT takes a Keras (.keras/.h5) or PyTorch (.pt2) model, not a {kind} model",
+                       hint="a SavedModel or ONNX model that is already quantized converts with --precision int8")
+    return kind
+
+
 def _check_inputs(model: Path, train: Path, eval_path: Path) -> tuple[str, dict, dict]:
     """(the model's input name, the train arrays, the eval arrays), after checking the model's kind and the data
     files (QatError naming the file)."""
-    kind = detect_kind(model)
-    if kind in ("pytorch", "torchscript"):
-        raise QatError(f"{model}: QAT of PyTorch models is not built yet (NNCF's PyTorch QAT flow is planned)",
-                       hint="QAT takes a Keras model (.keras/.h5)")
-    if kind != "keras":
-        raise QatError(f"{model}: QAT takes a Keras model (.keras/.h5), not a {kind} model",
-                       hint="a SavedModel or ONNX model that is already quantized converts with --precision int8")
+    _check_model(model)
     data = {"train": read_npz(train), "eval": read_npz(eval_path)}
     for (role, arrays), path in zip(data.items(), (train, eval_path), strict=True):
         if "labels" not in arrays:
@@ -117,22 +136,38 @@ def _run_worker(request: dict, timeout_s: float) -> dict:
 
 
 def check_train(model: Path, train: Path) -> str:
-    """The model's input name, after checking that QAT can take ``model`` and that ``train`` has its input and
-    labels, and that the QAT packages are installed (QatError naming the file)."""
-    require_qat_site()
+    """The model's input name, after checking that QAT can take ``model``, that ``train`` has its input and
+    labels, and that the QAT packages for the model's framework are installed (QatError naming the file)."""
+    if _check_model(model) == "pytorch":
+        from edgeq.qat.torch_qat import _pt2e
+
+        _pt2e()
+    else:
+        require_qat_site()
     return _check_inputs(model, train, train)[0]
 
 
-def fine_tune(model: Path, train: Path, savedmodel: Path, *, input_name: str | None = None, epochs: int = 3,
-              lr: float = 1e-3, batch_size: int = 32, calibration_samples: int = 300,
+def fine_tune(model: Path, train: Path, workdir: Path, profile: DeviceProfile, *, input_name: str | None = None,
+              epochs: int = 3, lr: float = 1e-3, batch_size: int = 32, calibration_samples: int = 300,
               timeout_s: float = 3600.0) -> dict:
-    """The QAT step alone: ``model`` fine-tuned on ``train`` with fake quantization, saved as a SavedModel at
-    ``savedmodel`` (its FakeQuant ranges are what ``convert`` keeps); the training record. Also used by tune."""
+    """The QAT step alone: ``model`` fine-tuned on ``train`` with fake quantization; the training record, whose
+    ``qat_model`` is the model it wrote in ``workdir`` (a SavedModel for Keras, QDQ ONNX for PyTorch), which
+    ``convert`` takes at int8 with the learned scales. Also used by tune."""
     if input_name is None:
         input_name = check_train(model, train)
-    return _run_worker({"model": str(model.resolve()), "train": str(train.resolve()), "input": input_name,
-                        "epochs": epochs, "lr": lr, "batch_size": batch_size, "output": str(savedmodel),
-                        "calibration_samples": calibration_samples}, timeout_s)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if detect_kind(model) == "pytorch":
+        from edgeq.qat.torch_qat import fine_tune_pt2
+
+        target = workdir / "qat.onnx"
+        training = fine_tune_pt2(model, read_npz(train), input_name, target, profile, epochs=epochs, lr=lr,
+                                 batch_size=batch_size, calibration_samples=calibration_samples)
+    else:
+        target = workdir / "qat-savedmodel"
+        training = _run_worker({"model": str(model.resolve()), "train": str(train.resolve()),
+                                "input": input_name, "epochs": epochs, "lr": lr, "batch_size": batch_size,
+                                "output": str(target), "calibration_samples": calibration_samples}, timeout_s)
+    return {**training, "qat_model": str(target)}
 
 
 def host_p50_ms(artifact: Path, manifest: Manifest, sample: np.ndarray, threads: int) -> float:
@@ -171,17 +206,20 @@ def qat(model: Path | str, profile: DeviceProfile, *, train: Path | str, eval_pa
     model, train, eval_path, output = Path(model), Path(train), Path(eval_path), Path(output)
     if output.exists() and any(output.iterdir()):
         raise QatError(f"{output}: output directory is not empty", hint="give a new or empty directory")
-    formats = list(formats or QAT_FORMATS)
-    unknown = [fmt for fmt in formats if fmt not in QAT_FORMATS]
+    allowed = qat_formats(detect_kind(model)) if model.exists() else QAT_FORMATS
+    formats = list(formats or allowed)
+    unknown = [fmt for fmt in formats if fmt not in allowed]
     if unknown:
-        raise QatError(f"QAT builds {', '.join(QAT_FORMATS)}, not {', '.join(unknown)}")
+        raise QatError(f"QAT of {model.name} builds {', '.join(allowed)}, not {', '.join(unknown)}",
+                       hint="TFLite from PyTorch is not built (litert-torch would downgrade the other backends)"
+                       if "tflite" in unknown and allowed == PYTORCH_QAT_FORMATS else None)
     if epochs < 1 or lr <= 0 or batch_size < 1:
         raise QatError(f"--epochs, --lr and --batch-size must be positive (got {epochs}, {lr}, {batch_size})")
     input_name, train_arrays, eval_arrays = _check_inputs(model, train, eval_path)
     output.mkdir(parents=True, exist_ok=True)
-    savedmodel = output / "qat-savedmodel"
-    training = fine_tune(model, train, savedmodel, input_name=input_name, epochs=epochs, lr=lr,
+    training = fine_tune(model, train, output, profile, input_name=input_name, epochs=epochs, lr=lr,
                          batch_size=batch_size, calibration_samples=calibration_samples, timeout_s=timeout_s)
+    qat_model = Path(training["qat_model"])
     sample = eval_arrays[input_name][0]
     result = QatResult(str(model), str(output), None, training)
     with tempfile.TemporaryDirectory(prefix="edgeq-qat-") as scratch:
@@ -198,7 +236,7 @@ def qat(model: Path | str, profile: DeviceProfile, *, train: Path | str, eval_pa
                 result.fp32_top1 = read_manifest(ptq_dir).validation.top1_reference
             result.rows.append(ptq)
             result.rows.append(_row(fmt, "qat", qat_dir, lambda f=fmt, d=qat_dir: convert(
-                savedmodel, profile, d, format=f, precision="int8", eval_path=eval_path), sample, threads))
+                qat_model, profile, d, format=f, precision="int8", eval_path=eval_path), sample, threads))
         fmt = "tflite" if "tflite" in formats else formats[0]
         fp32_dir = output / f"fp32-{fmt}"
         result.rows.insert(0, _row(fmt, "fp32", fp32_dir, lambda: convert(

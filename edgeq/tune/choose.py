@@ -88,7 +88,7 @@ def _reason(best: Candidate, result, objective: str) -> str:
         closest = max(quantized, key=lambda c: c.measured.metric())
         text += f"; no quantized candidate met it (closest: {closest.id}, {closest.measured.summary()})"
         # Post-training quantization lost too much: training can win it back (unless tune --train tried it).
-        if result.source_kind == "keras" and not any(c.scheme == "qat" for c in result.candidates):
+        if result.source_kind in ("keras", "pytorch") and not any(c.scheme == "qat" for c in result.candidates):
             text += "; `edgeq qat` (or tune --train) fine-tunes the model with simulated int8 rounding to recover it"
     return text
 

@@ -307,7 +307,7 @@ def tune(model: Path | str, target: Target, profile: DeviceProfile, *, calibrati
          input_shapes: dict | None = None, force: bool = False, progress: Progress | None = None,
          train: Path | str | None = None, qat_epochs: int = 3) -> TuneResult:
     """Find the artifact for ``target`` that meets ``budget`` and is best by ``objective``; see the module.
-    ``train`` (a Keras model's training .npz with labels) adds QAT candidates (stage Q)."""
+    ``train`` (a Keras or .pt2 model's training .npz with labels) adds QAT candidates (stage Q)."""
     from edgeq.tune.output import write_outputs  # the report's writers, only once there is something to write
 
     started = time.monotonic()
@@ -333,9 +333,9 @@ def tune(model: Path | str, target: Target, profile: DeviceProfile, *, calibrati
                         "scales are kept) and bench each on the device; or tune the float model")
     source = load_source(model, input_shapes)
     if train is not None:
-        if source.kind != "keras":
-            raise TuneError(f"{model}: --train adds QAT candidates, which are built for Keras models only (this "
-                            f"is a {source.kind} model)", hint="leave out --train")
+        if source.kind not in ("keras", "pytorch"):
+            raise TuneError(f"{model}: --train adds QAT candidates, which are built for Keras and PyTorch .pt2 "
+                            f"models only (this is a {source.kind} model)", hint="leave out --train")
         from edgeq.qat.core import check_train
 
         check_train(model, Path(train))  # a bad file or missing QAT packages fail now, not after stage C
