@@ -137,3 +137,43 @@ def test_tune_refuses_a_model_whose_scales_are_fixed(qdq_model, tmp_path):
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert "the model is already quantized (6 DequantizeLinear, 4 QuantizeLinear)" in result.output
     assert not (tmp_path / "tuned").exists()
+
+
+def test_folded_qat_weights_go_back_to_int8_only_when_they_lie_on_their_grid():
+    """tf2onnx leaves a QAT model's weights as fake-quantized floats: on a symmetric narrow-range grid (per output
+    channel for Conv, per tensor for a MatMul here) they become int8 + DequantizeLinear with the same values;
+    a weight off any grid is left alone."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeq.convert.onnx_weight_grid import restore_weight_quantizers
+
+    rng = np.random.default_rng(0)
+    per_channel = rng.integers(-127, 128, (4, 3, 3, 3)).astype(np.float32)
+    per_channel[:, 0, 0, 0] = 127  # each channel reaches its peak, as tfmot's LastValueQuant makes it
+    per_channel *= np.array([0.01, 0.5, 2.0, 0.003], np.float32).reshape(4, 1, 1, 1)
+    per_tensor = rng.integers(-127, 128, (36, 5)).astype(np.float32)
+    per_tensor[0, 0] = 127
+    per_tensor *= np.float32(0.02)
+    off_grid = rng.normal(0, 1, (5, 2)).astype(np.float32)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq"]),
+             helper.make_node("Conv", ["dq", "w_conv"], ["c"]), helper.make_node("Flatten", ["c"], ["f"]),
+             helper.make_node("MatMul", ["f", "w_fc"], ["h"]), helper.make_node("MatMul", ["h", "w_off"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+                              [numpy_helper.from_array(per_channel, "w_conv"), numpy_helper.from_array(per_tensor, "w_fc"),
+                               numpy_helper.from_array(off_grid, "w_off"),
+                               numpy_helper.from_array(np.array(0.02, np.float32), "s"),
+                               numpy_helper.from_array(np.array(128, np.uint8), "z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.normal(0, 1, (1, 3, 5, 5)).astype(np.float32)
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_quant_qdq", "1")  # float math: the values, not kernels
+    before = ort.InferenceSession(model.SerializeToString(), options).run(None, {"x": x})[0]
+    assert restore_weight_quantizers(model) == 2
+    kept = {t.name: t for t in model.graph.initializer}
+    assert kept["w_conv_int8"].data_type == kept["w_fc_int8"].data_type == TensorProto.INT8 and "w_off" in kept
+    assert list(kept["w_conv_scale"].dims) == [4] and list(kept["w_fc_scale"].dims) == []  # per channel, per tensor
+    after = ort.InferenceSession(model.SerializeToString(), options).run(None, {"x": x})[0]
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-4)

@@ -120,11 +120,15 @@ def test_what_pytorch_qat_cannot_take_is_refused_in_one_line(wide_range, tmp_pat
             return x.sum(1), x.mean(1)
 
     torch.export.save(torch.export.export(TwoHeads(), (torch.zeros(2, 1, 8, 8),)), tmp_path / "two.pt2")
-    base = ["--profile", PROFILE, "--train", str(wide_range["train"]), "--eval", str(wide_range["eval"])]
+    np.savez(tmp_path / "badlabels.npz", x=np.zeros((8, 1, 8, 8), np.float32), labels=np.full(8, 99))
+    base = ["--profile", PROFILE, "--eval", str(wide_range["eval"])]
+    train = ["--train", str(wide_range["train"])]
     cases = [
-        ([str(tmp_path / "scripted.pt")], "takes a .pt2 (torch.export.save)"),
-        ([str(tmp_path / "two.pt2")], "one input and one output (logits); this program has 1 inputs and 2 outputs"),
-        ([str(wide_range["model"]), "--format", "tflite"], "builds onnx, openvino, not tflite"),
+        ([str(tmp_path / "scripted.pt"), *train], "takes a .pt2 (torch.export.save)"),
+        ([str(tmp_path / "two.pt2"), *train], "one input and one output (logits); this program has 1 inputs and "
+         "2 outputs"),
+        ([str(wide_range["model"]), *train, "--format", "tflite"], "builds onnx, openvino, not tflite"),
+        ([str(wide_range["model"]), "--train", str(tmp_path / "badlabels.npz")], "training on 'x' failed"),
     ]
     for index, (args, expected) in enumerate(cases):
         result = CliRunner().invoke(cli, ["qat", *args, *base, "--output", str(tmp_path / f"o{index}")])

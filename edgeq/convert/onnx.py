@@ -56,6 +56,8 @@ def build(request: BuildRequest) -> BuildResult:
     if request.source.quantized_ops:  # int8 already (prequantized.py checked the request): kept as it is
         _fp32_model(request, target)
         options.update(quantization=FROM_SOURCE, source_quantized_ops=request.source.quantized_ops)
+        if request.source.kind in TF_SOURCES:  # tf2onnx folded the weight FakeQuants: their int8 back
+            options["weights_restored_to_int8"] = _restore_weights(target)
         return BuildResult(model_file=MODEL_FILE, options=options, tools=tools)
     if request.precision == "fp32":
         _fp32_model(request, target)
@@ -93,6 +95,18 @@ def build(request: BuildRequest) -> BuildResult:
         raise
     except Exception as exc:  # onnxruntime.quantization / onnxconverter-common raise plain exceptions
         raise conversion_failure(request.source, "onnx", request.precision, exc) from exc
+
+
+def _restore_weights(target: Path) -> int:
+    """The folded QAT weights of ``target`` back as int8 on their learned grid (edgeq.convert.onnx_weight_grid)."""
+    onnx = require_backend("onnx", "onnx")
+    from edgeq.convert.onnx_weight_grid import restore_weight_quantizers
+
+    model = onnx.load(str(target))
+    count = restore_weight_quantizers(model)
+    if count:
+        onnx.save(model, str(target))
+    return count
 
 
 def _fp32_model(request: BuildRequest, target: Path) -> None:

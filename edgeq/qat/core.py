@@ -139,9 +139,9 @@ def check_train(model: Path, train: Path) -> str:
     """The model's input name, after checking that QAT can take ``model``, that ``train`` has its input and
     labels, and that the QAT packages for the model's framework are installed (QatError naming the file)."""
     if _check_model(model) == "pytorch":
-        from edgeq.qat.torch_qat import _pt2e
+        from edgeq.qat.torch_qat import pt2e_api
 
-        _pt2e()
+        pt2e_api()
     else:
         require_qat_site()
     return _check_inputs(model, train, train)[0]

@@ -39,7 +39,7 @@ def needs_7bit_weights(profile: DeviceProfile) -> bool:
     return bool(profile.onnx_reduce_range) or profile.openvino_overflow_fix == "enable"
 
 
-def _pt2e():
+def pt2e_api():
     """torchao's PT2E entry points, with its import-time chatter (CUDA kernels it cannot load here) silenced."""
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -75,7 +75,7 @@ def fine_tune_pt2(model: Path, train: dict[str, np.ndarray], input_name: str, on
     import torch
 
     (prepare_qat_pt2e, convert_pt2e, to_train, to_eval, X86InductorQuantizer,
-     quantization_config) = _pt2e()
+     quantization_config) = pt2e_api()
     check_program(model)
     program, inputs, outputs = load_exported(model)
     started = time.monotonic()
@@ -91,6 +91,24 @@ def fine_tune_pt2(model: Path, train: dict[str, np.ndarray], input_name: str, on
         prepared = prepare_qat_pt2e(program.module(), quantizer)
     except Exception as exc:  # noqa: BLE001 - torchao raises many types for a graph it cannot annotate
         raise QatError(f"{model}: torchao cannot prepare this program for QAT ({_first_line(exc)})") from exc
+    try:
+        losses = _train(prepared, x, labels, to_train, to_eval, epochs=epochs, lr=lr, batch_size=batch_size,
+                        calibration_samples=calibration_samples, seed=seed)
+    except (RuntimeError, IndexError, ValueError) as exc:  # a shape or label the model cannot take
+        raise QatError(f"{model}: training on '{input_name}' failed ({_first_line(exc)})",
+                       hint="the train file's input must have the program's shape after the sample axis, and "
+                            "its labels must be class ids below the number of outputs") from exc
+    converted = convert_pt2e(prepared)  # int8 weights folded in; activations as quantize/dequantize pairs
+    _export_onnx(model, converted, inputs[0], outputs[0], x[:2], onnx_path)
+    return {"samples": len(x), "epochs": epochs, "loss": losses, "seconds": time.monotonic() - started,
+            "lr": lr, "batch_size": batch_size, "calibration_samples": min(calibration_samples, len(x)),
+            "scheme": SCHEME, "weight_bits": 7 if seven_bit else 8, "framework": "pytorch"}
+
+
+def _train(prepared, x, labels, to_train, to_eval, *, epochs: int, lr: float, batch_size: int,
+           calibration_samples: int, seed: int) -> list[float]:
+    """Calibrate the fake quantizers on the float model's ranges, then fine-tune with Adam; per-epoch mean loss."""
+    import torch
 
     # Start from the float model's ranges rather than the fake quantizers' initial ones: without it the first
     # steps train against ranges that have seen one batch (the Keras path measured 90.4% against 94.9% top-1).
@@ -112,11 +130,7 @@ def fine_tune_pt2(model: Path, train: dict[str, np.ndarray], input_name: str, on
             total, batches = total + float(loss.detach()), batches + 1
         losses.append(total / batches)
     to_eval(prepared)
-    converted = convert_pt2e(prepared)  # int8 weights folded in; activations as quantize/dequantize pairs
-    _export_onnx(model, converted, inputs[0], outputs[0], x[:2], onnx_path)
-    return {"samples": len(x), "epochs": epochs, "loss": losses, "seconds": time.monotonic() - started,
-            "lr": lr, "batch_size": batch_size, "calibration_samples": min(calibration_samples, len(x)),
-            "scheme": SCHEME, "weight_bits": 7 if seven_bit else 8, "framework": "pytorch"}
+    return losses
 
 
 def _export_onnx(model: Path, converted, spec, output_name: str, example, onnx_path: Path) -> None:
