@@ -20,16 +20,20 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(
 PROFILE = "x86-avx2"
 
 
+def built_and_qat_trained(build, root, profile: str) -> dict:
+    """``build``'s model and data under ``root/data``, then ``edgeq qat`` of it into ``root/out``."""
+    paths = build(root / "data")
+    result = CliRunner().invoke(cli, ["qat", str(paths["model"]), "--profile", profile, "--train",
+                                      str(paths["train"]), "--eval", str(paths["eval"]), "--output", str(root / "out")])
+    assert result.exit_code == 0, result.output
+    return {**paths, "out": root / "out", "output": result.output}
+
+
 @pytest.fixture(scope="module")
 def wide_range(tmp_path_factory):
     from examples.qat.wide_range import build
 
-    root = tmp_path_factory.mktemp("qat")
-    paths = build(root / "data")
-    result = CliRunner().invoke(cli, ["qat", str(paths["model"]), "--profile", PROFILE, "--train",
-                                      str(paths["train"]), "--eval", str(paths["eval"]), "--output", str(root / "out")])
-    assert result.exit_code == 0, result.output
-    return {**paths, "out": root / "out", "output": result.output}
+    return built_and_qat_trained(build, tmp_path_factory.mktemp("qat"), PROFILE)
 
 
 def test_qat_recovers_what_ptq_loses_in_every_format(wide_range):

@@ -23,13 +23,9 @@ PROFILE = "x86-avx2"  # onnx_reduce_range: the weights are learned in 7 bits
 @pytest.fixture(scope="module")
 def wide_range(tmp_path_factory):
     from examples.qat.wide_range_torch import build
+    from tests.test_qat import built_and_qat_trained
 
-    root = tmp_path_factory.mktemp("qat-torch")
-    paths = build(root / "data")
-    result = CliRunner().invoke(cli, ["qat", str(paths["model"]), "--profile", PROFILE, "--train",
-                                      str(paths["train"]), "--eval", str(paths["eval"]), "--output", str(root / "out")])
-    assert result.exit_code == 0, result.output
-    return {**paths, "out": root / "out", "output": result.output}
+    return built_and_qat_trained(build, tmp_path_factory.mktemp("qat-torch"), PROFILE)
 
 
 def test_pytorch_qat_recovers_what_ptq_loses(wide_range):

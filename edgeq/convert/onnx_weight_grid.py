@@ -27,11 +27,13 @@ def _grid_scale(weight: np.ndarray, axis: int | None) -> np.ndarray | None:
     if np.any(peak == 0):
         return None
     scale = (peak / LEVELS).astype(np.float32)
-    shape = [1] * weight.ndim
-    if axis is not None:
-        shape[axis] = -1
-    steps = weight / scale.reshape(shape)
+    steps = weight / scale.reshape(_along(weight.ndim, axis))
     return scale if np.abs(steps - np.round(steps)).max() < ON_GRID else None
+
+
+def _along(ndim: int, axis: int | None) -> list[int]:
+    """The shape that broadcasts a per-``axis`` scale (or a single one) against a weight of ``ndim`` dims."""
+    return [-1 if i == axis else 1 for i in range(ndim)]
 
 
 def _weight_axis(node) -> int | None:
@@ -71,11 +73,8 @@ def restore_weight_quantizers(model) -> int:
             axis = None
         if scale is None:
             continue
-        shape = [1] * weight.ndim
-        if axis is not None:
-            shape[axis] = -1
         name = node.input[1]
-        quantized = np.round(weight / scale.reshape(shape)).astype(np.int8)
+        quantized = np.round(weight / scale.reshape(_along(weight.ndim, axis))).astype(np.int8)
         graph.initializer.remove(initializers[name])
         graph.initializer.extend([numpy_helper.from_array(quantized, f"{name}_int8"),
                                   numpy_helper.from_array(np.atleast_1d(scale) if axis is not None else scale.reshape(()),

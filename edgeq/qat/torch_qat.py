@@ -59,7 +59,10 @@ def pt2e_api():
 
 def check_program(model: Path) -> None:
     """Refuse (QatError) a program QAT cannot fine-tune as a classifier: one tensor input, one output."""
-    _, inputs, outputs = load_exported(model)
+    _refuse_unless_classifier(model, *load_exported(model)[1:])
+
+
+def _refuse_unless_classifier(model: Path, inputs, outputs) -> None:
     if len(inputs) != 1 or len(outputs) != 1:
         raise QatError(f"{model}: QAT fine-tunes a classifier with one input and one output (logits); this "
                        f"program has {len(inputs)} inputs and {len(outputs)} outputs")
@@ -76,8 +79,8 @@ def fine_tune_pt2(model: Path, train: dict[str, np.ndarray], input_name: str, on
 
     (prepare_qat_pt2e, convert_pt2e, to_train, to_eval, X86InductorQuantizer,
      quantization_config) = pt2e_api()
-    check_program(model)
     program, inputs, outputs = load_exported(model)
+    _refuse_unless_classifier(model, inputs, outputs)
     started = time.monotonic()
     torch.manual_seed(seed)
     x = torch.from_numpy(np.ascontiguousarray(train[input_name], dtype=np.float32))

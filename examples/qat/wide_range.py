@@ -50,19 +50,26 @@ def build(output: Path, epochs: int = 15, seed: int = 0) -> dict[str, Path]:
     k2[:, :, 0, :] /= SCALE  # relu(SCALE * z) = SCALE * relu(z): the float model is unchanged
     model.get_layer("c1").set_weights([k1, b1])
     model.get_layer("c2").set_weights([k2, b2])
-    output.mkdir(parents=True, exist_ok=True)
-    paths = {"model": output / "wide_range.keras", "train": output / "train.npz", "calib": output / "calib.npz",
-             "eval": output / "eval.npz"}
+    paths = write_split(output, "wide_range.keras", x_train, y_train, x_eval, y_eval)
     model.save(paths["model"])
+    return paths
+
+
+def write_split(output: Path, model_file: str, x_train, y_train, x_eval, y_eval) -> dict[str, Path]:
+    """Write ``train.npz`` (x, labels), ``calib.npz`` (300 training samples) and ``eval.npz`` into ``output``;
+    their paths, and the model's (``output/model_file``, written by the caller)."""
+    output.mkdir(parents=True, exist_ok=True)
+    paths = {"model": output / model_file, "train": output / "train.npz", "calib": output / "calib.npz",
+             "eval": output / "eval.npz"}
     np.savez(paths["train"], x=x_train, labels=y_train)
     np.savez(paths["calib"], x=x_train[:300])
     np.savez(paths["eval"], x=x_eval, labels=y_eval)
     return paths
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", type=Path, default=Path("demo-out/qat"))
+def main(build=build, default_output: str = "demo-out/qat", doc: str | None = __doc__) -> None:
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", type=Path, default=Path(default_output))
     for name, path in build(parser.parse_args().output).items():
         print(f"{name:<6} {path}")
 

@@ -14,15 +14,13 @@ range and flattens the other seven channels.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
-
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from examples.digits.train import load_digits_split  # noqa: E402
 from examples.digits.train_torch import train  # noqa: E402
+from examples.qat.wide_range import main, write_split  # noqa: E402
 
 SCALE = 1000.0
 
@@ -41,21 +39,10 @@ def build(output: Path, epochs: int = 60, seed: int = 0) -> dict[str, Path]:
     x_train, x_eval = x_train.transpose(0, 3, 1, 2).copy(), x_eval.transpose(0, 3, 1, 2).copy()  # NHWC -> NCHW
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.export.export(model, (torch.from_numpy(x_eval[:2]),), dynamic_shapes=({0: batch},))
-    paths = {"model": output / "wide_range.pt2", "train": output / "train.npz", "calib": output / "calib.npz",
-             "eval": output / "eval.npz"}
+    paths = write_split(output, "wide_range.pt2", x_train, y_train, x_eval, y_eval)
     torch.export.save(program, paths["model"])
-    np.savez(paths["train"], x=x_train, labels=y_train)
-    np.savez(paths["calib"], x=x_train[:300])
-    np.savez(paths["eval"], x=x_eval, labels=y_eval)
     return paths
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", type=Path, default=Path("demo-out/qat-torch"))
-    for name, path in build(parser.parse_args().output).items():
-        print(f"{name:<6} {path}")
-
-
 if __name__ == "__main__":
-    main()
+    main(build, "demo-out/qat-torch", __doc__)
