@@ -13,7 +13,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ("bench_convert.py", "bench_harness.py", "bench_transfer.py", "bench_regression.py", "bench_tune.py",
-           "bench_static_shapes.py", "bench_minilm.py", "bench_minilm_static.py", "bench_qat.py")
+           "bench_static_shapes.py", "bench_minilm.py", "bench_minilm_static.py", "bench_qat.py", "bench_silero_vad.py")
 
 
 def main() -> int:

@@ -2,7 +2,9 @@
 
 For a single-input model any single non-label array (conventionally ``x``) is
 taken. ``labels`` holds class ids for classification. Every array's first axis
-is the sample axis.
+is the sample axis; each entry is one sample of a batched input, or the input's
+whole tensor (a state whose batch is not its first axis, a scalar): see
+``edgeq.device.feeds``, the rule the device shares.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from numpy.lib import format as npy_format
 
+from edgeq.device.feeds import one_sample, spec_ranks, whole_inputs
 from edgeq.errors import DataError
 from edgeq.manifest import sha256_file
 
@@ -49,14 +52,21 @@ class Dataset:
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None
     samples_available: int
+    whole: frozenset[str] = frozenset()  # inputs whose samples are whole tensors: run one sample per call
 
     @property
     def samples(self) -> int:
         return len(next(iter(self.inputs.values())))
 
     def batch(self, index: int) -> dict[str, np.ndarray]:
-        """One sample as a batch of one."""
-        return {name: arr[index : index + 1] for name, arr in self.inputs.items()}
+        """One sample as the model takes it: a batch of one, whole tensors as they are."""
+        return one_sample(self.inputs, self.whole, index)
+
+    def head(self, count: int) -> Dataset:
+        """The first ``count`` samples (labels too)."""
+        return Dataset(path=self.path, sha256=self.sha256, inputs={k: v[:count] for k, v in self.inputs.items()},
+                       labels=None if self.labels is None else self.labels[:count],
+                       samples_available=self.samples_available, whole=self.whole)
 
 
 def load_dataset(path: Path | str, inputs: list[InputSpec], role: str = "data") -> Dataset:
@@ -73,11 +83,13 @@ def load_dataset(path: Path | str, inputs: list[InputSpec], role: str = "data") 
     count = next(iter(counts.values()))
     if count == 0:
         raise DataError(f"{path}: holds no samples")
+    whole = whole_inputs(matched, spec_ranks(inputs))
     for spec in inputs:
-        matched[spec.name] = _check_array(path, spec, matched[spec.name])
+        matched[spec.name] = _check_array(path, spec, matched[spec.name], spec.name in whole)
     if labels is not None:
         labels = _check_labels(path, labels, count)
-    return Dataset(path=path, sha256=sha256_file(path), inputs=matched, labels=labels, samples_available=count)
+    return Dataset(path=path, sha256=sha256_file(path), inputs=matched, labels=labels, samples_available=count,
+                   whole=whole)
 
 
 def read_npz(path: Path | str) -> dict[str, np.ndarray]:
@@ -206,13 +218,17 @@ def _match_inputs(path: Path, arrays: dict[str, np.ndarray], inputs: list[InputS
     return {name: arrays[name] for name in names}
 
 
-def _check_array(path: Path, spec: InputSpec, arr: np.ndarray) -> np.ndarray:
-    expected = spec.shape[1:] if spec.shape else []
+def _check_array(path: Path, spec: InputSpec, arr: np.ndarray, whole: bool) -> np.ndarray:
+    """``arr`` checked against ``spec``: [N, *dims after the batch], or [N, *every dim] when ``whole``."""
+    expected = list(spec.shape or []) if whole else spec.shape[1:] if spec.shape else []
     actual = list(arr.shape[1:])
     if len(actual) != len(expected) or any(e is not None and e > 0 and e != a for e, a in zip(expected, actual, strict=True)):
-        shown = ["N", *("?" if e is None or e <= 0 else e for e in expected)]
+        def shown(dims):
+            return "[" + ", ".join(["N", *("?" if d is None or d <= 0 else str(d) for d in dims)]) + "]"
+        forms = shown(spec.shape[1:]) + (f" (batched) or {shown(spec.shape)} (a whole tensor per sample)"
+                                         if spec.shape else "")
         raise DataError(f"{path}: array for input '{spec.name}' has shape {list(arr.shape)}, "
-                        f"the model expects [{', '.join(map(str, shown))}]")
+                        f"the model expects {forms}")
     want = np.dtype(spec.dtype)
     if arr.dtype == want:
         return arr
@@ -251,4 +267,5 @@ def subsample(dataset: Dataset, limit: int, seed: int = 0) -> Dataset:
         inputs={name: arr[index] for name, arr in dataset.inputs.items()},
         labels=None if dataset.labels is None else dataset.labels[index],
         samples_available=dataset.samples_available,
+        whole=dataset.whole,
     )

@@ -26,6 +26,9 @@ NOISE = re.compile(
     rb"|INFO: Initialized TensorFlow Lite runtime\."
     rb"|fully_quantize: \d+, inference_type: \d+, input_inference_type: \S+, output_inference_type: \S+"
     rb"|To enable the following instructions: .* in other operations, rebuild TensorFlow"
+    # ORT's graph cleanup after shape inference (its own unused constants; nothing of the model is lost)
+    rb"|(?:\x1b\[[\d;]*m)?[\d-]+ [\d:.]+ \[W:onnxruntime:[^\]]*CleanUnusedInitializersAndNodeArgs\] "
+    rb"Removing initializer"
     rb")"
 )
 

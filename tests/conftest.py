@@ -21,4 +21,4 @@ def digits(tmp_path_factory) -> dict:
     return train(tmp_path_factory.mktemp("digits"), epochs=8, filters=8)
 
 # Fixture modules owned by each area; listed here so every test can use them.
-pytest_plugins = ["tests.convert_fixtures", "tests.sshd_fixtures", "tests.tune_fixtures"]
+pytest_plugins = ["tests.convert_fixtures", "tests.sshd_fixtures", "tests.tune_fixtures", "tests.stateful_fixtures"]

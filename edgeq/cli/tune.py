@@ -50,7 +50,13 @@ class _RichProgress:
 @click.option("--eval", "eval_path", type=click.Path(path_type=Path), required=True,
               help="Eval .npz: inputs, and 'labels' for a top-1 budget.")
 @click.option("--max-accuracy-drop", type=float, help="Budget: top-1 drop against FP32, a fraction (0.01 = 1 point).")
-@click.option("--min-cosine", type=float, help="Budget: mean output cosine against FP32 (no labels needed).")
+@click.option("--min-cosine", type=float,
+              help="Budget: mean output cosine against FP32, every output (the worst counts; no labels needed).")
+@click.option("--gate", "gates", multiple=True,
+              help="Budget: METRIC[.FIELD]>=X or <=X over any --metric (repeatable; all must pass), e.g. "
+                   "'embedding>=0.99' or 'my_metrics.py:vad.decision_agreement>=0.98'.")
+@click.option("--metric", "metric_specs", multiple=True,
+              help="Also compute and report this metric for every candidate (as convert --metric; repeatable).")
 @click.option("--objective", type=click.Choice(["latency", "energy", "size"]), default="latency", show_default=True)
 @click.option("--format", "formats", multiple=True, help="Only these formats (repeatable) [all the profile allows].")
 @click.option("--max-time", default="20m", show_default=True, help="Stop building candidates after this long.")
@@ -63,8 +69,8 @@ class _RichProgress:
 @click.option("--qat-epochs", type=click.IntRange(min=1), default=3, show_default=True, help="QAT fine-tune epochs.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="DIR for candidates, chosen/, tune.*")
 @click.option("--force", is_flag=True, help="Replace a non-empty DIR.")
-def tune(model, target_name, profile_name, inventory, calibration, eval_path, max_accuracy_drop, min_cosine, objective,
-         formats, max_time, max_candidates, calibration_samples, runs, input_shapes, train, qat_epochs, output,
+def tune(model, target_name, profile_name, inventory, calibration, eval_path, max_accuracy_drop, min_cosine, gates,
+         metric_specs, objective, formats, max_time, max_candidates, calibration_samples, runs, input_shapes, train, qat_epochs, output,
          force) -> None:
     """Find the fastest artifact of MODEL that meets the accuracy budget on a device, and put it in DIR/chosen
     (for a group: DIR/<profile>/chosen per device class, each measured on the class's first target)."""
@@ -73,11 +79,13 @@ def tune(model, target_name, profile_name, inventory, calibration, eval_path, ma
 
     from edgeq.profiles import load_profile
     from edgeq.targets import LOCAL_TARGET, load_inventory, resolve_targets
+    from edgeq.taskmetrics import parse_gate
     from edgeq.tune import Budget
     from edgeq.tune import tune as run_tune
     from edgeq.tune.fleet import ClassResult, tune_fleet
 
-    budget = Budget(max_accuracy_drop=max_accuracy_drop, min_cosine=min_cosine)
+    budget = Budget(max_accuracy_drop=max_accuracy_drop, min_cosine=min_cosine,
+                    gates=tuple(parse_gate(text) for text in gates), metric_specs=tuple(metric_specs))
     targets = resolve_targets(load_inventory(inventory), target_name or LOCAL_TARGET)
     if len(targets) > 1 and profile_name:
         raise click.UsageError("--profile applies to one target; a group is tuned once per profile of its targets")
@@ -127,5 +135,7 @@ def _print_result(result) -> None:
     if result.device_accuracy:
         acc = result.device_accuracy
         parts = [f"{k} {acc[k]:.4f}" for k in ("top1", "top1_drop", "top1_agreement") if acc.get(k) is not None]
+        parts += [f"{name} " + ", ".join(f"{k} {v:.4g}" for k, v in fields.items())
+                  for name, fields in (acc.get("metrics") or {}).items()]
         click.echo(f"on {result.target}: " + (", ".join(parts) or "accuracy not available"))
     click.echo(f"wrote {result.chosen_dir}, {result.output / 'tune.json'}, {result.output / 'tune.html'}")

@@ -72,7 +72,8 @@ def build(request: BuildRequest) -> BuildResult:
             return BuildResult(model_file=MODEL_FILE, options=options, tools=(*tools, "onnxconverter-common"))
         prepared = _pre_process(fp32, request.scratch / "preprocessed.onnx", options)
         if request.precision == "dynamic":
-            quantize_dynamic(prepared, target, request.scratch, needs_reduce_range(request.profile), options)
+            quantize_dynamic(prepared, target, request.scratch, needs_reduce_range(request.profile), options,
+                             where=request.source.path)
             _canonical_constants(target)
             return BuildResult(model_file=MODEL_FILE, options=options, tools=tools)
         method = request.calibration_method or request.profile.calibration_method
@@ -89,12 +90,26 @@ def build(request: BuildRequest) -> BuildResult:
             options["float_nodes"] = sorted(request.float_nodes)
         options.update(quantize_static(request, prepared, target, method, reduce_range, activation_type,
                                         per_channel))
+        if not _quantized_weights(target):  # an int8 artifact that computes in float would be a lie
+            raise ConversionError(
+                f"{request.source.path}: onnx int8: no op was quantized (ORT's static quantization does not reach "
+                "into If/Loop bodies, where this model may keep its layers)",
+                hint="try --precision dynamic, which does, or --format openvino")
         _canonical_constants(target)
         return BuildResult(model_file=MODEL_FILE, calibration_method=method, options=options, tools=tools)
     except ConversionError:
         raise
     except Exception as exc:  # onnxruntime.quantization / onnxconverter-common raise plain exceptions
         raise conversion_failure(request.source, "onnx", request.precision, exc) from exc
+
+
+def _quantized_weights(target: Path) -> int:
+    """How many weights of the QDQ model ``target`` are stored quantized (a DequantizeLinear reading an
+    initializer); QDQ pairs around activations alone (Split, Unsqueeze) quantize nothing that matters."""
+    onnx = require_backend("onnx", "onnx")
+    model = onnx.load(str(target))
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    return sum(node.op_type == "DequantizeLinear" and node.input[0] in initializers for node in model.graph.node)
 
 
 def _restore_weights(target: Path) -> int:

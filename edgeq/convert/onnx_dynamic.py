@@ -2,7 +2,8 @@
 transformers and RNNs, whose activation ranges vary per input. ``edgeq.convert.onnx`` calls it for
 ``--precision dynamic``.
 
-What it does differently from ``quantize_dynamic``'s defaults: per-channel weights. Measured on
+What it does differently from ``quantize_dynamic``'s defaults: the bodies of If/Loop nodes are quantized too;
+Conv only where nothing else is quantizable (``DYNAMIC_OP_TYPES``); and per-channel weights. Measured on
 all-MiniLM-L6-v2 (seq 32, AMX host, 2 threads; benchmarks/results/bench_minilm.txt has the table): per-tensor
 weights give embedding cosine 0.966 against FP32, per-channel 0.993, at the same size (23 MB from 91; keeping
 the embedding lookups float instead costs 36 MB for 0.0003 of cosine). Attention-shaped graphs go through ORT's
@@ -16,9 +17,16 @@ import logging
 from pathlib import Path
 
 from edgeq.convert.base import captured_stdout
-from edgeq.errors import first_line, require_backend
+from edgeq.convert.prequantized import onnx_quantized_ops
+from edgeq.errors import ConversionError, first_line, require_backend
 
 log = logging.getLogger(__name__)
+
+# What ORT's dynamic quantization may turn into integer ops, but Conv: it is quantized only in a graph that has
+# none of these (a CNN). Measured on silero-vad (Convs feeding an LSTM, 16 kHz windows, 1 thread, AVX2):
+# ConvInteger made it less accurate (speech probability mean error 0.066 against 0.0008 with only the LSTM
+# quantized) and slower than FP32 (0.113 ms against 0.090; 0.086 without Conv).
+DYNAMIC_OP_TYPES = ("MatMul", "Attention", "LSTM", "Gather", "EmbedLayerNormalization", "Transpose")
 
 
 def _attention_shaped(model) -> bool:
@@ -49,12 +57,60 @@ def _transformer_optimized(prepared: Path, scratch: Path, options: dict[str, obj
     return target if fused else prepared
 
 
+def _constants_as_initializers(model_path: Path, scratch: Path, options: dict[str, object]) -> Path:
+    """``model_path`` with each Constant node's tensor an initializer of its graph, subgraphs included: ORT
+    quantizes only weights that are initializers, and an exporter may leave them as Constant nodes inside
+    If branches, where ORT's pre-processing does not fold them."""
+    onnx = require_backend("onnx", "onnx")
+    model = onnx.load(str(model_path))
+    moved = 0
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        kept = []
+        for node in graph.node:
+            graphs.extend(attr.g for attr in node.attribute if attr.type == onnx.AttributeProto.GRAPH)
+            graphs.extend(g for attr in node.attribute for g in attr.graphs)
+            value = node.attribute[0] if node.op_type == "Constant" and len(node.attribute) == 1 else None
+            if value is not None and value.name == "value" and len(node.output) == 1:
+                tensor = onnx.TensorProto()
+                tensor.CopyFrom(value.t)
+                tensor.name = node.output[0]
+                graph.initializer.append(tensor)
+                moved += 1
+            else:
+                kept.append(node)
+        if len(kept) != len(graph.node):
+            del graph.node[:]
+            graph.node.extend(kept)
+    if not moved:
+        return model_path
+    target = scratch / "constants-as-initializers.onnx"
+    onnx.save(model, str(target))
+    options["constants_as_initializers"] = moved
+    return target
+
+
 def quantize_dynamic(prepared: Path, target: Path, scratch: Path, reduce_range: bool,
-                     options: dict[str, object]) -> None:
-    """Write the dynamically quantized model; the settings go into ``options`` (for the manifest)."""
+                     options: dict[str, object], where: Path) -> None:
+    """Write the dynamically quantized model of ``prepared`` (pre-processed from the source ``where``); the
+    settings and the quantized op counts go into ``options`` (for the manifest)."""
     quantization = require_backend("onnxruntime.quantization", "onnx")
-    source = _transformer_optimized(prepared, scratch, options)
+    source = _constants_as_initializers(_transformer_optimized(prepared, scratch, options), scratch, options)
     options.update(per_channel=True, reduce_range=reduce_range, weight_type="int8")
-    with captured_stdout(log):  # every op type ORT quantizes dynamically: MatMul, Attention, LSTM, Gather...
-        quantization.quantize_dynamic(str(source), str(target), weight_type=quantization.QuantType.QInt8,
-                                      per_channel=True, reduce_range=reduce_range)
+    for op_types in (DYNAMIC_OP_TYPES, (*DYNAMIC_OP_TYPES, "Conv")):
+        with captured_stdout(log):
+            # EnableSubgraph: the bodies of If/Loop nodes too. silero-vad keeps every Conv and LSTM in If
+            # branches (one per sample rate); without it nothing at all was quantized.
+            quantization.quantize_dynamic(str(source), str(target), weight_type=quantization.QuantType.QInt8,
+                                          per_channel=True, reduce_range=reduce_range,
+                                          op_types_to_quantize=list(op_types),
+                                          extra_options={"EnableSubgraph": True})
+        quantized = onnx_quantized_ops(target)
+        if quantized:
+            break
+    else:  # an artifact called dynamic INT8 that computes in float would be a lie
+        raise ConversionError(f"{where}: onnx dynamic: no op was quantized (ORT quantizes MatMul, Conv, LSTM, "
+                              "Attention and Gather whose weights are constants)",
+                              hint="use --precision fp16, or int8 (static, with calibration data)")
+    options.update(dynamic_op_types=list(op_types), quantized_ops=quantized)

@@ -78,7 +78,7 @@ def quantize_static(request: BuildRequest, prepared: Path, target: Path, method:
                      for spec in request.source.inputs)
     # Histogram calibrators (entropy, percentile) stack per-batch outputs with np.asarray, which fails
     # on a short last batch: feed them one sample at a time.
-    step = CALIBRATION_BATCH if free_batch and method == "minmax" else 1
+    step = CALIBRATION_BATCH if free_batch and method == "minmax" and not calibration.whole else 1
 
     class Reader(quantization.CalibrationDataReader):
         """Feeds the calibration set in order (ORT's smallest data interface: get_next)."""
@@ -90,6 +90,8 @@ def quantize_static(request: BuildRequest, prepared: Path, target: Path, method:
             start = next(self._starts, None)
             if start is None:
                 return None
+            if step == 1:
+                return calibration.batch(start)
             return {name: arr[start : start + step] for name, arr in calibration.inputs.items()}
 
     methods = {"minmax": quantization.CalibrationMethod.MinMax, "entropy": quantization.CalibrationMethod.Entropy,

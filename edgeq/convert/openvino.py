@@ -14,7 +14,7 @@ from edgeq.convert.base import (
     captured_stdout,
 )
 from edgeq.convert.prequantized import FROM_SOURCE
-from edgeq.convert.source import conversion_failure
+from edgeq.convert.source import _first_line, conversion_failure
 from edgeq.convert.source_torch import example_inputs
 from edgeq.errors import ConversionError, require_backend
 
@@ -43,8 +43,14 @@ def build(request: BuildRequest) -> BuildResult:
         # plugin's own runtime choice (DYNAMIC_QUANTIZATION_GROUP_SIZE), not something stored in the IR.
         nncf = require_backend("nncf", "openvino")
         logging.getLogger("nncf").setLevel(logging.WARNING)  # its statistics table is INFO, to stdout
-        with captured_stdout(log):
-            model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+        try:
+            with captured_stdout(log):
+                model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+        except Exception as exc:  # noqa: BLE001 - nncf raises InternalError on graphs it cannot walk
+            # Seen on a model whose LSTMs sit in If branches (NNCF 3.4): "Could not find a node ... in NNCFGraph".
+            raise ConversionError(f"{source.path}: cannot convert to openvino dynamic: NNCF's weight compression "
+                                  f"failed: {_first_line(exc)}",
+                                  hint="--format onnx --precision dynamic quantizes weights inside If bodies too") from exc
         tools += ("nncf",)
         options["weight_compression"] = "INT8_ASYM"
     if source.quantized_ops:  # int8 already (prequantized.py checked the request): converted as it is

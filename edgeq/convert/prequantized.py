@@ -26,7 +26,7 @@ QUANTIZED_OPS = frozenset({
     "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
     "MatMulInteger", "ConvInteger", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu",
     "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearConcat", "QLinearSoftmax", "QGemm",
-    "QAttention", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QOrderedMatMul",
+    "QAttention", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QOrderedMatMul", "DynamicQuantizeLSTM",
 })
 
 #: TensorFlow ops that simulate quantization in a float graph (tfmot's QAT layers save these).

@@ -29,6 +29,7 @@ from edgeq.convert.source_torch import (
     torch_kind,
 )
 from edgeq.data import InputSpec
+from edgeq.device.feeds import run_samples, spec_ranks, whole_inputs
 from edgeq.device.runtimes.onnx import ORT_TYPES
 from edgeq.errors import ConversionError, first_line, require_backend
 from edgeq.manifest import sha256_file, sha256_tree
@@ -129,15 +130,11 @@ class SourceModel:
         return self._onnx_file
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """FP32 reference outputs for ``feed`` (arrays keyed by source input name), batched."""
-        count = len(next(iter(feed.values())))
+        """FP32 reference outputs for ``feed`` (arrays keyed by source input name, samples first), batched
+        where the model's inputs allow it (``edgeq.device.feeds``)."""
         # A model exported with a fixed batch (1x3x224x224, common in the wild) takes one sample at a time.
         step = 1 if any(spec.shape and spec.shape[0] is not None for spec in self.inputs) else REFERENCE_BATCH
-        chunks: list[list[np.ndarray]] = []
-        for start in range(0, count, step):
-            part = {name: arr[start : start + step] for name, arr in feed.items()}
-            chunks.append(self._run_batch(part))
-        return [np.concatenate([chunk[i] for chunk in chunks]) for i in range(len(chunks[0]))]
+        return run_samples(self._run_batch, feed, whole_inputs(feed, spec_ranks(self.inputs)), step)
 
     def _run_batch(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         if self.kind == "keras":
@@ -293,6 +290,14 @@ def unsupported_ops(message: str) -> list[str]:
 def conversion_failure(source: SourceModel, fmt: str, precision: str, exc: BaseException) -> ConversionError:
     """A one-line ConversionError for a converter's exception, naming the model and the op when it can."""
     text = str(exc)
+    failed = re.search(r"Conversion is failed for: ([^\n]+)", text)  # OpenVINO's frontend summary
+    if failed:
+        reasons = [r for r in re.findall(r"FrontEnd API failed with \w+:\n([^\n]+)", text)
+                   if "wasn't fully converted" not in r]
+        return ConversionError(
+            f"{source.path}: cannot convert to {fmt} {precision}: OpenVINO's frontend failed on "
+            f"{failed.group(1).strip()}" + (f": {reasons[0].strip()}" if reasons else ""),
+            hint="static input shapes often help (--input-shape NAME=DIMS), or try another --format")
     ops = unsupported_ops(text)
     if ops:
         return ConversionError(

@@ -9,6 +9,7 @@ import numpy as np
 
 from edgeq.convert.source import SourceModel
 from edgeq.data import Dataset, check_labels_range
+from edgeq.device.feeds import run_samples, spec_ranks, whole_inputs
 from edgeq.manifest import OutputAgreement, Validation
 from edgeq.metrics import agreement, by_source_name, per_output_agreement, top_k_accuracy
 from edgeq.profiles import DeviceProfile
@@ -51,12 +52,8 @@ def run_artifact_outputs(session, source_names: dict[str, str], dataset: Dataset
     feed = _artifact_feed(session, source_names, dataset.inputs)
     batched = all(spec["shape"] and spec["shape"][0] is None for spec in session.inputs) and \
         (getattr(session, "execution", None) or {}).get("precision") != "dynamic"
-    step = ARTIFACT_BATCH if batched else 1
-    chunks = []
-    for start in range(0, dataset.samples, step):
-        part = {name: arr[start : start + step] for name, arr in feed.items()}
-        chunks.append(session.run(part))
-    return [np.concatenate([chunk[i] for chunk in chunks]) for i in range(len(chunks[0]))]
+    return run_samples(session.run, feed, whole_inputs(feed, spec_ranks(session.inputs)),
+                       ARTIFACT_BATCH if batched else 1)
 
 
 def validate(source: SourceModel, session, source_names: dict[str, str], dataset: Dataset,

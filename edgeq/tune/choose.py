@@ -70,8 +70,9 @@ def choose(result, target: Target, eval_path: Path, *, runs: int, min_seconds: f
     result.chosen_dir = chosen_dir
     progress.stage("device: accuracy of the chosen artifact", total=1)
     progress.step(best.id)
+    # The budget's metrics too (a gate's metric, --metric), computed from the device's outputs.
     run = bench(chosen_dir, target, eval_path=eval_path, runs=runs, min_seconds=min_seconds,
-                output_dir=result.output / "bench-chosen")
+                output_dir=result.output / "bench-chosen", metrics=list(result.budget.metrics))
     if run.ok and run.result.accuracy is not None:
         result.device_accuracy = run.result.accuracy.model_dump(mode="json")
     elif not run.ok:

@@ -38,8 +38,7 @@ def row(c: Candidate) -> list[str]:
 def to_json(result) -> dict:
     return {
         "schema_version": TUNE_SCHEMA_VERSION, "target": result.target, "profile": result.profile,
-        "objective": result.objective, "budget": {"max_accuracy_drop": result.budget.max_accuracy_drop,
-                                                  "min_cosine": result.budget.min_cosine},
+        "objective": result.objective, "budget": result.budget.to_json(),
         "chosen": result.chosen.id if result.chosen else None,
         "chosen_dir": str(result.chosen_dir) if result.chosen_dir else None, "reason": result.reason,
         "device_accuracy": result.device_accuracy, "notes": result.notes,
@@ -59,13 +58,18 @@ def markdown(result) -> str:
 
 def _chart(result) -> str:
     colors = {fmt: PALETTE[i % len(PALETTE)] for i, fmt in enumerate(dict.fromkeys(c.format for c in result.candidates))}
-    points = [ScatterPoint(c.id, c.bench["p50_ms"], c.score.metric() * (100 if c.score.top1_drop is not None else 1),
-                           colors[c.format], c.id, highlight=c.chosen)
+    budget = result.budget
+    scale = 100 if budget.max_accuracy_drop is not None else 1
+    points = [ScatterPoint(c.id, c.bench["p50_ms"], c.score.metric() * scale, colors[c.format], c.id,
+                           highlight=c.chosen)
               for c in result.candidates if c.score is not None and c.bench.get("p50_ms") is not None]
     if not points:
         return "<p>No candidate was measured on the device.</p>"
-    label = ("- top-1 drop (points)" if any(c.score and c.score.top1_drop is not None for c in result.candidates)
-             else "output cosine (mean)")
+    if budget.gates:
+        gate = budget.gates[0]
+        label = f"{'' if gate.op == '>=' else '- '}{gate.metric}{'.' + gate.field if gate.field else ''}"
+    else:
+        label = "- top-1 drop (points)" if scale == 100 else "output cosine (mean, worst output)"
     return scatter_chart(points, "median latency on the device (ms)", label,
                          f"tune on {result.target}: host metric against device latency")
 

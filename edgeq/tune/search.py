@@ -17,16 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeq import devicecheck
 from edgeq.convert import convert, registry
 from edgeq.convert.base import AccuracyControl
 from edgeq.convert.prequantized import describe, onnx_quantized_ops
 from edgeq.convert.source import SourceModel, load_source
-from edgeq.convert.validate import host_caveat, host_profile_name, primary_output_index, run_artifact
+from edgeq.convert.validate import host_caveat, host_profile_name, run_artifact_outputs
 from edgeq.data import Dataset, check_labels_range, load_dataset
 from edgeq.device.runtimes import cpu_supports_bf16, open_session
 from edgeq.errors import EdgeqError, TuneError
 from edgeq.manifest import Manifest
+from edgeq.metrics import by_source_name, cosine_per_sample, per_sample
 from edgeq.profiles import DeviceProfile
 from edgeq.targets import Target
 from edgeq.tune import sensitivity
@@ -34,6 +34,7 @@ from edgeq.tune.budget import Budget, check_eval_for_budget, score
 from edgeq.tune.cache import reference_outputs
 from edgeq.tune.candidates import Candidate, buildable, calibration_methods, looks_like_transformer
 from edgeq.tune.choose import choose, mark_pareto
+from edgeq.tune.formats import allowed_formats, runnable_formats
 from edgeq.tune.qat_stage import search_qat
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ class _Search:
     budget: Budget
     source: SourceModel
     dataset: Dataset
-    reference: np.ndarray
+    references: dict[str, np.ndarray]  # every FP32 output by source name, the scores output first
     root: Path
     deadline: float
     max_candidates: int
@@ -136,8 +137,9 @@ class _Search:
 
     def _accuracy_control(self) -> AccuracyControl:
         """The budget as the backend's own accuracy control sees it, with half the budget as its target:
-        its metric runs on the backend's float model, ours on the source, and ours decides."""
-        labels, reference = self.dataset.labels, self.reference
+        its metric runs on the backend's float model, ours on the source, and ours decides. It reads the
+        scores output, one sample at a time (NNCF ranks layers by per-sample values)."""
+        labels, reference = self.dataset.labels, next(iter(self.references.values()))
 
         if self.budget.max_accuracy_drop is not None:
             def metric(outputs, indices):
@@ -146,7 +148,7 @@ class _Search:
             max_drop = self.budget.max_accuracy_drop / 2
         else:
             def metric(outputs, indices):
-                values = [float(score(reference[i : i + 1], np.asarray(o), None, self.budget).cosine_mean)
+                values = [float(cosine_per_sample(*per_sample(reference[i : i + 1], np.asarray(o)))[0])
                           for o, i in zip(outputs, indices, strict=True)]
                 return float(np.mean(values)), values
             max_drop = (1.0 - self.budget.min_cosine) / 2
@@ -156,58 +158,20 @@ class _Search:
         session = open_session(candidate.directory / manifest.model_file, manifest.format,
                                precision=manifest.precision)
         names = {t.name: t.source_name for t in [*manifest.inputs, *manifest.outputs] if t.source_name}
-        index = primary_output_index(session, self.source, names)
-        labels = self.dataset.labels
+        artifact_outputs = [spec["name"] for spec in session.outputs]
+
+        def scored(dataset: Dataset, count: int):
+            outputs = by_source_name(run_artifact_outputs(session, names, dataset), artifact_outputs,
+                                     self.source.outputs, names)
+            references = {name: array[:count] for name, array in self.references.items()}
+            return score(references, outputs, dataset.labels, self.budget, inputs=dataset.inputs)
+
         if self.dataset.samples >= 2 * SCREEN_SAMPLES:
-            subset = _head(self.dataset, SCREEN_SAMPLES)
-            candidate.screen = score(self.reference[:SCREEN_SAMPLES], run_artifact(session, names, subset, index),
-                                     subset.labels, self.budget)
+            candidate.screen = scored(self.dataset.head(SCREEN_SAMPLES), SCREEN_SAMPLES)
             if candidate.screen.clearly_fails(self.budget):
                 candidate.rejected_by = "screen"
                 return
-        candidate.score = score(self.reference, run_artifact(session, names, self.dataset, index), labels,
-                                self.budget)
-
-
-def _head(dataset: Dataset, count: int) -> Dataset:
-    return Dataset(path=dataset.path, sha256=dataset.sha256,
-                   inputs={k: v[:count] for k, v in dataset.inputs.items()},
-                   labels=None if dataset.labels is None else dataset.labels[:count],
-                   samples_available=dataset.samples_available)
-
-
-def allowed_formats(profile: DeviceProfile, source_kind: str, wanted: list[str] | None) -> list[str]:
-    """The formats tune may use: those the profile's device can run (its ``runtime_packages``), its own
-    format first, that edgeq can build from this kind of source."""
-    allowed = devicecheck.allowed_formats(profile)
-    for fmt in wanted or []:
-        if fmt not in allowed:
-            raise TuneError(f"profile '{profile.name}' does not allow format '{fmt}' (it allows "
-                            f"{', '.join(allowed)})", hint="add it to the profile's runtime_packages")
-    chosen = [f for f in allowed if (not wanted or f in wanted) and buildable(f, source_kind)]
-    if not chosen:
-        raise TuneError(f"none of the formats profile '{profile.name}' allows ({', '.join(allowed)}) can be "
-                        f"built from a {source_kind} model")
-    return chosen
-
-
-def runnable_formats(target: Target, fmts: list[str], wanted: list[str] | None, notes: list[str]) -> list[str]:
-    """``fmts`` less those whose runtime does not import on ``target`` (asked first, so that no candidate is
-    built for a runtime the device lacks); a format asked for by name must be there."""
-    check = devicecheck.check_target(target)
-    if check.failure is not None:
-        raise TuneError(check.failure.message, hint=check.failure.hint)
-    missing = [f for f in fmts if not check.runtimes.get(f, {}).get("ok")]
-    setup = f"edgeq targets setup {target.name}"
-    if wanted and missing:
-        raise TuneError(f"{target.name}: no {', '.join(missing)} runtime on the device", hint=f"install it: {setup}")
-    runnable = [f for f in fmts if f not in missing]
-    if not runnable:
-        raise TuneError(f"{target.name}: none of the runtimes for {', '.join(fmts)} imports on the device",
-                        hint=f"install them: {setup}")
-    if missing:
-        notes.append(f"{', '.join(missing)} not tried: no runtime on {target.name} (install it: {setup})")
-    return runnable
+        candidate.score = scored(self.dataset, self.dataset.samples)
 
 
 def _better(tried: Candidate | None, best: Candidate | None) -> Candidate | None:
@@ -254,7 +218,10 @@ def _search_format(search: _Search, fmt: str) -> None:
     if best is None or best.passed or search.out_of_budget():
         return
     backend = registry.backend(fmt)
-    if "accuracy_control" in backend.int8_tunables:
+    if "accuracy_control" in backend.int8_tunables and search.budget.gates:
+        search.notes.append(f"{fmt}: no mixed candidate: NNCF's accuracy control ranks layers by a per-sample "
+                            "metric, and --gate metrics are computed over the whole eval set")
+    elif "accuracy_control" in backend.int8_tunables:
         search.try_candidate(Candidate(fmt, "int8", "mixed", best.calibration_method, settings=best.settings,
                                        accuracy_control=True))
     elif fmt in SHORTLISTS and "int8" in backend.float_node_precisions:
@@ -349,10 +316,10 @@ def tune(model: Path | str, target: Target, profile: DeviceProfile, *, calibrati
     root.mkdir(parents=True)
 
     progress.stage("fp32 reference")
-    reference, cached = reference_outputs(source, dataset)
+    references, cached = reference_outputs(source, dataset)
     if dataset.labels is not None:
-        check_labels_range(dataset, int(np.prod(reference.shape[1:])))
-    search = _Search(model, profile, calibration, calibration_samples, budget, source, dataset, reference, root,
+        check_labels_range(dataset, int(np.prod(next(iter(references.values())).shape[1:])))
+    search = _Search(model, profile, calibration, calibration_samples, budget, source, dataset, references, root,
                      started + max_time_s, max_candidates, progress, input_shapes=dict(input_shapes or {}),
                      notes=notes)
     search.transformer = "openvino" in fmts and looks_like_transformer(source)

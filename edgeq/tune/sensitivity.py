@@ -116,7 +116,7 @@ def shortlist(qdq_model_path: Path, calibration: Dataset, *, samples: int = 32, 
 
         def get_next(self):
             i = next(self._index, None)
-            return None if i is None else {k: v[i : i + 1] for k, v in calibration.inputs.items()}
+            return None if i is None else calibration.batch(i)
 
     try:
         with tempfile.TemporaryDirectory(prefix="edgeq-sensitivity-") as tmp:
@@ -159,9 +159,7 @@ def tflite_shortlist(full_int8_dir: Path, source, calibration: Dataset, input_sh
     from edgeq.convert.tflite_mixed import layer_losses
 
     tf = require_backend("tensorflow", "tflite")
-    subset = Dataset(path=calibration.path, sha256=calibration.sha256, labels=None,
-                     inputs={k: v[:samples] for k, v in calibration.inputs.items()},
-                     samples_available=calibration.samples_available)
+    subset = calibration.head(samples)
     with tempfile.TemporaryDirectory(prefix="edgeq-sensitivity-") as tmp:
         converter = converter_for(tf, source, Path(tmp), input_shapes)
         losses = layer_losses(tf, converter, representative_dataset(subset, [s.name for s in source.inputs]))

@@ -6,6 +6,7 @@ import time
 import numpy as np
 
 from ..errors import RunnerError
+from ..feeds import run_samples, spec_ranks, whole_inputs
 
 
 def _load_eval(path, session, manifest):
@@ -36,15 +37,12 @@ def _load_eval(path, session, manifest):
 
 
 def _run_eval(session, feed, outputs_path):
+    """Every eval sample, one call each (as the device serves them), outputs kept in ``outputs_path``."""
     count = len(next(iter(feed.values())))
-    collected = [[] for _ in session.outputs]
     started = time.perf_counter()
-    for index in range(count):
-        outputs = session.run(dict((name, arr[index:index + 1]) for name, arr in feed.items()))
-        for slot, value in zip(collected, outputs):
-            slot.append(value)
+    outputs = run_samples(session.run, feed, whole_inputs(feed, spec_ranks(session.inputs)), step=1)
     seconds = time.perf_counter() - started
-    arrays = dict(("output_%d" % i, np.concatenate(values, axis=0)) for i, values in enumerate(collected))
+    arrays = dict(("output_%d" % i, values) for i, values in enumerate(outputs))
     tmp = outputs_path + ".tmp.npz"
     np.savez(tmp, **arrays)
     os.replace(tmp, outputs_path)

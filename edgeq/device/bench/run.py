@@ -8,6 +8,7 @@ import numpy as np
 
 from ..env import environment, temperatures_c
 from ..errors import RunnerError
+from ..feeds import one_sample, spec_ranks, whole_inputs
 from ..power import PowerSampler, PowerUnavailable, open_power_source, summarize_power
 from ..runtimes import import_runtime, open_session
 from .evaldata import _load_eval, _run_eval
@@ -34,11 +35,12 @@ def _read_manifest(release_dir):
 def _latency_feed(session, eval_feed, seed):
     """One batch-of-one input: the first eval sample when there is eval data, else seeded random data."""
     if eval_feed is not None:
-        return dict((name, arr[0:1]) for name, arr in eval_feed.items())
+        return one_sample(eval_feed, whole_inputs(eval_feed, spec_ranks(session.inputs)), 0)
     rng = np.random.RandomState(seed)
     feed = {}
     for spec in session.inputs:
-        shape = [1] + [d if d else 1 for d in spec["shape"][1:]] if spec["shape"] else []
+        # Free dims as 1: the batch, and any other (an LSTM state's batch is often its second axis).
+        shape = [d if d else 1 for d in spec["shape"] or []]
         dtype = np.dtype(spec["dtype"])
         if np.issubdtype(dtype, np.floating) or spec.get("quant"):
             feed[spec["name"]] = rng.random_sample(shape).astype(np.float32)

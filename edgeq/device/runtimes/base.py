@@ -50,7 +50,8 @@ class Session:
                 value = quantize(value, dtype, spec["quant"])
             else:
                 value = value.astype(dtype, copy=False)
-            prepared[spec["name"]] = np.ascontiguousarray(value)
+            # Not np.ascontiguousarray: it makes a 0-d array (a scalar input) 1-d.
+            prepared[spec["name"]] = value if value.flags.c_contiguous else np.array(value, order="C")
         return prepared
 
     def run(self, feed):

@@ -32,8 +32,11 @@ class OpenVINOSession(Session):
         model = core.read_model(str(model_path))
         self.compiled = core.compile_model(model, device, config)
         self.request = self.compiled.create_infer_request()
-        self.inputs = [self._spec(p) for p in self.compiled.inputs]
-        self.outputs = [self._spec(p) for p in self.compiled.outputs]
+        # Named as the IR names them: a compiled output also takes the names of the tensor feeding its
+        # Result (silero-vad's ``output`` becomes ``F0::If_0_.../ReduceMean_output_0`` too), and its any_name
+        # would then not be the model's own.
+        self.inputs = [self._spec(p, m) for p, m in zip(self.compiled.inputs, model.inputs)]
+        self.outputs = [self._spec(p, m) for p, m in zip(self.compiled.outputs, model.outputs)]
         compiled_hint = _ov_property(self.compiled, "INFERENCE_PRECISION_HINT")
         if compiled_hint is not None and _ov_type_name(compiled_hint) != hint:
             raise RunnerError("OpenVINO compiled the model for %s at %s although %s was asked for; refusing to "
@@ -45,18 +48,18 @@ class OpenVINOSession(Session):
                           "layer_precisions": _ov_layer_precisions(self.compiled)}
 
     @staticmethod
-    def _spec(port):
+    def _spec(port, model_port):
         shape = [d.get_length() if d.is_static else None for d in port.get_partial_shape()]
-        return {"name": port.get_any_name(), "shape": shape,
+        return {"name": model_port.get_any_name(), "shape": shape,
                 "dtype": np.dtype(port.get_element_type().to_dtype()).name, "quant": None, "port": port}
 
     def run_prepared(self, prepared):
-        results = self.request.infer({spec["name"]: prepared[spec["name"]] for spec in self.inputs})
+        results = self.request.infer({spec["port"]: prepared[spec["name"]] for spec in self.inputs})
         return [np.asarray(results[spec["port"]]) for spec in self.outputs]
 
     def bind(self, prepared):
         infer = self.request.infer
-        feed = {spec["name"]: prepared[spec["name"]] for spec in self.inputs}
+        feed = {spec["port"]: prepared[spec["name"]] for spec in self.inputs}
         return lambda: infer(feed)
 
 
