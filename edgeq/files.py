@@ -1,10 +1,19 @@
-"""Small file helpers shared by the controller's writers (results, reports, lab history)."""
+"""Small file helpers shared by the controller's writers (results, reports, lab history) and its caches."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
+
+
+def cache_dir(kind: str) -> Path:
+    """Where edgeq keeps the cache ``kind`` (``tune``: FP32 outputs; ``calibration``: ORT's activation ranges):
+    ``$EDGEQ_CACHE_DIR/KIND``, else ``$XDG_CACHE_HOME/edgeq/KIND`` (default ``~/.cache/edgeq/KIND``)."""
+    if os.environ.get("EDGEQ_CACHE_DIR"):
+        return Path(os.environ["EDGEQ_CACHE_DIR"]) / kind
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "edgeq" / kind
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

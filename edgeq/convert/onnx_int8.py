@@ -4,7 +4,10 @@ op types to quantize. ``edgeq.convert.onnx`` calls it for ``--precision int8``."
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import tempfile
 from pathlib import Path
 
 from edgeq.convert.base import BuildRequest, captured_stdout
@@ -97,8 +100,11 @@ def quantize_static(request: BuildRequest, prepared: Path, target: Path, method:
     methods = {"minmax": quantization.CalibrationMethod.MinMax, "entropy": quantization.CalibrationMethod.Entropy,
                "percentile": quantization.CalibrationMethod.Percentile}
 
+    cache = CalibrationCache(prepared, calibration, method, activation_type, step,
+                             WEIGHTED_OP_TYPES if request.int8_op_types == "weighted" else None)
+
     def quantize(extra_options: dict) -> None:
-        with captured_stdout(log):
+        with captured_stdout(log), cache.use(extra_options) as cache_path:
             quantization.quantize_static(
                 str(prepared), str(target), Reader(),
                 quant_format=quantization.QuantFormat.QDQ,
@@ -116,6 +122,7 @@ def quantize_static(request: BuildRequest, prepared: Path, target: Path, method:
                 # which is what breaks transformer-like graphs; "weighted": the layers that carry weights.
                 op_types_to_quantize=WEIGHTED_OP_TYPES if request.int8_op_types == "weighted" else None,
                 extra_options=extra_options,
+                **({"calibration_cache_path": cache_path} if cache_path else {}),
             )
 
     try:
@@ -127,8 +134,78 @@ def quantize_static(request: BuildRequest, prepared: Path, target: Path, method:
             raise
         log.info("%s: ORT's int32-bias weight adjustment failed (%s); quantizing without it", prepared, exc)
         quantize({"QDQDisableWeightAdjustForInt32Bias": True})
-        return {"int32_bias_weight_adjust": False}
-    return {}
+        return {"int32_bias_weight_adjust": False, "calibration_cache": cache.outcome}
+    return {"calibration_cache": cache.outcome}
+
+
+class CalibrationCache:
+    """ORT's own calibration cache (``quantize_static(calibration_cache_path=...)``, ONNX Runtime 1.32+: the
+    activation ranges as JSON), one file per content hash of what the ranges depend on: the pre-processed model's
+    bytes, the calibration file and sample count, the method, the op types calibrated, the feeding and ORT's
+    version. Float nodes and reduce_range do not change the ranges, so every candidate of a tune that shares a
+    method (mixed precision tries several) and a second tune of the same model calibrate once.
+
+    A hit is read by ORT (JSON: no code); a miss is written to a temporary name and renamed into place, so a
+    reader never sees half a file. ``outcome`` is what happened, for the manifest."""
+
+    def __init__(self, prepared: Path, calibration, method: str, activation_type: str, step: int,
+                 op_types: tuple[str, ...] | None):
+        import hashlib
+        import inspect
+
+        import onnxruntime
+
+        from edgeq.files import cache_dir
+        from edgeq.manifest import sha256_file
+
+        quantization = require_backend("onnxruntime.quantization", "onnx")
+        self.outcome = "off"
+        self.path: Path | None = None
+        if "calibration_cache_path" not in inspect.signature(quantization.quantize_static).parameters:
+            self.outcome = f"off (onnxruntime {onnxruntime.__version__} has no calibration cache)"
+            return
+        text = (f"ort-calibration:v1:{sha256_file(prepared)}:{calibration.sha256}:{calibration.samples}:{method}:"
+                f"{activation_type}:{step}:{sorted(op_types) if op_types else 'all'}:{onnxruntime.__version__}")
+        self.path = cache_dir("calibration") / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.json"
+
+    def _readable(self) -> bool:
+        """Whether ORT can read the cached file; one it cannot (truncated, edited) is removed, to be recomputed."""
+        from onnxruntime.quantization.calibrate import load_tensors_data
+
+        try:
+            load_tensors_data(self.path)
+            return True
+        except Exception as exc:  # noqa: BLE001 - JSON, key and shape errors all mean "recompute"
+            log.info("%s: unreadable calibration cache (%s); recomputing", self.path, _first_line(exc))
+            self.path.unlink(missing_ok=True)
+            return False
+
+    @contextlib.contextmanager
+    def use(self, extra_options: dict):
+        """The path to hand ORT for one quantize_static call (None: no cache)."""
+        if self.path is None or any(key.startswith("Calib") for key in extra_options):
+            yield None
+            return
+        if self.path.is_file() and self._readable():
+            self.outcome = "hit"
+            yield str(self.path)
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=self.path.parent)
+            os.close(fd)
+            os.unlink(tmp)  # ORT treats an existing file as a hit: give it a free name in the cache directory
+        except OSError as exc:  # a read-only home must not stop a conversion
+            log.warning("cannot cache calibration ranges in %s: %s", self.path.parent, exc)
+            self.outcome = "off (cache directory not writable)"
+            yield None
+            return
+        try:
+            yield tmp
+            os.replace(tmp, self.path)
+            self.outcome = "stored"
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def check_node_names(model_path: Path, wanted: tuple[str, ...], source: Path) -> None:

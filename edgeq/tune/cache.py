@@ -19,15 +19,9 @@ import numpy as np
 from edgeq.convert.source import SourceModel
 from edgeq.data import Dataset, read_npz
 from edgeq.errors import DataError
+from edgeq.files import cache_dir
 
 log = logging.getLogger(__name__)
-
-
-def cache_dir() -> Path:
-    if os.environ.get("EDGEQ_CACHE_DIR"):
-        return Path(os.environ["EDGEQ_CACHE_DIR"]) / "tune"
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "edgeq" / "tune"
 
 
 def _key(source: SourceModel, dataset: Dataset) -> str:
@@ -53,7 +47,7 @@ def _read(path: Path, source: SourceModel, dataset: Dataset) -> dict[str, np.nda
 def reference_outputs(source: SourceModel, dataset: Dataset) -> tuple[dict[str, np.ndarray], bool]:
     """(every output of the source on every eval sample, by output name in the source's order; whether they
     came from the cache)."""
-    path = cache_dir() / f"{_key(source, dataset)}.npz"
+    path = cache_dir("tune") / f"{_key(source, dataset)}.npz"
     cached = _read(path, source, dataset)
     if cached is not None:
         return cached, True

@@ -124,6 +124,7 @@ class _Search:
             candidate.float_nodes = tuple(manifest.options.get("float_layers", candidate.float_nodes))
             candidate.artifact_id = manifest.id
             candidate.size_bytes = sum(f.size for f in manifest.files)
+            candidate.calibration_cache = manifest.options.get("calibration_cache")
             if manifest.options.get("int8_layers") == 0:  # accuracy control reverted everything: an fp32 model
                 candidate.rejected_by = "no int8 layer left"
                 candidate.error = f"accuracy control kept all {len(candidate.float_nodes)} layers in float"
@@ -340,6 +341,10 @@ def tune(model: Path | str, target: Target, profile: DeviceProfile, *, calibrati
             search.try_candidate(Candidate(fmt, "fp32", "fp32"))
     if search.stopped:
         search.notes.append(search.stopped)
+    cache = [c.calibration_cache for c in search.candidates if c.calibration_cache in ("hit", "stored")]
+    if cache:
+        search.notes.append(f"onnx calibration ranges: {cache.count('stored')} computed, {cache.count('hit')} "
+                            "reused from the cache (ORT's calibration cache, by content hash)")
     host = host_profile_name()
     search.notes += [f"{fmt} int8 host scores: {c}" for fmt in fmts if host and any(
         x.format == fmt and x.quantized for x in search.candidates) and (c := host_caveat(fmt, "int8", profile, host))]

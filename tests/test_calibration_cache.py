@@ -1,0 +1,74 @@
+"""ONNX Runtime's calibration ranges kept by content hash (``onnx_int8.CalibrationCache``): a second conversion
+of the same model and data reads them back and builds the same bytes; float nodes share them; a damaged cache
+file is recomputed; a second tune computes none."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgeq.convert import convert
+from edgeq.profiles import load_profile
+from edgeq.targets import local_target
+from edgeq.tune import Budget, tune
+
+pytestmark = pytest.mark.slow
+
+PROFILE = "x86-avx2"
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEQ_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("EDGEQ_LOCAL_WORKDIR", str(tmp_path / "local-device"))
+    return tmp_path / "cache" / "calibration"
+
+
+def _int8(paths, out, **kwargs):
+    return convert(paths["model"], load_profile(PROFILE), out, format="onnx", precision="int8",
+                   calibration=paths["calibration"], **kwargs)
+
+
+def test_the_second_conversion_reads_the_ranges_back(sensitive_model, tmp_path, cache):
+    first = _int8(sensitive_model, tmp_path / "first", calibration_method="entropy")
+    assert first.options["calibration_cache"] == "stored"
+    (stored,) = cache.glob("*.json")
+    second = _int8(sensitive_model, tmp_path / "second", calibration_method="entropy")
+    assert second.options["calibration_cache"] == "hit"
+    assert (tmp_path / "first" / "model.onnx").read_bytes() == (tmp_path / "second" / "model.onnx").read_bytes()
+    # Float nodes do not change what is calibrated: a mixed-precision candidate reads the same ranges.
+    mixed = _int8(sensitive_model, tmp_path / "mixed", calibration_method="entropy", float_nodes=("fc2",))
+    assert mixed.options["calibration_cache"] == "hit"
+    # Another method is another set of ranges.
+    assert _int8(sensitive_model, tmp_path / "minmax", calibration_method="minmax").options[
+        "calibration_cache"] == "stored"
+    assert len(list(cache.glob("*.json"))) == 2
+    assert not list(cache.glob(".tmp-*"))  # written under a temporary name, then renamed
+    # A damaged file is not trusted: it is recomputed and replaced.
+    stored.write_text('{"calibration_method": "Entropy", "data": {"x": [')
+    again = _int8(sensitive_model, tmp_path / "again", calibration_method="entropy")
+    assert again.options["calibration_cache"] == "stored"
+    assert (tmp_path / "again" / "model.onnx").read_bytes() == (tmp_path / "first" / "model.onnx").read_bytes()
+    json.loads(stored.read_text())
+
+
+def test_a_second_tune_computes_no_ranges(sensitive_model, tmp_path, cache):
+    def run(output):
+        return tune(sensitive_model["model"], local_target(), load_profile(PROFILE),
+                    calibration=sensitive_model["calibration"], eval_path=sensitive_model["eval"],
+                    budget=Budget(max_accuracy_drop=0.02), output=output, formats=["onnx"], runs=10,
+                    min_seconds=0.02, max_candidates=8)
+
+    first = run(tmp_path / "first")
+    second = run(tmp_path / "second")
+    calibrated = [c for c in first.candidates if c.precision == "int8"]
+    assert calibrated and {c.calibration_cache for c in calibrated} <= {"stored", "hit"}
+    # One computation per set of ranges (method, op types calibrated, activation bits); the rest, the mixed
+    # candidates among them, already hit in the first tune.
+    distinct = {(c.calibration_method, c.settings.get("int8_op_types"), c.settings.get("activation_bits"))
+                for c in calibrated}
+    assert sum(c.calibration_cache == "stored" for c in calibrated) == len(distinct) < len(calibrated)
+    assert all(c.calibration_cache == "hit" for c in second.candidates if c.precision == "int8")
+    assert any("0 computed" in note for note in second.notes), second.notes
+    assert [c.id for c in second.candidates] == [c.id for c in first.candidates]  # the same search, reused ranges
