@@ -64,8 +64,13 @@ class Dataset:
 
     def head(self, count: int) -> Dataset:
         """The first ``count`` samples (labels too)."""
-        return Dataset(path=self.path, sha256=self.sha256, inputs={k: v[:count] for k, v in self.inputs.items()},
-                       labels=None if self.labels is None else self.labels[:count],
+        return self.part(0, count)
+
+    def part(self, start: int, stop: int | None = None) -> Dataset:
+        """Samples ``start`` to ``stop`` (labels too)."""
+        window = slice(start, stop)
+        return Dataset(path=self.path, sha256=self.sha256, inputs={k: v[window] for k, v in self.inputs.items()},
+                       labels=None if self.labels is None else self.labels[window],
                        samples_available=self.samples_available, whole=self.whole)
 
 

@@ -1,5 +1,6 @@
 """Tune's budgets beyond top-1: output agreement over every output (the worst one counts) and ``--gate`` over
-any metric, a user's own included; the FP32 reference of every output cached by content hash."""
+any metric, a user's own included; the FP32 reference of every output cached by content hash; and a candidate
+whose float layers a backend chose on eval samples judged on the others."""
 
 from __future__ import annotations
 
@@ -93,3 +94,37 @@ def test_budgets_are_exclusive_and_gates_need_their_data(stateful, sensitive_mod
     assert failed.exit_code != 0 and "give one accuracy budget" in failed.output and "Traceback" not in failed.output
     failed = runner.invoke(cli, [*base, "--gate", "nmse=0.1"])
     assert failed.exit_code != 0 and "expected METRIC[.FIELD]>=VALUE" in failed.output
+
+
+def test_accuracy_control_chooses_on_one_half_and_is_judged_on_the_other(sensitive_model, tmp_path, tune_env):
+    """NNCF's accuracy control picks float layers by its own metric on the validation samples it is given; a
+    score on those same samples would be optimistic. It gets the first half; the candidate is scored on the
+    second. (On the sensitive model NNCF reverts every layer, so this drives the split directly.)"""
+    import time
+
+    from edgeq.convert import convert
+    from edgeq.convert.source import load_source
+    from edgeq.data import load_dataset
+    from edgeq.manifest import read_manifest
+    from edgeq.tune.cache import reference_outputs
+    from edgeq.tune.candidates import Candidate
+    from edgeq.tune.search import Progress, _Search
+
+    source = load_source(sensitive_model["model"])
+    dataset = load_dataset(sensitive_model["eval"], source.inputs, role="eval")
+    references, _ = reference_outputs(source, dataset)
+    search = _Search(sensitive_model["model"], load_profile(PROFILE), sensitive_model["calibration"], 300,
+                     Budget(max_accuracy_drop=0.02), source, dataset, references, tmp_path, time.monotonic() + 60,
+                     10, Progress())
+    control = search._accuracy_control()
+    assert len(next(iter(control.inputs.values()))) == 150 == search.selection_samples()
+    np.testing.assert_array_equal(control.inputs["x"], dataset.inputs["x"][:150])
+    artifact = tmp_path / "artifact"
+    convert(sensitive_model["model"], load_profile(PROFILE), artifact, format="onnx", precision="fp32")
+    judged = Candidate("onnx", "int8", "mixed", accuracy_control=True, directory=artifact)
+    search._evaluate(judged, read_manifest(artifact))
+    assert judged.score.samples == 150 and judged.scored_on.startswith("held out: samples 150-299")
+    assert judged.screen is None  # no screen: it was chosen on the first samples, the screen's own
+    plain = Candidate("onnx", "fp32", "fp32", directory=artifact)
+    search._evaluate(plain, read_manifest(artifact))
+    assert plain.score.samples == 300 and plain.scored_on is None

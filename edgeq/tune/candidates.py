@@ -40,6 +40,7 @@ class Candidate:
     size_bytes: int | None = None
     seconds: float = 0.0  # build + host evaluation
     calibration_cache: str | None = None  # ORT's calibration ranges: "hit" (reused) or "stored" (computed)
+    scored_on: str | None = None  # which eval samples ``score`` is on, when not all of them
     screen: Score | None = None  # on the screening subset, when there was one
     score: Score | None = None  # on the whole eval set
     error: str | None = None  # why it could not be built or evaluated
@@ -97,7 +98,7 @@ class Candidate:
             "accuracy_control": self.accuracy_control,
             "source_model": str(self.source_model) if self.source_model else None, "artifact": str(self.directory) if self.directory else None,
             "artifact_id": self.artifact_id, "size_bytes": self.size_bytes, "seconds": round(self.seconds, 3),
-            "calibration_cache": self.calibration_cache,
+            "calibration_cache": self.calibration_cache, "scored_on": self.scored_on,
             "screen": self.screen.to_json() if self.screen else None,
             "host": self.score.to_json() if self.score else None, "passed": self.passed,
             "error": self.error, "rejected_by": self.rejected_by, "device": self.bench or None,

@@ -21,7 +21,7 @@ def _cell(value, spec: str = "") -> str:
 def row(c: Candidate) -> list[str]:
     """One candidate as table cells (the CLI prints the same cells)."""
     if c.score is not None:
-        metric = c.score.summary()
+        metric = c.score.summary() + (" (held out)" if c.scored_on else "")
     elif c.rejected_by == "screen" and c.screen is not None:
         metric = f"screen: {c.screen.summary()}"
     else:

@@ -141,6 +141,7 @@ class _Search:
         its metric runs on the backend's float model, ours on the source, and ours decides. It reads the
         scores output, one sample at a time (NNCF ranks layers by per-sample values)."""
         labels, reference = self.dataset.labels, next(iter(self.references.values()))
+        selection = self.selection_samples()
 
         if self.budget.max_accuracy_drop is not None:
             def metric(outputs, indices):
@@ -153,7 +154,13 @@ class _Search:
                           for o, i in zip(outputs, indices, strict=True)]
                 return float(np.mean(values)), values
             max_drop = (1.0 - self.budget.min_cosine) / 2
-        return AccuracyControl(inputs=dict(self.dataset.inputs), metric=metric, max_drop=max_drop)
+        return AccuracyControl(inputs=dict(self.dataset.head(selection).inputs), metric=metric, max_drop=max_drop)
+
+    def selection_samples(self) -> int:
+        """How many eval samples (the first ones) a backend that chooses float layers by its own metric (NNCF's
+        accuracy control) may validate on: half the set, so the other half can judge the choice without the
+        optimism of having been picked on it; the whole set when it is too small to split."""
+        return self.dataset.samples // 2 if self.dataset.samples >= 2 * SCREEN_SAMPLES else self.dataset.samples
 
     def _evaluate(self, candidate: Candidate, manifest: Manifest) -> None:
         session = open_session(candidate.directory / manifest.model_file, manifest.format,
@@ -161,18 +168,26 @@ class _Search:
         names = {t.name: t.source_name for t in [*manifest.inputs, *manifest.outputs] if t.source_name}
         artifact_outputs = [spec["name"] for spec in session.outputs]
 
-        def scored(dataset: Dataset, count: int):
+        def scored(start: int, stop: int):
+            dataset = self.dataset.part(start, stop)
             outputs = by_source_name(run_artifact_outputs(session, names, dataset), artifact_outputs,
                                      self.source.outputs, names)
-            references = {name: array[:count] for name, array in self.references.items()}
+            references = {name: array[start:stop] for name, array in self.references.items()}
             return score(references, outputs, dataset.labels, self.budget, inputs=dataset.inputs)
 
+        chosen_on = self.selection_samples() if candidate.accuracy_control else 0
+        if 0 < chosen_on < self.dataset.samples:
+            # Its float layers were chosen on the first samples: it is judged on the others only.
+            candidate.score = scored(chosen_on, self.dataset.samples)
+            candidate.scored_on = (f"held out: samples {chosen_on}-{self.dataset.samples - 1} (accuracy control "
+                                   f"chose its float layers on 0-{chosen_on - 1})")
+            return
         if self.dataset.samples >= 2 * SCREEN_SAMPLES:
-            candidate.screen = scored(self.dataset.head(SCREEN_SAMPLES), SCREEN_SAMPLES)
+            candidate.screen = scored(0, SCREEN_SAMPLES)
             if candidate.screen.clearly_fails(self.budget):
                 candidate.rejected_by = "screen"
                 return
-        candidate.score = scored(self.dataset, self.dataset.samples)
+        candidate.score = scored(0, self.dataset.samples)
 
 
 def _better(tried: Candidate | None, best: Candidate | None) -> Candidate | None:
