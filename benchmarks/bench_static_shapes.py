@@ -11,9 +11,11 @@ precision and threads), interleaved rounds, medians:
   ``ov.convert_model`` and default ``nncf.quantize``;
 - with ``--all-formats``, edgeq and hand TFLite / ONNX Runtime INT8 and FP32 too, for "the fastest artifact
   on this host";
-- with ``--tune``, ``edgeq tune`` on ``local`` (no labels: ``--min-cosine``), its wall time and its choice.
+- with ``--tune``, ``edgeq tune`` on ``local`` (no labels: ``--min-cosine``) first, its wall time and its
+  candidates; its chosen artifact is then measured in the same rounds as the others, and every artifact's
+  output cosine against the Keras FP32 model on the eval set says which meet the same budget.
 
-    .venv/bin/python benchmarks/bench_static_shapes.py [--runs 300] [--all-formats] [--tune]
+    .venv/bin/python benchmarks/bench_static_shapes.py [--runs 300] [--all-formats] [--tune] [--profile P]
 """
 
 from __future__ import annotations
@@ -91,6 +93,8 @@ def main() -> None:
     parser.add_argument("--calibration-samples", type=int, default=100)
     parser.add_argument("--all-formats", action="store_true")
     parser.add_argument("--tune", action="store_true")
+    parser.add_argument("--profile", help="Profile for edgeq's conversions and tune [the one this host fits].")
+    parser.add_argument("--min-cosine", type=float, default=0.99, help="The budget (tune and the table).")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("nncf").setLevel(logging.ERROR)
@@ -106,7 +110,9 @@ def main() -> None:
           f"amx={'amx_int8' in flags}, avx512_bf16={'avx512_bf16' in flags}; threads={args.threads}")
     work = Path(tempfile.mkdtemp(prefix="bench-static-"))
     keras.utils.set_random_seed(0)
-    model = keras.applications.MobileNetV2(weights=None, input_shape=(224, 224, 3))
+    # Logits, not softmax: with random weights a softmax output is near-uniform (all ~0.001), which an int8
+    # softmax output (scale 1/256 in ORT and TFLite) rounds to zero, and any cosine of it says nothing.
+    model = keras.applications.MobileNetV2(weights=None, input_shape=(224, 224, 3), classifier_activation=None)
     model.save(work / "mobilenetv2.keras")
     saved_model = work / "savedmodel"
     model.export(str(saved_model), verbose=False)
@@ -115,7 +121,11 @@ def main() -> None:
     np.savez(work / "calib.npz", **{model.inputs[0].name: calib})
     np.savez(work / "eval.npz", **{model.inputs[0].name: rng.uniform(-1, 1, (100, 224, 224, 3)).astype(np.float32)})
     x = rng.uniform(-1, 1, (1, 224, 224, 3)).astype(np.float32)
-    profile = load_profile("x86-avx2")
+    from edgeq.convert.validate import host_profile_name
+
+    profile = load_profile(args.profile or host_profile_name() or "x86-avx2")
+    print(f"profile {profile.name}")
+    tuned = _tune(args, work, profile) if args.tune else None
 
     paths: dict[str, tuple[str, str, Path]] = {}  # label -> (format, precision, model file)
     formats = ("openvino", "tflite", "onnx") if args.all_formats else ("openvino",)
@@ -135,37 +145,67 @@ def main() -> None:
     paths["free batch openvino int8"] = ("openvino", "int8", free_batch_openvino(saved_model, calib, work))
     paths["hand via ONNX openvino int8"] = ("openvino", "int8", hand_openvino_via_onnx(model, calib, work))
 
+    if tuned is not None and tuned.chosen is not None:
+        chosen = tuned.chosen
+        from edgeq.manifest import read_manifest
+
+        paths[f"tuned: {chosen.id}"] = (chosen.format, chosen.precision,
+                                        tuned.chosen_dir / read_manifest(tuned.chosen_dir).model_file)
     sessions = {label: open_session(path, fmt, threads=args.threads, precision=precision)
                 for label, (fmt, precision, path) in paths.items()}
+    evaluation = np.load(work / "eval.npz")[model.inputs[0].name]
+    reference_out = np.asarray(model(evaluation, training=False))
+    cosine = {label: _cosine(session, evaluation, reference_out) for label, session in sessions.items()}
     latency = measure(sessions, x, args.runs)
     reference = latency["hand via ONNX openvino int8"]
     print(f"\nMobileNetV2 224x224 (weights=None), batch 1, median of {args.runs} runs in 10 interleaved rounds, "
-          "all through edgeq's runtime sessions (pinned precision)")
-    print(f"{'artifact':<30}{'input':>18}{'p50 ms':>9}{'/ hand via ONNX':>17}")
+          "all through edgeq's runtime sessions (pinned precision); cosine of the outputs against the Keras "
+          f"FP32 model on the {len(evaluation)} eval inputs")
+    print(f"{'artifact':<34}{'input':>18}{'p50 ms':>9}{'/ hand via ONNX':>17}{'cos mean':>10}"
+          f"{'>= ' + str(args.min_cosine):>9}")
     for label, ms in sorted(latency.items(), key=lambda kv: kv[1]):
         shape = "x".join("?" if d is None else str(d) for d in sessions[label].inputs[0]["shape"])
-        print(f"{label:<30}{shape:>18}{ms:>9.3f}{ms / reference:>16.3f}x")
+        print(f"{label:<34}{shape:>18}{ms:>9.3f}{ms / reference:>16.3f}x{cosine[label]:>10.4f}"
+              f"{'yes' if cosine[label] >= args.min_cosine else 'no':>9}")
+    passing_hand = [label for label in latency if label.startswith("hand") and cosine[label] >= args.min_cosine]
+    tuned_label = next((label for label in latency if label.startswith("tuned")), None)
+    if passing_hand and tuned_label:
+        fastest = min(passing_hand, key=latency.get)
+        print(f"\ntuned {latency[tuned_label]:.3f} ms against the fastest hand conversion within the budget, "
+              f"{fastest} {latency[fastest]:.3f} ms: {latency[fastest] / latency[tuned_label]:.2f}x")
 
-    if args.tune:
-        from edgeq.targets import local_target
-        from edgeq.tune import Budget, tune
 
-        started = time.perf_counter()
-        result = tune(work / "mobilenetv2.keras", local_target(), profile, calibration=work / "calib.npz",
-                      eval_path=work / "eval.npz", budget=Budget(min_cosine=0.99), output=work / "tuned",
-                      calibration_samples=args.calibration_samples, runs=200)
-        wall = time.perf_counter() - started
-        chosen = result.chosen
-        print(f"\nedgeq tune on local (x86-avx2 profile, --min-cosine 0.99, random-input eval of 100): "
-              f"{wall:.0f} s wall, {len(result.candidates)} candidates")
-        for c in result.candidates:
-            p50 = c.bench.get("p50_ms")
-            print(f"  {c.id:<40} passed={c.passed!s:<5} p50={'-' if p50 is None else f'{p50:.3f} ms'}")
-        if chosen is not None:
-            print(f"chosen: {chosen.id} at {chosen.bench['p50_ms']:.3f} ms on the device bench "
-                  f"(the table above is the same host, another harness: compare ratios, not ms)")
-        for note in result.notes:
-            print(f"note: {note}")
+def _cosine(session, x: np.ndarray, reference: np.ndarray) -> float:
+    """Mean per-sample cosine of ``session``'s first output against ``reference``, one sample per call."""
+    name = session.inputs[0]["name"]
+    out = np.concatenate([session.run({name: x[i : i + 1]})[0] for i in range(len(x))]).reshape(len(x), -1)
+    ref = reference.reshape(len(x), -1)
+    return float(np.mean(np.sum(out * ref, 1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1))))
+
+
+def _tune(args, work: Path, profile):
+    """edgeq tune on ``local`` with the cosine budget: prints its wall time, candidates and notes."""
+    from edgeq.targets import local_target
+    from edgeq.tune import Budget, tune
+
+    os.environ.setdefault("EDGEQ_CACHE_DIR", str(work / "cache"))
+    started = time.perf_counter()
+    result = tune(work / "mobilenetv2.keras", local_target(), profile, calibration=work / "calib.npz",
+                  eval_path=work / "eval.npz", budget=Budget(min_cosine=args.min_cosine), output=work / "tuned",
+                  calibration_samples=args.calibration_samples, runs=200)
+    wall = time.perf_counter() - started
+    print(f"\nedgeq tune on local (profile {profile.name}, --min-cosine {args.min_cosine}, random-input eval of "
+          f"100): {wall:.0f} s wall, {len(result.candidates)} candidates")
+    for c in result.candidates:
+        p50 = c.bench.get("p50_ms")
+        metric = c.score.summary() if c.score else (c.error or c.rejected_by or "-")[:70]
+        print(f"  {c.id:<40} {metric:<44} passed={c.passed!s:<5} p50={'-' if p50 is None else f'{p50:.3f} ms'} "
+              f"({c.seconds:.0f} s)")
+    if result.chosen is not None:
+        print(f"chosen: {result.chosen.id} at {result.chosen.bench['p50_ms']:.3f} ms on the device bench")
+    for note in result.notes:
+        print(f"note: {note}")
+    return result
 
 
 if __name__ == "__main__":

@@ -121,4 +121,6 @@ def test_real_silero_vad_dynamic_int8_keeps_the_decisions(tmp_path):
     measured = manifest.validation.metrics["examples/silero_vad/metrics.py:vad"]
     assert measured["decision_agreement"] >= 0.98 and measured["mean_abs_error"] < 0.01, measured
     assert manifest.validation.samples == 93  # 3 s at 16 kHz in 512-sample windows
-    assert callable(vad)
+    # The metric is the example's own function, run on the controller: the same numbers from the manifest's
+    # per-output view would need the references, so check its fields instead.
+    assert set(measured) == set(vad({"output": np.zeros(2)}, {"output": np.zeros(2)}, {}, None))

@@ -124,6 +124,8 @@ def test_accuracy_control_chooses_on_one_half_and_is_judged_on_the_other(sensiti
     judged = Candidate("onnx", "int8", "mixed", accuracy_control=True, directory=artifact)
     search._evaluate(judged, read_manifest(artifact))
     assert judged.score.samples == 150 and judged.scored_on.startswith("held out: samples 150-299")
+    # Lined up: the fp32 artifact against the references and labels of those same 150 samples is exact.
+    assert judged.score.top1_drop == 0 and judged.score.top1 == 1.0 and judged.score.cosine_min > 0.99999
     assert judged.screen is None  # no screen: it was chosen on the first samples, the screen's own
     plain = Candidate("onnx", "fp32", "fp32", directory=artifact)
     search._evaluate(plain, read_manifest(artifact))

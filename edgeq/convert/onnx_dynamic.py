@@ -2,8 +2,9 @@
 transformers and RNNs, whose activation ranges vary per input. ``edgeq.convert.onnx`` calls it for
 ``--precision dynamic``.
 
-What it does differently from ``quantize_dynamic``'s defaults: the bodies of If/Loop nodes are quantized too;
-Conv only where nothing else is quantizable (``DYNAMIC_OP_TYPES``); and per-channel weights. Measured on
+What it does differently from ``quantize_dynamic``'s defaults: the bodies of If/Loop nodes are quantized too
+(weights held by Constant nodes included); Conv only in graphs without a recurrent op (``DYNAMIC_OP_TYPES``);
+and per-channel weights. Measured on
 all-MiniLM-L6-v2 (seq 32, AMX host, 2 threads; benchmarks/results/bench_minilm.txt has the table): per-tensor
 weights give embedding cosine 0.966 against FP32, per-channel 0.993, at the same size (23 MB from 91; keeping
 the embedding lookups float instead costs 36 MB for 0.0003 of cosine). Attention-shaped graphs go through ORT's
@@ -22,11 +23,11 @@ from edgeq.errors import ConversionError, first_line, require_backend
 
 log = logging.getLogger(__name__)
 
-# What ORT's dynamic quantization may turn into integer ops, but Conv: it is quantized only in a graph that has
-# none of these (a CNN). Measured on silero-vad (Convs feeding an LSTM, 16 kHz windows, 1 thread, AVX2):
-# ConvInteger made it less accurate (speech probability mean error 0.066 against 0.0008 with only the LSTM
-# quantized) and slower than FP32 (0.113 ms against 0.090; 0.086 without Conv).
+# What ORT's dynamic quantization turns into integer ops. Conv only in graphs without a recurrent op: there,
+# dynamic quantization is for the LSTM, and silero-vad's Convs (feeding its LSTM) lost accuracy and speed as
+# ConvInteger (benchmarks/results/bench_silero_vad.txt: the "dynamic+conv" row).
 DYNAMIC_OP_TYPES = ("MatMul", "Attention", "LSTM", "Gather", "EmbedLayerNormalization", "Transpose")
+RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN"})
 
 
 def _attention_shaped(model) -> bool:
@@ -55,6 +56,18 @@ def _transformer_optimized(prepared: Path, scratch: Path, options: dict[str, obj
         return prepared
     options["transformer_optimizer"] = fused or "no fusion matched"
     return target if fused else prepared
+
+
+def _op_types(model_path: Path) -> set[str]:
+    """Every op type of the model, If/Loop bodies included."""
+    onnx = require_backend("onnx", "onnx")
+    graphs, found = [onnx.load(str(model_path), load_external_data=False).graph], set()
+    while graphs:
+        for node in graphs.pop().node:
+            found.add(node.op_type)
+            graphs.extend(attr.g for attr in node.attribute if attr.type == onnx.AttributeProto.GRAPH)
+            graphs.extend(g for attr in node.attribute for g in attr.graphs)
+    return found
 
 
 def _constants_as_initializers(model_path: Path, scratch: Path, options: dict[str, object]) -> Path:
@@ -98,19 +111,17 @@ def quantize_dynamic(prepared: Path, target: Path, scratch: Path, reduce_range: 
     quantization = require_backend("onnxruntime.quantization", "onnx")
     source = _constants_as_initializers(_transformer_optimized(prepared, scratch, options), scratch, options)
     options.update(per_channel=True, reduce_range=reduce_range, weight_type="int8")
-    for op_types in (DYNAMIC_OP_TYPES, (*DYNAMIC_OP_TYPES, "Conv")):
-        with captured_stdout(log):
-            # EnableSubgraph: the bodies of If/Loop nodes too. silero-vad keeps every Conv and LSTM in If
-            # branches (one per sample rate); without it nothing at all was quantized.
-            quantization.quantize_dynamic(str(source), str(target), weight_type=quantization.QuantType.QInt8,
-                                          per_channel=True, reduce_range=reduce_range,
-                                          op_types_to_quantize=list(op_types),
-                                          extra_options={"EnableSubgraph": True})
-        quantized = onnx_quantized_ops(target)
-        if quantized:
-            break
-    else:  # an artifact called dynamic INT8 that computes in float would be a lie
-        raise ConversionError(f"{where}: onnx dynamic: no op was quantized (ORT quantizes MatMul, Conv, LSTM, "
-                              "Attention and Gather whose weights are constants)",
+    recurrent = bool(_op_types(source) & RECURRENT_OPS)
+    op_types = DYNAMIC_OP_TYPES if recurrent else (*DYNAMIC_OP_TYPES, "Conv")
+    with captured_stdout(log):
+        # EnableSubgraph: the bodies of If/Loop nodes too. silero-vad keeps every Conv and LSTM in If
+        # branches (one per sample rate); without it nothing at all was quantized.
+        quantization.quantize_dynamic(str(source), str(target), weight_type=quantization.QuantType.QInt8,
+                                      per_channel=True, reduce_range=reduce_range,
+                                      op_types_to_quantize=list(op_types), extra_options={"EnableSubgraph": True})
+    quantized = onnx_quantized_ops(target)
+    if not quantized:  # an artifact called dynamic INT8 that computes in float would be a lie
+        raise ConversionError(f"{where}: onnx dynamic: no op was quantized (ORT quantizes {', '.join(op_types)} "
+                              "whose weights are constants)",
                               hint="use --precision fp16, or int8 (static, with calibration data)")
     options.update(dynamic_op_types=list(op_types), quantized_ops=quantized)

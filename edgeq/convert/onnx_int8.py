@@ -138,10 +138,24 @@ def quantize_static(request: BuildRequest, prepared: Path, target: Path, method:
     return {"calibration_cache": cache.outcome}
 
 
+def _arrays_digest(arrays: dict) -> str:
+    """A content hash of the calibration arrays as fed (a subset of a file is other content than the file)."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
+
+
 class CalibrationCache:
     """ORT's own calibration cache (``quantize_static(calibration_cache_path=...)``, ONNX Runtime 1.32+: the
     activation ranges as JSON), one file per content hash of what the ranges depend on: the pre-processed model's
-    bytes, the calibration file and sample count, the method, the op types calibrated, the feeding and ORT's
+    bytes, the calibration arrays as fed, the method, the op types calibrated, the feeding and ORT's
     version. Float nodes and reduce_range do not change the ranges, so every candidate of a tune that shares a
     method (mixed precision tries several) and a second tune of the same model calibrate once.
 
@@ -164,7 +178,7 @@ class CalibrationCache:
         if "calibration_cache_path" not in inspect.signature(quantization.quantize_static).parameters:
             self.outcome = f"off (onnxruntime {onnxruntime.__version__} has no calibration cache)"
             return
-        text = (f"ort-calibration:v1:{sha256_file(prepared)}:{calibration.sha256}:{calibration.samples}:{method}:"
+        text = (f"ort-calibration:v2:{sha256_file(prepared)}:{_arrays_digest(calibration.inputs)}:{method}:"
                 f"{activation_type}:{step}:{sorted(op_types) if op_types else 'all'}:{onnxruntime.__version__}")
         self.path = cache_dir("calibration") / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.json"
 
@@ -202,10 +216,12 @@ class CalibrationCache:
             return
         try:
             yield tmp
-            os.replace(tmp, self.path)
-            self.outcome = "stored"
         finally:
-            Path(tmp).unlink(missing_ok=True)
+            # ORT writes the ranges once calibrated, before it quantizes: they are good even when quantizing
+            # then failed (the int32-bias retry reads them instead of calibrating again).
+            if Path(tmp).is_file():
+                os.replace(tmp, self.path)
+                self.outcome = "stored"
 
 
 def check_node_names(model_path: Path, wanted: tuple[str, ...], source: Path) -> None:

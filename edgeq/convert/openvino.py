@@ -16,6 +16,7 @@ from edgeq.convert.base import (
 from edgeq.convert.prequantized import FROM_SOURCE
 from edgeq.convert.source import _first_line, conversion_failure
 from edgeq.convert.source_torch import example_inputs
+from edgeq.device.feeds import one_sample, spec_ranks, whole_inputs
 from edgeq.errors import ConversionError, require_backend
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,9 @@ def _quantize_with_accuracy_control(nncf, request: BuildRequest, model, items: l
     control = request.accuracy_control
     count = len(next(iter(control.inputs.values())))
     # Items carry their index, so the metric can line each output up with its label or FP32 reference.
-    validation = [(i, {n: control.inputs[n][i : i + 1] for n in names}) for i in range(count)]
+    arrays = {n: control.inputs[n] for n in names}
+    whole = whole_inputs(arrays, spec_ranks(request.source.inputs))  # a state or scalar given whole per sample
+    validation = [(i, one_sample(arrays, whole, i)) for i in range(count)]
 
     def feed(item):
         return _model_input(item[1], names)

@@ -12,7 +12,8 @@ input, the entry is either
   batch axis, if it has one, need not be the first either.
 
 Which one an array is follows from its rank against the input's: the same rank is batched, one more is
-whole; anything else is refused where the file is read (``edgeq.data``).
+whole; anything else is refused where the file is read (``edgeq.data``). Runtimes report an input of unknown
+rank as they report a scalar (``[]``), so such an input's ``[samples]`` array is fed one 0-d value per call.
 """
 
 import numpy as np

@@ -15,6 +15,7 @@ from edgeq.errors import EdgeqError, Failure
 from edgeq.lab.builds import BuildOutcome, BuildSpec
 from edgeq.lab.config import LabConfig
 from edgeq.profiles import DeviceProfile
+from edgeq.tune.budget import SCORING_VERSION
 
 KEY_FILE = "lab-tune-key.json"  # beside tune.json: what the tune in this directory was run with
 
@@ -26,6 +27,7 @@ def tune_key(spec: BuildSpec, config: LabConfig, profile: DeviceProfile) -> dict
     build = config.build
     return {
         "edgeq_version": __version__,
+        "tune_scoring": SCORING_VERSION,  # how a budget is read (a change makes a cached choice stale)
         "source_sha256": sha256_tree(spec.model.path),
         "calibration_sha256": sha256_file(spec.model.calibration),
         "eval_sha256": sha256_file(spec.model.eval),

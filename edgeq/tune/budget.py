@@ -25,6 +25,9 @@ from edgeq.metrics import cosine_per_sample, nmse, per_sample
 from edgeq.taskmetrics import Gate, MetricData, check_labels, compute_metrics, metrics_for
 
 Z_95 = 1.959964  # two-sided 95% normal quantile
+# How candidates are scored; a change makes earlier choices stale (the lab's cached tunes key on it).
+# 2: --min-cosine reads every output, the worst counting (1: the first output only).
+SCORING_VERSION = 2
 
 
 @dataclass(frozen=True)

@@ -53,11 +53,14 @@ def reference_outputs(source: SourceModel, dataset: Dataset) -> tuple[dict[str, 
         return cached, True
     # The eval set was read against the source's inputs, so its arrays are keyed as the source expects.
     references = dict(zip(source.outputs, (np.asarray(o) for o in source.run(dataset.inputs)), strict=True))
+    handle = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:
             np.savez(handle, **{f"output_{i}": array for i, array in enumerate(references.values())})
         os.replace(handle.name, path)
-    except OSError as exc:  # a read-only home must not stop a tune
+    except OSError as exc:  # a read-only home or a full disk must not stop a tune
         log.warning("cannot cache fp32 outputs in %s: %s", path.parent, exc)
+        if handle is not None:
+            Path(handle.name).unlink(missing_ok=True)
     return references, False

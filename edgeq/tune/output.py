@@ -7,6 +7,7 @@ import json
 
 from edgeq.files import write_text_atomic
 from edgeq.report.svg import PALETTE, ScatterPoint, esc, scatter_chart
+from edgeq.tune.budget import SCORING_VERSION
 from edgeq.tune.candidates import Candidate
 
 TUNE_SCHEMA_VERSION = 1
@@ -37,7 +38,8 @@ def row(c: Candidate) -> list[str]:
 
 def to_json(result) -> dict:
     return {
-        "schema_version": TUNE_SCHEMA_VERSION, "target": result.target, "profile": result.profile,
+        "schema_version": TUNE_SCHEMA_VERSION, "scoring_version": SCORING_VERSION, "target": result.target,
+        "profile": result.profile,
         "objective": result.objective, "budget": result.budget.to_json(),
         "chosen": result.chosen.id if result.chosen else None,
         "chosen_dir": str(result.chosen_dir) if result.chosen_dir else None, "reason": result.reason,

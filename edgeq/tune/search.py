@@ -149,8 +149,12 @@ class _Search:
                 return float(np.mean(correct)), correct
             max_drop = self.budget.max_accuracy_drop / 2
         else:
+            # One call's output: a batch of one, or, for a model with whole inputs, the sample's output itself.
+            sample_axis = bool(self.dataset.whole)
+
             def metric(outputs, indices):
-                values = [float(cosine_per_sample(*per_sample(reference[i : i + 1], np.asarray(o)))[0])
+                values = [float(cosine_per_sample(*per_sample(
+                    reference[i : i + 1], np.asarray(o)[None] if sample_axis else np.asarray(o)))[0])
                           for o, i in zip(outputs, indices, strict=True)]
                 return float(np.mean(values)), values
             max_drop = (1.0 - self.budget.min_cosine) / 2

@@ -50,7 +50,9 @@ class Session:
                 value = quantize(value, dtype, spec["quant"])
             else:
                 value = value.astype(dtype, copy=False)
-            # Not np.ascontiguousarray: it makes a 0-d array (a scalar input) 1-d.
+            # Not np.ascontiguousarray: it makes a 0-d array (a scalar input) 1-d. np.asarray: quantizing a 0-d
+            # array gives a numpy scalar, which runtimes refuse.
+            value = np.asarray(value)
             prepared[spec["name"]] = value if value.flags.c_contiguous else np.array(value, order="C")
         return prepared
 
