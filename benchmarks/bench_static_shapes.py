@@ -113,6 +113,13 @@ def main() -> None:
     # Logits, not softmax: with random weights a softmax output is near-uniform (all ~0.001), which an int8
     # softmax output (scale 1/256 in ORT and TFLite) rounds to zero, and any cosine of it says nothing.
     model = keras.applications.MobileNetV2(weights=None, input_shape=(224, 224, 3), classifier_activation=None)
+    # And batch-norm statistics set from data (one training-mode pass at momentum 0): at its initial statistics
+    # this random network's logits are ~1e-12 and the same for every input, so INT8 rounds them all to zero.
+    # With them its activations have a healthy range layer by layer (logits std ~0.4), as a trained one's do.
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = 0.0
+    model(np.random.default_rng(1).uniform(-1, 1, (32, 224, 224, 3)).astype(np.float32), training=True)
     model.save(work / "mobilenetv2.keras")
     saved_model = work / "savedmodel"
     model.export(str(saved_model), verbose=False)

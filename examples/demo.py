@@ -7,7 +7,8 @@
 3. benchmark every artifact on ``local`` (latency, accuracy, memory, power where a sensor exists);
 4. write ``demo-out/report.html`` (and Markdown) from the results;
 5. ``edgeq tune``: every candidate the profile allows, scored on the host against FP32, the passing ones
-   benchmarked on ``local``, the fastest within a 1-point top-1 budget kept (``demo-out/tune/tune.html``).
+   benchmarked on ``local``, the fastest within a 1-point top-1 budget kept (``demo-out/tune/tune.html``);
+6. the same task as a PyTorch ``.pt2`` (``torch.export``), converted to ONNX and OpenVINO INT8 and benched.
 
 Each step runs the real ``edgeq`` command, printed before it runs, so the demo doubles as a tutorial.
 """
@@ -87,6 +88,20 @@ def main() -> None:
           "--eval", str(data["eval"]), "--max-accuracy-drop", "0.01", "--max-time", "10m", "--runs", "200",
           "--output", str(OUT / "tune"))
     print(f"\nwrote {OUT / 'tune' / 'tune.html'}")
+
+    print("\n== 6. a PyTorch model: the same digits task as a .pt2 (torch.export), to ONNX and OpenVINO INT8")
+    from examples.digits.train_torch import train as train_torch
+
+    torch_data = train_torch(OUT / "digits-torch")
+    print(f"FP32 PyTorch model: held-out top-1 {torch_data['accuracy']:.4f}")
+    for fmt in ("onnx", "openvino"):
+        artifact = OUT / "artifacts" / f"digits-torch-{fmt}-int8"
+        edgeq("convert", str(torch_data["model"]), "--profile", profile, "--format", fmt, "--precision", "int8",
+              "--calibration", str(torch_data["calib"]), "--eval", str(torch_data["eval"]),
+              "--max-accuracy-drop", "0.01", "--output", str(artifact))
+        if edgeq("bench", str(artifact), "--target", "local", "--eval", str(torch_data["eval"]), "--runs", "200",
+                 "--output", str(OUT / "results-torch"), check=False).returncode != 0:
+            sys.exit(f"demo: the bench of {artifact.name} failed (see above)")
 
 
 if __name__ == "__main__":
