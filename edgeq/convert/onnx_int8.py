@@ -220,8 +220,12 @@ class CalibrationCache:
             # ORT writes the ranges once calibrated, before it quantizes: they are good even when quantizing
             # then failed (the int32-bias retry reads them instead of calibrating again).
             if Path(tmp).is_file():
-                os.replace(tmp, self.path)
-                self.outcome = "stored"
+                try:
+                    os.replace(tmp, self.path)
+                    self.outcome = "stored"
+                except OSError as exc:  # the ranges were used; only keeping them failed
+                    log.warning("cannot cache calibration ranges in %s: %s", self.path, exc)
+                    Path(tmp).unlink(missing_ok=True)
 
 
 def check_node_names(model_path: Path, wanted: tuple[str, ...], source: Path) -> None:
