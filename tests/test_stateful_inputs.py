@@ -124,3 +124,38 @@ def test_real_silero_vad_dynamic_int8_keeps_the_decisions(tmp_path):
     # The metric is the example's own function, run on the controller: the same numbers from the manifest's
     # per-output view would need the references, so check its fields instead.
     assert set(measured) == set(vad({"output": np.zeros(2)}, {"output": np.zeros(2)}, {}, None))
+
+
+def test_constants_move_to_initializers_in_every_graph(tmp_path):
+    """A Constant in the main graph and in both If branches: every one becomes an initializer of its own graph
+    (rebuilding the main graph's node list once lost the branches' edits while counting them)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeq.convert.onnx_dynamic import _constants_as_initializers
+
+    def constant(name, value):
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(value, np.float32),
+                                                                                      name))
+
+    def branch(name):
+        return helper.make_graph([constant(f"{name}_w", [[2.0]]), helper.make_node("MatMul", ["x", f"{name}_w"],
+                                                                                   [f"{name}_y"])],
+                                 name, [], [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, [1, 1])])
+
+    graph = helper.make_graph(
+        [constant("threshold", 1.0), helper.make_node("Greater", ["flag", "threshold"], ["is_on"]),
+         helper.make_node("If", ["is_on"], ["y"], then_branch=branch("on"), else_branch=branch("off"))],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1]),
+              helper.make_tensor_value_info("flag", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    options = {}
+    moved = onnx.load(str(_constants_as_initializers(tmp_path / "m.onnx", tmp_path, options)))
+    assert options["constants_as_initializers"] == 3
+    assert [n.op_type for n in moved.graph.node] == ["Greater", "If"]
+    assert [t.name for t in moved.graph.initializer] == ["threshold"]
+    bodies = {a.name: a.g for a in moved.graph.node[1].attribute}
+    for name, body in (("then_branch", "on"), ("else_branch", "off")):
+        assert [n.op_type for n in bodies[name].node] == ["MatMul"]
+        assert [t.name for t in bodies[name].initializer] == [f"{body}_w"]

@@ -80,7 +80,7 @@ def _constants_as_initializers(model_path: Path, scratch: Path, options: dict[st
     graphs = [model.graph]
     while graphs:
         graph = graphs.pop()
-        kept = []
+        constants = []
         for node in graph.node:
             graphs.extend(attr.g for attr in node.attribute if attr.type == onnx.AttributeProto.GRAPH)
             graphs.extend(g for attr in node.attribute for g in attr.graphs)
@@ -90,12 +90,12 @@ def _constants_as_initializers(model_path: Path, scratch: Path, options: dict[st
                 tensor.CopyFrom(value.t)
                 tensor.name = node.output[0]
                 graph.initializer.append(tensor)
-                moved += 1
-            else:
-                kept.append(node)
-        if len(kept) != len(graph.node):
-            del graph.node[:]
-            graph.node.extend(kept)
+                constants.append(node)
+        # Removed in place: rebuilding graph.node would copy the If nodes, and the bodies collected above
+        # (edited next) would belong to the discarded originals, so their constants would stay.
+        for node in constants:
+            graph.node.remove(node)
+        moved += len(constants)
     if not moved:
         return model_path
     target = scratch / "constants-as-initializers.onnx"
