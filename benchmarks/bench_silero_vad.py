@@ -56,7 +56,6 @@ def main() -> None:
     from edgeq.convert import convert
     from edgeq.convert.validate import host_profile_name
     from edgeq.data import InputSpec, load_dataset
-    from edgeq.device.feeds import run_samples
     from edgeq.device.runtimes import open_session
     from edgeq.profiles import load_profile
     from examples.silero_vad import data as silero
@@ -79,11 +78,7 @@ def main() -> None:
                                threads=args.threads, precision=precision)
         specs = [InputSpec(name=t.name, shape=list(t.shape), dtype=t.dtype) for t in manifest.inputs]
         dataset = load_dataset(paths["eval"], specs, role="eval")
-        outputs = run_samples(session.run, dataset.inputs, dataset.whole)
-        names = [spec["name"] for spec in session.outputs]
-        call = session.bind(session.prepare(dataset.batch(0)))
-        rows.append({"model": model, "format": fmt, "precision": precision, "call": call, "samples": [],
-                     "output": outputs[names.index("output")], "size": sum(f.size for f in manifest.files) / 1e3})
+        rows.append(_row(model, fmt, precision, session, dataset, sum(f.size for f in manifest.files)))
         if (model, fmt, precision) == ("silero_vad_openvino_16k.onnx", "onnx", "dynamic"):
             rows.append(_dynamic_with_conv(work / f"{model}-{fmt}-fp32" / "model.onnx", dataset, args.threads))
     for _ in range(20):  # interleaved rounds
@@ -119,7 +114,6 @@ def _dynamic_with_conv(fp32: Path, dataset, threads: int) -> dict:
     as ConvInteger too (by hand: ORT's pre-processing, then quantize_dynamic, per-channel, as edgeq does)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic, shape_inference
 
-    from edgeq.device.feeds import run_samples
     from edgeq.device.runtimes import open_session
 
     prepared, target = fp32.parent / "prepared.onnx", fp32.parent / "dynamic-conv.onnx"
@@ -127,11 +121,17 @@ def _dynamic_with_conv(fp32: Path, dataset, threads: int) -> dict:
     quantize_dynamic(str(prepared), str(target), weight_type=QuantType.QInt8, per_channel=True,
                      op_types_to_quantize=["MatMul", "LSTM", "Conv"], extra_options={"EnableSubgraph": True})
     session = open_session(target, "onnx", threads=threads, precision="dynamic")
+    return _row("silero_vad_openvino_16k.onnx", "onnx", "dynamic+conv", session, dataset, target.stat().st_size)
+
+
+def _row(model: str, fmt: str, precision: str, session, dataset, size_bytes: int) -> dict:
+    """One table row: the speech probabilities over the eval stream, and the timed call on its first window."""
+    from edgeq.device.feeds import run_samples
+
     outputs = run_samples(session.run, dataset.inputs, dataset.whole)
     names = [spec["name"] for spec in session.outputs]
-    return {"model": "silero_vad_openvino_16k.onnx", "format": "onnx", "precision": "dynamic+conv",
-            "call": session.bind(session.prepare(dataset.batch(0))), "samples": [],
-            "output": outputs[names.index("output")], "size": target.stat().st_size / 1e3}
+    return {"model": model, "format": fmt, "precision": precision, "samples": [], "size": size_bytes / 1e3,
+            "call": session.bind(session.prepare(dataset.batch(0))), "output": outputs[names.index("output")]}
 
 
 def _tune(args, model: Path, paths: dict, work: Path) -> None:

@@ -68,9 +68,12 @@ class Dataset:
 
     def part(self, start: int, stop: int | None = None) -> Dataset:
         """Samples ``start`` to ``stop`` (labels too)."""
-        window = slice(start, stop)
-        return Dataset(path=self.path, sha256=self.sha256, inputs={k: v[window] for k, v in self.inputs.items()},
-                       labels=None if self.labels is None else self.labels[window],
+        return self.taken(slice(start, stop))
+
+    def taken(self, index) -> Dataset:
+        """The samples at ``index`` (a slice or an array of sample indices), labels too."""
+        return Dataset(path=self.path, sha256=self.sha256, inputs={k: v[index] for k, v in self.inputs.items()},
+                       labels=None if self.labels is None else self.labels[index],
                        samples_available=self.samples_available, whole=self.whole)
 
 
@@ -265,12 +268,4 @@ def subsample(dataset: Dataset, limit: int, seed: int = 0) -> Dataset:
     if dataset.samples <= limit:
         return dataset
     rng = np.random.default_rng(seed)
-    index = np.sort(rng.choice(dataset.samples, size=limit, replace=False))
-    return Dataset(
-        path=dataset.path,
-        sha256=dataset.sha256,
-        inputs={name: arr[index] for name, arr in dataset.inputs.items()},
-        labels=None if dataset.labels is None else dataset.labels[index],
-        samples_available=dataset.samples_available,
-        whole=dataset.whole,
-    )
+    return dataset.taken(np.sort(rng.choice(dataset.samples, size=limit, replace=False)))

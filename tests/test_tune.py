@@ -23,12 +23,6 @@ QUICK = {"runs": 20, "min_seconds": 0.05}
 PROFILE = "x86-avx2"
 
 
-@pytest.fixture
-def tune_env(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDGEQ_LOCAL_WORKDIR", str(tmp_path / "local-device"))
-    monkeypatch.setenv("EDGEQ_CACHE_DIR", str(tmp_path / "cache"))
-
-
 def _tune(paths, output, **kwargs):
     kwargs.setdefault("budget", Budget(max_accuracy_drop=0.02))
     kwargs.setdefault("formats", ["onnx"])  # ONNX only: no bf16 candidate, whose presence depends on the CPU

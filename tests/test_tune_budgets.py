@@ -23,12 +23,6 @@ QUICK = {"runs": 20, "min_seconds": 0.05}
 PROFILE = "x86-avx2"  # pinned: reduce_range and the int8 settings depend on it
 
 
-@pytest.fixture
-def tune_env(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDGEQ_LOCAL_WORKDIR", str(tmp_path / "local-device"))
-    monkeypatch.setenv("EDGEQ_CACHE_DIR", str(tmp_path / "cache"))
-
-
 def _tune(paths, output, budget, **kwargs):
     return tune(paths["model"], local_target(), load_profile(PROFILE), calibration=paths["calib"],
                 eval_path=paths["eval"], output=output, budget=budget, formats=["onnx"], **QUICK, **kwargs)

@@ -93,3 +93,10 @@ def write_sensitive_keras_model(directory: Path) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def sensitive_keras_model(tmp_path_factory) -> dict[str, Path]:
     return write_sensitive_keras_model(tmp_path_factory.mktemp("sensitive-keras"))
+
+
+@pytest.fixture
+def tune_env(tmp_path, monkeypatch):
+    """A local device workdir and a cache (FP32 outputs, calibration ranges) of this test's own."""
+    monkeypatch.setenv("EDGEQ_LOCAL_WORKDIR", str(tmp_path / "local-device"))
+    monkeypatch.setenv("EDGEQ_CACHE_DIR", str(tmp_path / "cache"))

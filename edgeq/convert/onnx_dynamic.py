@@ -18,6 +18,7 @@ import logging
 from pathlib import Path
 
 from edgeq.convert.base import captured_stdout
+from edgeq.convert.onnx_files import onnx_graphs
 from edgeq.convert.prequantized import onnx_quantized_ops
 from edgeq.errors import ConversionError, first_line, require_backend
 
@@ -61,13 +62,8 @@ def _transformer_optimized(prepared: Path, scratch: Path, options: dict[str, obj
 def _op_types(model_path: Path) -> set[str]:
     """Every op type of the model, If/Loop bodies included."""
     onnx = require_backend("onnx", "onnx")
-    graphs, found = [onnx.load(str(model_path), load_external_data=False).graph], set()
-    while graphs:
-        for node in graphs.pop().node:
-            found.add(node.op_type)
-            graphs.extend(attr.g for attr in node.attribute if attr.type == onnx.AttributeProto.GRAPH)
-            graphs.extend(g for attr in node.attribute for g in attr.graphs)
-    return found
+    model = onnx.load(str(model_path), load_external_data=False)
+    return {node.op_type for graph in onnx_graphs(model.graph) for node in graph.node}
 
 
 def _constants_as_initializers(model_path: Path, scratch: Path, options: dict[str, object]) -> Path:
@@ -77,23 +73,16 @@ def _constants_as_initializers(model_path: Path, scratch: Path, options: dict[st
     onnx = require_backend("onnx", "onnx")
     model = onnx.load(str(model_path))
     moved = 0
-    graphs = [model.graph]
-    while graphs:
-        graph = graphs.pop()
-        constants = []
-        for node in graph.node:
-            graphs.extend(attr.g for attr in node.attribute if attr.type == onnx.AttributeProto.GRAPH)
-            graphs.extend(g for attr in node.attribute for g in attr.graphs)
-            value = node.attribute[0] if node.op_type == "Constant" and len(node.attribute) == 1 else None
-            if value is not None and value.name == "value" and len(node.output) == 1:
-                tensor = onnx.TensorProto()
-                tensor.CopyFrom(value.t)
-                tensor.name = node.output[0]
-                graph.initializer.append(tensor)
-                constants.append(node)
-        # Removed in place: rebuilding graph.node would copy the If nodes, and the bodies collected above
-        # (edited next) would belong to the discarded originals, so their constants would stay.
+    for graph in onnx_graphs(model.graph):
+        constants = [node for node in graph.node if node.op_type == "Constant" and len(node.attribute) == 1
+                     and node.attribute[0].name == "value" and len(node.output) == 1]
         for node in constants:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(node.attribute[0].t)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+            # In place (see onnx_graphs): rebuilding graph.node would copy the If nodes, and the bodies edited
+            # next would be the discarded originals'.
             graph.node.remove(node)
         moved += len(constants)
     if not moved:

@@ -91,6 +91,21 @@ def check_external_data(path: Path, model) -> list[str]:
     return sorted(locations)
 
 
+def onnx_graphs(graph):
+    """``graph`` and every graph nested in it (If, Loop and Scan bodies), each once. A graph's bodies are found
+    before it is yielded, so the caller may remove nodes of it in place (not rebuild its node list: that
+    would copy the nodes holding the bodies)."""
+    pending = [graph]
+    while pending:
+        current = pending.pop()
+        for node in current.node:
+            for attribute in node.attribute:
+                if attribute.HasField("g"):
+                    pending.append(attribute.g)
+                pending.extend(attribute.graphs)
+        yield current
+
+
 def _all_tensors(model):
     """Every TensorProto of ``model``: initializers, sparse initializers, attributes, subgraphs and functions."""
     graphs = [model.graph]

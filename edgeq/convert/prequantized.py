@@ -16,7 +16,7 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-from edgeq.convert.onnx_files import read_onnx
+from edgeq.convert.onnx_files import onnx_graphs, read_onnx
 from edgeq.errors import ConversionError, require_backend
 
 log = logging.getLogger(__name__)
@@ -74,16 +74,8 @@ def onnx_quantized_ops(path: Path) -> dict[str, int]:
     """Quantized operator counts in the ONNX model at ``path`` (subgraphs included); {} for a float model."""
     onnx = require_backend("onnx", "onnx")
     model = read_onnx(onnx, path)
-    counts: Counter[str] = Counter()
-    graphs = [model.graph]
-    while graphs:
-        graph = graphs.pop()
-        for node in graph.node:
-            if node.op_type in QUANTIZED_OPS:
-                counts[node.op_type] += 1
-            for attr in node.attribute:  # If/Loop/Scan bodies
-                graphs.extend([attr.g] if attr.HasField("g") else [])
-                graphs.extend(attr.graphs)
+    counts = Counter(node.op_type for graph in onnx_graphs(model.graph) for node in graph.node
+                     if node.op_type in QUANTIZED_OPS)
     return dict(sorted(counts.items()))
 
 

@@ -40,11 +40,6 @@ def primary_output_index(session, source: SourceModel, source_names: dict[str, s
     return 0
 
 
-def run_artifact(session, source_names: dict[str, str], dataset: Dataset, output_index: int) -> np.ndarray:
-    """One output of the artifact on the whole dataset."""
-    return run_artifact_outputs(session, source_names, dataset)[output_index]
-
-
 def run_artifact_outputs(session, source_names: dict[str, str], dataset: Dataset) -> list[np.ndarray]:
     """Every output of the artifact on the whole dataset: batched when its batch dimension is free, except a
     dynamic-quantized artifact's, whose activation scales are computed over the whole input tensor: in a batch
