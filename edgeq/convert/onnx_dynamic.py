@@ -59,19 +59,11 @@ def _transformer_optimized(prepared: Path, scratch: Path, options: dict[str, obj
     return target if fused else prepared
 
 
-def _op_types(model_path: Path) -> set[str]:
-    """Every op type of the model, If/Loop bodies included."""
-    onnx = require_backend("onnx", "onnx")
-    model = onnx.load(str(model_path), load_external_data=False)
-    return {node.op_type for graph in onnx_graphs(model.graph) for node in graph.node}
-
-
-def _constants_as_initializers(model_path: Path, scratch: Path, options: dict[str, object]) -> Path:
-    """``model_path`` with each Constant node's tensor an initializer of its graph, subgraphs included: ORT
-    quantizes only weights that are initializers, and an exporter may leave them as Constant nodes inside
+def _constants_as_initializers(model) -> int:
+    """Make each Constant node's tensor an initializer of its graph, subgraphs included, in place; how many.
+    ORT quantizes only weights that are initializers, and an exporter may leave them as Constant nodes inside
     If branches, where ORT's pre-processing does not fold them."""
     onnx = require_backend("onnx", "onnx")
-    model = onnx.load(str(model_path))
     moved = 0
     for graph in onnx_graphs(model.graph):
         constants = [node for node in graph.node if node.op_type == "Constant" and len(node.attribute) == 1
@@ -85,22 +77,24 @@ def _constants_as_initializers(model_path: Path, scratch: Path, options: dict[st
             # next would be the discarded originals'.
             graph.node.remove(node)
         moved += len(constants)
-    if not moved:
-        return model_path
-    target = scratch / "constants-as-initializers.onnx"
-    onnx.save(model, str(target))
-    options["constants_as_initializers"] = moved
-    return target
+    return moved
 
 
 def quantize_dynamic(prepared: Path, target: Path, scratch: Path, reduce_range: bool,
                      options: dict[str, object], where: Path) -> None:
     """Write the dynamically quantized model of ``prepared`` (pre-processed from the source ``where``); the
     settings and the quantized op counts go into ``options`` (for the manifest)."""
+    onnx = require_backend("onnx", "onnx")
     quantization = require_backend("onnxruntime.quantization", "onnx")
-    source = _constants_as_initializers(_transformer_optimized(prepared, scratch, options), scratch, options)
+    source = _transformer_optimized(prepared, scratch, options)
+    model = onnx.load(str(source))
+    moved = _constants_as_initializers(model)
+    if moved:
+        source = scratch / "constants-as-initializers.onnx"
+        onnx.save(model, str(source))
+        options["constants_as_initializers"] = moved
     options.update(per_channel=True, reduce_range=reduce_range, weight_type="int8")
-    recurrent = bool(_op_types(source) & RECURRENT_OPS)
+    recurrent = any(node.op_type in RECURRENT_OPS for graph in onnx_graphs(model.graph) for node in graph.node)
     op_types = DYNAMIC_OP_TYPES if recurrent else (*DYNAMIC_OP_TYPES, "Conv")
     with captured_stdout(log):
         # EnableSubgraph: the bodies of If/Loop nodes too. silero-vad keeps every Conv and LSTM in If
