@@ -100,3 +100,59 @@ def tune_env(tmp_path, monkeypatch):
     """A local device workdir and a cache (FP32 outputs, calibration ranges) of this test's own."""
     monkeypatch.setenv("EDGEQ_LOCAL_WORKDIR", str(tmp_path / "local-device"))
     monkeypatch.setenv("EDGEQ_CACHE_DIR", str(tmp_path / "cache"))
+
+
+
+DEEP_TRAP_LAYER = "fc_trap"  # the layer that reads the deep model's wide-range activation
+
+
+def write_deep_sensitive_model(directory: Path, ordinary_layers: int = 9) -> dict[str, Path]:
+    """The same trap in a model deeper than the shortlist (8 activations), so that keeping the whole shortlist
+    float still leaves layers in INT8: mixed precision's bound is a candidate of its own."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    nodes, weights, current = [], {}, "x"
+
+    def layer(name: str, weight: np.ndarray, relu: bool = True) -> None:
+        nonlocal current
+        weights[f"W_{name}"] = weight.astype(np.float32)
+        nodes.append(helper.make_node("MatMul", [current, f"W_{name}"], [f"{name}_out"], name=name))
+        current = f"{name}_out"
+        if relu:
+            nodes.append(helper.make_node("Relu", [current], [f"{name}_relu"], name=f"{name}_relu"))
+            current = f"{name}_relu"
+
+    for index in range(ordinary_layers):
+        layer(f"fc{index}", rng.normal(0, 0.35, (16, 16)))
+        if index == ordinary_layers // 3:
+            scale = np.ones(16, np.float32)
+            scale[0] = 1000.0
+            weights["scale"] = scale
+            nodes.append(helper.make_node("Mul", [current, "scale"], ["wide_out"], name="wide"))
+            current = "wide_out"
+            weight = rng.normal(0, 0.35, (16, 16))
+            weight[0] /= 1000.0  # the float model is unchanged by the scaling
+            layer("fc_trap", weight)
+    layer("head", rng.normal(0, 0.5, (16, 10)), relu=False)
+    graph = helper.make_graph(nodes, "deep", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info(current, TensorProto.FLOAT, ["N", 10])],
+                              [numpy_helper.from_array(w, name) for name, w in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {"model": directory / "deep.onnx", "calibration": directory / "calib.npz", "eval": directory / "eval.npz"}
+    onnx.save(model, str(paths["model"]))
+    np.savez(paths["calibration"], x=rng.normal(0, 1, (200, 16)).astype(np.float32))
+    x = rng.normal(0, 1, (300, 16)).astype(np.float32)
+    session = ort.InferenceSession(str(paths["model"]), providers=["CPUExecutionProvider"])
+    np.savez(paths["eval"], x=x, labels=np.argmax(session.run(None, {"x": x})[0], axis=1))
+    return paths
+
+
+@pytest.fixture(scope="session")
+def deep_sensitive_model(tmp_path_factory) -> dict[str, Path]:
+    return write_deep_sensitive_model(tmp_path_factory.mktemp("deep-sensitive"))

@@ -34,6 +34,9 @@ class Candidate:
     float_nodes: tuple[str, ...] = ()  # asked for (ONNX), or as the backend chose them (OpenVINO accuracy control)
     settings: dict[str, Any] = field(default_factory=dict)  # further int8 settings (NNCF preset, bias correction)
     accuracy_control: bool = False  # the backend picks the float layers against the budget itself
+    # Stage B by shortlist: a "single" (one layer float) ranks layers by its ``ranking``; a "set" (the k best
+    # singles) was picked by those eval scores, so it is judged on the samples they were not measured on.
+    leave_one_out: str | None = None  # "single" | "set" | "bound" (the whole shortlist float, tried first)
     source_model: Path | None = None  # built from this model instead of tune's (QAT's SavedModel)
     directory: Path | None = None
     artifact_id: str | None = None
@@ -42,6 +45,7 @@ class Candidate:
     calibration_cache: str | None = None  # ORT's calibration ranges: "hit" (reused) or "stored" (computed)
     scored_on: str | None = None  # which eval samples ``score`` is on, when not all of them
     screen: Score | None = None  # on the screening subset, when there was one
+    ranking: Score | None = None  # a single's score on the selection samples, which orders the layers
     score: Score | None = None  # on the whole eval set
     error: str | None = None  # why it could not be built or evaluated
     rejected_by: str | None = None  # "screen" when the subset already ruled it out
@@ -99,7 +103,8 @@ class Candidate:
             "source_model": str(self.source_model) if self.source_model else None, "artifact": str(self.directory) if self.directory else None,
             "artifact_id": self.artifact_id, "size_bytes": self.size_bytes, "seconds": round(self.seconds, 3),
             "calibration_cache": self.calibration_cache, "scored_on": self.scored_on,
-            "screen": self.screen.to_json() if self.screen else None,
+            "screen": self.screen.to_json() if self.screen else None, "leave_one_out": self.leave_one_out,
+            "ranking": self.ranking.to_json() if self.ranking else None,
             "host": self.score.to_json() if self.score else None, "passed": self.passed,
             "error": self.error, "rejected_by": self.rejected_by, "device": self.bench or None,
             "pareto": self.pareto, "chosen": self.chosen,

@@ -29,21 +29,18 @@ from edgeq.manifest import Manifest
 from edgeq.metrics import by_source_name, cosine_per_sample, per_sample
 from edgeq.profiles import DeviceProfile
 from edgeq.targets import Target
-from edgeq.tune import sensitivity
 from edgeq.tune.budget import Budget, check_eval_for_budget, score
 from edgeq.tune.cache import reference_outputs
 from edgeq.tune.candidates import Candidate, buildable, calibration_methods, looks_like_transformer
 from edgeq.tune.choose import choose, mark_pareto
 from edgeq.tune.formats import allowed_formats, runnable_formats
+from edgeq.tune.mixed import SHORTLISTS, search_mixed
 from edgeq.tune.qat_stage import search_qat
 
 log = logging.getLogger(__name__)
 
 SCREEN_SAMPLES = 100  # the host screen's subset; only eval sets at least twice this size are screened
-MIXED_K = (2, 4, 8)  # layers kept in float, after single layers (k=1) were tried one by one
 OBJECTIVES = ("latency", "energy", "size")
-# Formats whose mixed precision starts from a sensitivity shortlist (OpenVINO uses NNCF's accuracy control).
-SHORTLISTS = {"onnx": sensitivity.onnx_shortlist, "tflite": sensitivity.tflite_shortlist}
 
 
 class Progress:
@@ -161,9 +158,9 @@ class _Search:
         return AccuracyControl(inputs=dict(self.dataset.head(selection).inputs), metric=metric, max_drop=max_drop)
 
     def selection_samples(self) -> int:
-        """How many eval samples (the first ones) a backend that chooses float layers by its own metric (NNCF's
-        accuracy control) may validate on: half the set, so the other half can judge the choice without the
-        optimism of having been picked on it; the whole set when it is too small to split."""
+        """How many eval samples (the first ones) may choose float layers: NNCF's accuracy control validates on
+        them, leave-one-out ranks layers by them. Half the set, so the other half can judge the choice without
+        the optimism of having been picked on it; the whole set when it is too small to split."""
         return self.dataset.samples // 2 if self.dataset.samples >= 2 * SCREEN_SAMPLES else self.dataset.samples
 
     def _evaluate(self, candidate: Candidate, manifest: Manifest) -> None:
@@ -172,26 +169,33 @@ class _Search:
         names = {t.name: t.source_name for t in [*manifest.inputs, *manifest.outputs] if t.source_name}
         artifact_outputs = [spec["name"] for spec in session.outputs]
 
-        def scored(start: int, stop: int):
+        def scored(start: int, stop: int, ran: dict[str, np.ndarray] | None = None):
+            """The score on samples ``start`` to ``stop``, from ``ran`` (outputs on every sample) when given."""
             dataset = self.dataset.part(start, stop)
-            outputs = by_source_name(run_artifact_outputs(session, names, dataset), artifact_outputs,
-                                     self.source.outputs, names)
+            if ran is None:
+                outputs = by_source_name(run_artifact_outputs(session, names, dataset), artifact_outputs,
+                                         self.source.outputs, names)
+            else:
+                outputs = {name: array[start:stop] for name, array in ran.items()}
             references = {name: array[start:stop] for name, array in self.references.items()}
-            return score(references, outputs, dataset.labels, self.budget, inputs=dataset.inputs)
+            return score(references, outputs, dataset.labels, self.budget, inputs=dataset.inputs), outputs
 
-        chosen_on = self.selection_samples() if candidate.accuracy_control else 0
-        if 0 < chosen_on < self.dataset.samples:
-            # Its float layers were chosen on the first samples: it is judged on the others only.
-            candidate.score = scored(chosen_on, self.dataset.samples)
-            candidate.scored_on = (f"held out: samples {chosen_on}-{self.dataset.samples - 1} (accuracy control "
-                                   f"chose its float layers on 0-{chosen_on - 1})")
+        samples, selection = self.dataset.samples, self.selection_samples()
+        if (candidate.accuracy_control or candidate.leave_one_out == "set") and selection < samples:
+            # Its float layers were chosen by scores on the first samples: it is judged on the others only.
+            candidate.score = scored(selection, samples)[0]
+            chooser = "accuracy control" if candidate.accuracy_control else "leave-one-out"
+            candidate.scored_on = (f"held out: samples {selection}-{samples - 1} ({chooser} chose its float "
+                                   f"layers on 0-{selection - 1})")
             return
-        if self.dataset.samples >= 2 * SCREEN_SAMPLES:
-            candidate.screen = scored(0, SCREEN_SAMPLES)
+        if samples >= 2 * SCREEN_SAMPLES:
+            candidate.screen = scored(0, SCREEN_SAMPLES)[0]  # inside the selection samples (half the set)
             if candidate.screen.clearly_fails(self.budget):
                 candidate.rejected_by = "screen"
                 return
-        candidate.score = scored(0, self.dataset.samples)
+        candidate.score, outputs = scored(0, samples)
+        if candidate.leave_one_out == "single":
+            candidate.ranking = scored(0, selection, outputs)[0] if selection < samples else candidate.score
 
 
 def _better(tried: Candidate | None, best: Candidate | None) -> Candidate | None:
@@ -245,46 +249,13 @@ def _search_format(search: _Search, fmt: str) -> None:
         search.try_candidate(Candidate(fmt, "int8", "mixed", best.calibration_method, settings=best.settings,
                                        accuracy_control=True))
     elif fmt in SHORTLISTS and "int8" in backend.float_node_precisions:
-        _search_mixed(search, fmt, best)
+        search_mixed(search, fmt, best)
     if "activation_bits" in backend.int8_tunables and not any(
             c.passed for c in search.candidates if c.format == fmt and c.scheme in ("int8", "mixed")):
         # Stage C keeps A's best settings: what 16 bits fix is the activation range, not the rest. A passing
         # dynamic candidate does not skip it: float activations are another kernel path, and the device decides.
         search.try_candidate(Candidate(fmt, "int8", "a16", best.calibration_method,
                                        settings={**best.settings, "activation_bits": 16}))
-
-
-def _search_mixed(search: _Search, fmt: str, full_int8: Candidate) -> None:
-    """Stage B by shortlist: keep the most sensitive layers in float. Shortlist by quantization loss,
-    measure each alone (leave-one-out), then keep the best k = 2, 4, 8 together until one meets the budget."""
-    calib = load_dataset(search.calibration, search.source.inputs, role="calibration")
-    search.progress.step("ranking layers by quantization loss")
-    shortlist = SHORTLISTS[fmt](full_int8.directory, search.source, calib, search.input_shapes)
-    if not shortlist.ranked:
-        search.notes.append(f"{fmt}: layers not ranked by sensitivity: {shortlist.ranked_by}")
-    method = full_int8.calibration_method
-    singles: list[tuple[float, sensitivity.SensitiveTensor]] = []
-    for tensor in shortlist.tensors:
-        tried = search.try_candidate(Candidate(fmt, "int8", "mixed", method, tensor.nodes,
-                                               settings=full_int8.settings))
-        if tried is None:
-            return
-        if tried.passed:
-            return
-        if tried.measured is not None:
-            singles.append((tried.measured.metric(), tensor))
-    ranked = [t for _, t in sorted(singles, key=lambda pair: -pair[0])]
-    for k in MIXED_K:
-        if k > len(ranked):
-            break
-        nodes = tuple(dict.fromkeys(n for t in ranked[:k] for n in t.nodes))
-        if set(nodes) >= shortlist.quantized_nodes:  # nothing left quantized: that is the fp32 candidate
-            search.notes.append(f"{fmt}: no mixed candidate of the {k} most sensitive layers: keeping their "
-                                f"{len(nodes)} nodes float would leave nothing quantized")
-            return
-        tried = search.try_candidate(Candidate(fmt, "int8", "mixed", method, nodes, settings=full_int8.settings))
-        if tried is None or tried.passed:
-            return
 
 
 def tune(model: Path | str, target: Target, profile: DeviceProfile, *, calibration: Path | str,
