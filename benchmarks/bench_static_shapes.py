@@ -15,7 +15,8 @@ precision and threads), interleaved rounds, medians:
   candidates; its chosen artifact is then measured in the same rounds as the others, and every artifact's
   output cosine against the Keras FP32 model on the eval set says which meet the same budget.
 
-    .venv/bin/python benchmarks/bench_static_shapes.py [--runs 300] [--all-formats] [--tune] [--profile P]
+    .venv/bin/python benchmarks/bench_static_shapes.py [--runs 300] [--all-formats] [--tune [--tune-again]]
+        [--profile P]
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ def main() -> None:
     parser.add_argument("--calibration-samples", type=int, default=100)
     parser.add_argument("--all-formats", action="store_true")
     parser.add_argument("--tune", action="store_true")
+    parser.add_argument("--tune-again", action="store_true", help="With --tune: tune a second time on the caches.")
     parser.add_argument("--profile", help="Profile for edgeq's conversions and tune [the one this host fits].")
     parser.add_argument("--min-cosine", type=float, default=0.99, help="The budget (tune and the table).")
     args = parser.parse_args()
@@ -212,6 +214,20 @@ def _tune(args, work: Path, profile):
         print(f"chosen: {result.chosen.id} at {result.chosen.bench['p50_ms']:.3f} ms on the device bench")
     for note in result.notes:
         print(f"note: {note}")
+    if args.tune_again:
+        # The same tune again, with the caches the first one filled (FP32 outputs, ORT calibration ranges).
+        started = time.perf_counter()
+        again = tune(work / "mobilenetv2.keras", local_target(), profile, calibration=work / "calib.npz",
+                     eval_path=work / "eval.npz", budget=Budget(min_cosine=args.min_cosine),
+                     output=work / "tuned-again", calibration_samples=args.calibration_samples, runs=200)
+        print(f"\nthe same tune again: {time.perf_counter() - started:.0f} s wall (first: {wall:.0f} s), "
+              f"{len(again.candidates)} candidates, fp32 reference cached={again.reference_cached}, "
+              f"chosen {again.chosen.id if again.chosen else None}")
+        for first, second in zip(result.candidates, again.candidates, strict=False):
+            if first.calibration_cache or second.calibration_cache:
+                print(f"  {second.id:<40} {first.seconds:5.1f} s -> {second.seconds:5.1f} s (calibration ranges: "
+                      f"{first.calibration_cache} -> {second.calibration_cache})")
+        print("\n".join(f"note: {note}" for note in again.notes if "calibration" in note))
     return result
 
 
