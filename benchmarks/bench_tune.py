@@ -7,10 +7,12 @@ for that format (the fastest that met the budget, else the closest to it), with 
 Latencies are the device bench's p50 (one thread per the profile), measured side by side in the tune run;
 candidates that missed the budget are not benchmarked, so they show "-".
 
-    .venv/bin/python benchmarks/bench_tune.py --magika-wheel magika-1.0.3-*.whl   # + the digits CNN and
-                                                                                  # the sensitive model
-Models: Magika's content-type CNN (real, pretrained, inside the magika wheel; see magika_data.py), the
-digits CNN (examples/digits), and the constructed wide-range model of tests/tune_fixtures.py.
+    .venv/bin/python benchmarks/bench_tune.py --magika-wheel magika-1.0.3-*.whl \
+        --basic-pitch-wheel basic_pitch-0.4.0-*.whl [--only basic-pitch]   # + the digits CNN, the sensitive model
+Models: Magika's content-type CNN (real, pretrained, inside the magika wheel; see magika_data.py), Basic Pitch's
+note-transcription CNN (real, pretrained, a SavedModel inside the basic-pitch wheel, so TFLite can take it
+too; see examples/basic_pitch), the digits CNN (examples/digits), and the constructed wide-range model of
+tests/tune_fixtures.py.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+
+# Cosine over every output, with basic-pitch's own view (note frames and onsets against FP32's) reported.
+BASIC_PITCH_BUDGET = ["--min-cosine", "0.99", "--metric", "examples/basic_pitch/metrics.py:notes"]
 
 
 def run_tune(name: str, paths: dict, out: Path, budget: list[str]) -> dict:
@@ -49,7 +55,8 @@ def _metric(c: dict | None) -> str:
         return "-"
     if score.get("top1_drop") is not None:
         return f"{score['top1_drop'] * 100:+.2f} pt" + (" (screen)" if not c.get("host") else "")
-    return f"cos {score['cosine_mean']:.4f}"
+    notes = (score.get("metrics") or {}).get("notes")
+    return f"cos {score['cosine_mean']:.4f}" + (f" f1 {notes['frame_f1']:.3f}" if notes else "")
 
 
 def _p50(c: dict | None) -> str:
@@ -87,22 +94,36 @@ def table(name: str, data: dict) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--magika-wheel", type=Path, help="magika wheel (pip download --no-deps magika)")
+    parser.add_argument("--basic-pitch-wheel", type=Path, help="basic-pitch wheel (pip download --no-deps "
+                        "basic-pitch==0.4.0)")
+    parser.add_argument("--only", action="append", help="tune only this model (repeatable)")
     parser.add_argument("--out", type=Path, default=None, help="keep the tune directories here")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     out = args.out or Path(tempfile.mkdtemp(prefix="edgeq-bench-tune-"))
     from benchmarks import magika_data
+    from examples.basic_pitch import data as basic_pitch_data
     from examples.digits.train import train
     from tests.tune_fixtures import write_sensitive_model
 
-    digits = train(out / "digits-data")
-    models = {"digits-cnn": ({"model": digits["model"], "calibration": digits["calib"], "eval": digits["eval"]},
-                             ["--max-accuracy-drop", "0.01"]),
-              "sensitive": (write_sensitive_model(out / "sensitive-data"), ["--max-accuracy-drop", "0.02"])}
-    try:
-        models["magika"] = (magika_data.build(out / "magika-data", args.magika_wheel), ["--max-accuracy-drop", "0.01"])
-    except SystemExit as exc:
-        print(f"magika: skipped ({exc})")
+    def digits():
+        paths = train(out / "digits-data")
+        return {"model": paths["model"], "calibration": paths["calib"], "eval": paths["eval"]}
+
+    builders = {
+        "digits-cnn": (digits, ["--max-accuracy-drop", "0.01"]),
+        "sensitive": (lambda: write_sensitive_model(out / "sensitive-data"), ["--max-accuracy-drop", "0.02"]),
+        "magika": (lambda: magika_data.build(out / "magika-data", args.magika_wheel), ["--max-accuracy-drop", "0.01"]),
+        "basic-pitch": (lambda: basic_pitch_data.build(out / "basic-pitch-data", args.basic_pitch_wheel),
+                        BASIC_PITCH_BUDGET)}
+    models = {}
+    for name, (build, budget) in builders.items():
+        if args.only and name not in args.only:
+            continue
+        try:
+            models[name] = (build(), budget)
+        except SystemExit as exc:
+            print(f"{name}: skipped ({exc})")
     from edgeq.targets import detect_local_profile
 
     print(f"edgeq tune on local (profile {detect_local_profile()}), {os.cpu_count()} cores")

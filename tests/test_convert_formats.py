@@ -220,6 +220,35 @@ def test_from_onnx_source(make_artifact, digits, tmp_path):
         assert "tf2onnx" not in manifest.tool_versions
 
 
+def test_onnx_fp16_of_an_output_the_graph_also_reads(tmp_path):
+    """An output that later nodes read too (Basic Pitch's ``contour``): onnxconverter-common casts it back to
+    float32 for the caller under its own name, and the nodes reading it then got float32 where float16 was
+    declared, which ORT refused. The output now has an Identity of its own."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeq.convert import convert
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["hidden"], name="fc"),
+         helper.make_node("Relu", ["hidden"], ["features"], name="relu"),  # an output, and read below
+         helper.make_node("Mul", ["features", "two"], ["doubled"], name="double")],
+        "consumed_output", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 4]),
+         helper.make_tensor_value_info("doubled", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(np.random.default_rng(0).normal(0, 1, (4, 4)).astype(np.float32), "W"),
+         numpy_helper.from_array(np.array(2.0, np.float32), "two")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    np.savez(tmp_path / "eval.npz", x=np.random.default_rng(1).normal(0, 1, (20, 4)).astype(np.float32))
+    manifest = convert(tmp_path / "model.onnx", load_profile("x86-avx2"), tmp_path / "fp16", format="onnx",
+                       precision="fp16", eval_path=tmp_path / "eval.npz")
+    assert manifest.status == "ok" and manifest.options["fp16_outputs_separated"] == 1
+    assert [t.name for t in manifest.outputs] == ["features", "doubled"]  # the outputs keep their names
+    assert all(o.cosine_mean > 0.9999 for o in manifest.validation.outputs.values()), manifest.validation.outputs
+
+
 def test_from_savedmodel_source(digits, tmp_path):
     import keras
 

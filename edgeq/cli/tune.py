@@ -122,7 +122,12 @@ def _print_result(result) -> None:
 
     table = Table(title=f"tune on {result.target} (profile {result.profile}), {result.budget.describe()}")
     for column in COLUMNS:
-        table.add_column(column, no_wrap=column in ("candidate", "host metric"))
+        if column == "host metric":  # an error can be long: cut here (whole in tune.json / .html), not the rest
+            table.add_column(column, no_wrap=True, max_width=72, overflow="ellipsis")
+        else:
+            table.add_column(column, no_wrap=column == "candidate",
+                             min_width=max((len(c.id) for c in result.candidates), default=0)
+                             if column == "candidate" else None)
     for candidate in result.candidates:
         table.add_row(*row(candidate), style="bold green" if candidate.chosen else None)
     Console(width=max(Console().width, 200)).print(table)

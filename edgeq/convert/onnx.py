@@ -22,7 +22,7 @@ from edgeq.convert.base import (
     captured_stdout,
 )
 from edgeq.convert.onnx_dynamic import quantize_dynamic
-from edgeq.convert.onnx_files import load_onnx_model
+from edgeq.convert.onnx_files import load_onnx_model, separate_consumed_outputs
 from edgeq.convert.onnx_int8 import (
     activation_type_for,
     check_node_names,
@@ -182,8 +182,22 @@ def _tf_to_onnx(request: BuildRequest, target: Path) -> None:
     specs = [tf.TensorSpec(request.input_shapes.get(name, spec.shape), spec.dtype, name=name)
              for name, spec in specs_by_name.items()]
 
-    def call(*args):
-        return signature(**dict(zip(names, args, strict=True)))
+    if any(t.dtype != tf.resource for t in signature.captured_inputs):
+        # Constants captured by value (Basic Pitch's CQT kernels): tf2onnx makes each a graph input of the model,
+        # which nothing feeds. Frozen first, they are constants of the graph like the variables.
+        from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+        frozen = convert_variables_to_constants_v2(signature)
+        order = [tensor.name.split(":")[0] for tensor in frozen.inputs]  # its placeholders, by argument name
+
+        def call(*args):
+            given = dict(zip(names, args, strict=True))
+            # Its outputs in the signature's structure, so that tf2onnx names them as the signature does.
+            flat = tf.nest.flatten(frozen(*[given[name] for name in order]))
+            return tf.nest.pack_sequence_as(signature.structured_outputs, flat)
+    else:
+        def call(*args):
+            return signature(**dict(zip(names, args, strict=True)))
 
     function = tf.function(call, input_signature=specs)
     # tf2onnx names new nodes from a process-wide counter, and which of two identical constants
@@ -294,7 +308,10 @@ def _canonical_constants(path: Path) -> None:
 def _to_fp16(fp32: Path, target: Path, options: dict[str, object]) -> None:
     onnx = require_backend("onnx", "onnx")
     float16 = require_backend("onnxconverter_common.float16", "onnx")
-    model = float16.convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True)
+    model = onnx.load(str(fp32))
+    if separated := separate_consumed_outputs(onnx, model):
+        options["fp16_outputs_separated"] = separated
+    model = float16.convert_float_to_float16(model, keep_io_types=True)
     retyped = _retype_float_casts(onnx, model)
     if retyped:
         options["fp16_casts_retyped"] = retyped

@@ -129,3 +129,28 @@ def _all_tensors(model):
             if attribute.HasField("g"):
                 graphs.append(attribute.g)
             graphs.extend(attribute.graphs)
+
+
+def separate_consumed_outputs(onnx, model) -> int:
+    """Give each graph output that nodes of the graph also read an Identity of its own: the nodes read the
+    producer's tensor, the output is the Identity's. Returns how many were separated.
+
+    onnxconverter-common's fp16 conversion with ``keep_io_types`` casts such an output back to float32 under
+    its own name, so the nodes that read it get float32 where their outputs are declared float16, and ORT
+    refuses the model ("Type (tensor(float16)) of output arg ... does not match expected type
+    (tensor(float))"). Basic Pitch's ``contour`` is an output and the ``note`` branch's input."""
+    graph = model.graph
+    read = {name for node in graph.node for name in node.input}
+    produced = {name for node in graph.node for name in node.output}
+    separated = 0
+    for output in graph.output:
+        if output.name not in read or output.name not in produced:  # an input passed through: nothing to cast
+            continue
+        internal = f"{output.name}__edgeq_internal"
+        for node in graph.node:
+            node.output[:] = [internal if name == output.name else name for name in node.output]
+            node.input[:] = [internal if name == output.name else name for name in node.input]
+        graph.node.append(onnx.helper.make_node("Identity", [internal], [output.name],
+                                                name=f"{output.name}__edgeq_output"))
+        separated += 1
+    return separated

@@ -180,9 +180,14 @@ def _quantize_with_accuracy_control(nncf, request: BuildRequest, model, items: l
     def feed(item):
         return _model_input(item[1], names)
 
+    scores = request.source.outputs[0] if request.source.outputs else None
+
     def validate(compiled, data) -> tuple[float, list[float]]:
+        # The metric reads the source's first output; OpenVINO may order outputs otherwise (Basic Pitch's
+        # SavedModel: contour, note, onset, where the signature lists note first), so it is found by name.
+        index = next((i for i, port in enumerate(compiled.outputs) if scores in port.get_names()), 0)
         data = list(data)
-        outputs = [compiled(feed(item))[0] for item in data]
+        outputs = [compiled(feed(item))[index] for item in data]
         return control.metric(outputs, [item[0] for item in data])
 
     return nncf.quantize_with_accuracy_control(

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.convert.onnx_files import check_external_data, onnx_sha256, read_onnx
+from edgeq.convert.savedmodel_files import inference_copy
 from edgeq.convert.source_torch import (
     PICKLE_SUFFIXES,
     PT2_SUFFIXES,
@@ -102,9 +103,10 @@ class SourceModel:
         return str(self.path)
 
     def savedmodel_dir(self, scratch: Path) -> Path:
-        """A SavedModel of this source (the source itself, or a Keras export into ``scratch``)."""
+        """A SavedModel of this source: the source itself (or its copy without optimizer slots, see
+        ``savedmodel_files``), or a Keras export into ``scratch``."""
         if self.kind == "savedmodel":
-            return self.path
+            return self._savedmodel_dir or self.path
         if self.kind != "keras":
             raise ConversionError(f"{self.path}: a {self.kind} model cannot be turned into a TensorFlow SavedModel")
         if self._savedmodel_dir is None:
@@ -230,8 +232,10 @@ def _keras_safe_mode():
 
 def _load_savedmodel(path: Path) -> SourceModel:
     tf = require_backend("tensorflow", "tflite")
+    sha256 = sha256_tree(path)
+    loadable, _ = inference_copy(path, sha256)  # without optimizer slots, which newer TF cannot restore
     try:
-        loaded = tf.saved_model.load(str(path))
+        loaded = tf.saved_model.load(str(loadable))
     except Exception as exc:  # protobuf/variables errors
         raise ConversionError(f"{path}: cannot load the SavedModel ({_first_line(exc)})") from exc
     signatures = getattr(loaded, "signatures", {})
@@ -245,8 +249,8 @@ def _load_savedmodel(path: Path) -> SourceModel:
                         dtype=spec.dtype.name) for name, spec in specs.items()]
     outputs = list(signature.structured_outputs)
     # The signature needs the loaded object (its variables) alive as long as the source is used.
-    return SourceModel(path=path, kind="savedmodel", sha256=sha256_tree(path), inputs=inputs, outputs=outputs,
-                       _signature=signature, _keep_alive=loaded)
+    return SourceModel(path=path, kind="savedmodel", sha256=sha256, inputs=inputs, outputs=outputs,
+                       _signature=signature, _keep_alive=loaded, _savedmodel_dir=loadable)
 
 
 def _load_onnx(path: Path) -> SourceModel:

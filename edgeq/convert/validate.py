@@ -9,7 +9,9 @@ import numpy as np
 
 from edgeq.convert.source import SourceModel
 from edgeq.data import Dataset, check_labels_range
+from edgeq.device.errors import InferenceFailed
 from edgeq.device.feeds import run_samples, spec_ranks, whole_inputs
+from edgeq.errors import ConversionError
 from edgeq.manifest import OutputAgreement, Validation
 from edgeq.metrics import agreement, by_source_name, per_output_agreement, top_k_accuracy
 from edgeq.profiles import DeviceProfile
@@ -40,15 +42,23 @@ def primary_output_index(session, source: SourceModel, source_names: dict[str, s
     return 0
 
 
-def run_artifact_outputs(session, source_names: dict[str, str], dataset: Dataset) -> list[np.ndarray]:
+def run_artifact_outputs(session, source_names: dict[str, str], dataset: Dataset,
+                         where: Path | str = "the model") -> list[np.ndarray]:
     """Every output of the artifact on the whole dataset: batched when its batch dimension is free, except a
     dynamic-quantized artifact's, whose activation scales are computed over the whole input tensor: in a batch
-    one sample's range sets another's scale, so it is run one sample at a time, as the device runs it."""
+    one sample's range sets another's scale, so it is run one sample at a time, as the device runs it.
+    ConversionError, naming ``where``, when the runtime fails while running it."""
     feed = _artifact_feed(session, source_names, dataset.inputs)
     batched = all(spec["shape"] and spec["shape"][0] is None for spec in session.inputs) and \
         (getattr(session, "execution", None) or {}).get("precision") != "dynamic"
-    return run_samples(session.run, feed, whole_inputs(feed, spec_ranks(session.inputs)),
-                       ARTIFACT_BATCH if batched else 1)
+    try:
+        return run_samples(session.run, feed, whole_inputs(feed, spec_ranks(session.inputs)),
+                           ARTIFACT_BATCH if batched else 1)
+    except InferenceFailed as exc:
+        precision = (getattr(session, "execution", None) or {}).get("precision")
+        raise ConversionError(f"{where}: the {precision or ''} artifact cannot run the eval data: {exc}",
+                              hint="an INT8 kernel that refused its data (a divisor quantized to zero) needs a "
+                                   "wider range: try --activation-bits 16, or another --precision") from exc
 
 
 def validate(source: SourceModel, session, source_names: dict[str, str], dataset: Dataset,
@@ -65,7 +75,7 @@ def validate(source: SourceModel, session, source_names: dict[str, str], dataset
     reference = references[0]
     if dataset.labels is not None:
         check_labels_range(dataset, int(np.prod(reference.shape[1:])))
-    outputs = run_artifact_outputs(session, source_names, dataset)
+    outputs = run_artifact_outputs(session, source_names, dataset, source.path)
     artifact_names = [s["name"] for s in session.outputs]
     measured = compute_metrics(list(metrics), MetricData(
         references=dict(zip(source.outputs, references, strict=False)), labels=dataset.labels,

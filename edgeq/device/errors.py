@@ -7,3 +7,7 @@ class RunnerError(Exception):
 
 class RuntimeMissing(RunnerError):
     """The artifact's runtime is not importable on this device."""
+
+
+class InferenceFailed(RunnerError):
+    """The runtime loaded the model but failed while running it (a kernel's check on the data it was given)."""

@@ -173,7 +173,7 @@ class _Search:
             """The score on samples ``start`` to ``stop``, from ``ran`` (outputs on every sample) when given."""
             dataset = self.dataset.part(start, stop)
             if ran is None:
-                outputs = by_source_name(run_artifact_outputs(session, names, dataset), artifact_outputs,
+                outputs = by_source_name(run_artifact_outputs(session, names, dataset, candidate.directory), artifact_outputs,
                                          self.source.outputs, names)
             else:
                 outputs = {name: array[start:stop] for name, array in ran.items()}
@@ -239,9 +239,19 @@ def _search_format(search: _Search, fmt: str) -> None:
     best = _search_int8(search, fmt, can["int8"]) if "int8" in can else None
     if "dynamic" in can and search.try_candidate(Candidate(fmt, "dynamic", "dynamic")) is None:
         return
+    backend = registry.backend(fmt)
+    failed = [c for c in search.candidates if c.format == fmt and c.scheme == "int8" and c.error]
+    if best is None and failed and not search.out_of_budget():
+        # Every full-INT8 candidate failed (Basic Pitch in TFLite: the int8 DIV kernel refuses a divisor quantized
+        # to zero). Nothing to rank layers from; 16-bit activations may still hold the range.
+        search.notes.append(f"{fmt}: no full-INT8 candidate could be scored, so no mixed candidate "
+                            f"({failed[0].error})")
+        if "activation_bits" in backend.int8_tunables:
+            search.try_candidate(Candidate(fmt, "int8", "a16", failed[0].calibration_method,
+                                           settings={"activation_bits": 16}))
+        return
     if best is None or best.passed or search.out_of_budget():
         return
-    backend = registry.backend(fmt)
     if "accuracy_control" in backend.int8_tunables and search.budget.gates:
         search.notes.append(f"{fmt}: no mixed candidate: NNCF's accuracy control ranks layers by a per-sample "
                             "metric, and --gate metrics are computed over the whole eval set")

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from ..errors import RunnerError
+from ..errors import InferenceFailed, RunnerError
 
 
 def _quant_params(scale, zero_point):
@@ -58,7 +58,14 @@ class Session:
 
     def run(self, feed):
         """Run on float inputs; returns float32 outputs (dequantized) in ``self.outputs`` order."""
-        raw = self.run_prepared(self.prepare(feed))
+        prepared = self.prepare(feed)
+        try:
+            raw = self.run_prepared(prepared)
+        except RunnerError:
+            raise
+        except Exception as exc:  # each runtime raises its own type (RuntimeError, ORT's Fail, OpenVINO's)
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            raise InferenceFailed("%s failed at inference: %s" % (self.runtime, " ".join(lines)[:300])) from exc
         return [dequantize(r, spec["quant"]) if spec.get("quant") and np.issubdtype(r.dtype, np.integer)
                 else np.asarray(r, dtype=np.float32) for r, spec in zip(raw, self.outputs)]
 
