@@ -56,7 +56,8 @@ def run_artifact_outputs(session, source_names: dict[str, str], dataset: Dataset
                            ARTIFACT_BATCH if batched else 1)
     except InferenceFailed as exc:
         precision = (getattr(session, "execution", None) or {}).get("precision")
-        raise ConversionError(f"{where}: the {precision or ''} artifact cannot run the eval data: {exc}",
+        what = f"the {precision} artifact" if precision else "the artifact"
+        raise ConversionError(f"{where}: {what} cannot run the eval data: {exc}",
                               hint="an INT8 kernel that refused its data (a divisor quantized to zero) needs a "
                                    "wider range: try --activation-bits 16, or another --precision") from exc
 

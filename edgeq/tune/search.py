@@ -173,8 +173,8 @@ class _Search:
             """The score on samples ``start`` to ``stop``, from ``ran`` (outputs on every sample) when given."""
             dataset = self.dataset.part(start, stop)
             if ran is None:
-                outputs = by_source_name(run_artifact_outputs(session, names, dataset, candidate.directory), artifact_outputs,
-                                         self.source.outputs, names)
+                outputs = by_source_name(run_artifact_outputs(session, names, dataset, candidate.directory),
+                                         artifact_outputs, self.source.outputs, names)
             else:
                 outputs = {name: array[start:stop] for name, array in ran.items()}
             references = {name: array[start:stop] for name, array in self.references.items()}
