@@ -64,7 +64,8 @@ def _note(rng: np.random.Generator, time: np.ndarray) -> np.ndarray:
     length = rng.uniform(0.15, 1.5)
     frequency = 440.0 * 2.0 ** ((midi - 69) / 12)
     vibrato = rng.uniform(0, 0.004) * np.sin(2 * np.pi * rng.uniform(4, 7) * time) if rng.random() < 0.3 else 0.0
-    phase = 2 * np.pi * frequency * np.cumsum(1.0 + vibrato) / RATE
+    # A frequency per sample (broadcast: a scalar vibrato of 0 must not collapse the phase to one value).
+    phase = 2 * np.pi * frequency * np.cumsum(np.ones_like(time) + vibrato) / RATE
     brightness = rng.uniform(0.6, 1.6)
     tone = sum(np.sin(k * phase) / k**brightness for k in range(1, 9) if k * frequency < RATE / 2)
     since = time - start
