@@ -14,8 +14,6 @@ SENSITIVE_NODES = {"wide_range", "fc2"}  # the producer and the consumer of the 
 
 
 def write_sensitive_model(directory: Path) -> dict[str, Path]:
-    import onnx
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -38,19 +36,30 @@ def write_sensitive_model(directory: Path) -> dict[str, Path]:
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
         [numpy_helper.from_array(w0, "W0"), numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(b1, "b1"),
          numpy_helper.from_array(scale, "scale"), numpy_helper.from_array(w2, "W2")])
+    paths = _save_with_data(graph, directory / "sensitive.onnx", rng)
+    paths["eval_unlabelled"] = directory / "eval-unlabelled.npz"
+    np.savez(paths["eval_unlabelled"], x=np.load(paths["eval"])["x"])
+    return paths
+
+
+def _save_with_data(graph, model_path: Path, rng: np.random.Generator) -> dict[str, Path]:
+    """Save ``graph`` (input ``x`` [N, 16]) as an opset-17 model, with 200 calibration and 300 labelled eval
+    samples beside it; the labels are the FP32 model's own predictions, so FP32 is right on every sample."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = {"model": directory / "sensitive.onnx", "calibration": directory / "calib.npz",
-             "eval": directory / "eval.npz", "eval_unlabelled": directory / "eval-unlabelled.npz"}
-    onnx.save(model, str(paths["model"]))
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    paths = {"model": model_path, "calibration": model_path.parent / "calib.npz",
+             "eval": model_path.parent / "eval.npz"}
+    onnx.save(model, str(model_path))
     np.savez(paths["calibration"], x=rng.normal(0, 1, (200, 16)).astype(np.float32))
     x = rng.normal(0, 1, (300, 16)).astype(np.float32)
-    session = ort.InferenceSession(str(paths["model"]), providers=["CPUExecutionProvider"])
-    labels = np.argmax(session.run(None, {"x": x})[0], axis=1)  # the FP32 model is right on every sample
-    np.savez(paths["eval"], x=x, labels=labels)
-    np.savez(paths["eval_unlabelled"], x=x)
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    np.savez(paths["eval"], x=x, labels=np.argmax(session.run(None, {"x": x})[0], axis=1))
     return paths
 
 
@@ -102,15 +111,12 @@ def tune_env(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGEQ_CACHE_DIR", str(tmp_path / "cache"))
 
 
-
 DEEP_TRAP_LAYER = "fc_trap"  # the layer that reads the deep model's wide-range activation
 
 
 def write_deep_sensitive_model(directory: Path, ordinary_layers: int = 9) -> dict[str, Path]:
     """The same trap in a model deeper than the shortlist (8 activations), so that keeping the whole shortlist
     float still leaves layers in INT8: mixed precision's bound is a candidate of its own."""
-    import onnx
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(1)
@@ -140,17 +146,7 @@ def write_deep_sensitive_model(directory: Path, ordinary_layers: int = 9) -> dic
     graph = helper.make_graph(nodes, "deep", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
                               [helper.make_tensor_value_info(current, TensorProto.FLOAT, ["N", 10])],
                               [numpy_helper.from_array(w, name) for name, w in weights.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = {"model": directory / "deep.onnx", "calibration": directory / "calib.npz", "eval": directory / "eval.npz"}
-    onnx.save(model, str(paths["model"]))
-    np.savez(paths["calibration"], x=rng.normal(0, 1, (200, 16)).astype(np.float32))
-    x = rng.normal(0, 1, (300, 16)).astype(np.float32)
-    session = ort.InferenceSession(str(paths["model"]), providers=["CPUExecutionProvider"])
-    np.savez(paths["eval"], x=x, labels=np.argmax(session.run(None, {"x": x})[0], axis=1))
-    return paths
+    return _save_with_data(graph, directory / "deep.onnx", rng)
 
 
 @pytest.fixture(scope="session")
