@@ -60,7 +60,8 @@ class LatencyStats(_Lenient):
     cv: float | None = None
     min: float | None = None
     max: float | None = None
-    count: int | None = None
+    count: int | None = None  # every timed inference; the statistics above are over all of them
+    samples_every: int = 1  # ``samples`` holds every k-th of the ``count`` samples, in time order
     samples: list[float] = Field(default_factory=list)
 
 

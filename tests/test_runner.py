@@ -53,7 +53,20 @@ def test_latency_stats_known_answers():
     assert stats["std"] == pytest.approx(np.std(np.arange(1, 101), ddof=1))
     assert stats["cv"] == pytest.approx(stats["std"] / 50.5)
     assert (stats["min"], stats["max"], stats["count"]) == (1.0, 100.0, 100)
-    assert stats["samples"][:3] == [1.0, 2.0, 3.0]
+    assert stats["samples"][:3] == [1.0, 2.0, 3.0] and stats["samples_every"] == 1
+
+
+def test_latency_samples_sent_back_are_thinned_but_the_statistics_use_all():
+    """8 s of a 10 us model is 800k samples, a 17 MB result.json the controller refuses to download: the
+    samples sent are every k-th in time order, the statistics are over every sample."""
+    count = 3 * timing.MAX_SAMPLES_SENT + 7
+    samples_ns = (np.arange(count) % 1000 + 1) * 1000  # 1..1000 us, repeating
+    stats = timing.latency_stats(samples_ns)
+    assert stats["count"] == count and stats["samples_every"] == 4
+    assert len(stats["samples"]) == len(range(0, count, 4)) <= timing.MAX_SAMPLES_SENT
+    assert stats["samples"][:2] == [0.001, 0.005]  # samples 0 and 4
+    assert stats["mean"] == pytest.approx(np.mean(samples_ns) / 1e6)
+    assert len(json.dumps(stats)) < 400_000
 
 
 def test_timed_loop_needs_both_runs_and_min_seconds():

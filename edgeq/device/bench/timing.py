@@ -6,6 +6,11 @@ import numpy as np
 
 from ..errors import RunnerError
 
+# The samples sent back are thinned to at most this many (every k-th, in time order), so that a fast model
+# timed for long (8 s of a 10 us model is 800k samples) stays a result of a few hundred KiB that the
+# controller downloads, not 17 MB it refuses. The statistics are computed over every sample before thinning.
+MAX_SAMPLES_SENT = 20_000
+
 
 def latency_stats(samples_ns):
     """Statistics (milliseconds) over per-inference samples in nanoseconds; percentiles interpolate linearly."""
@@ -15,9 +20,11 @@ def latency_stats(samples_ns):
     mean = float(values.mean())
     std = float(values.std(ddof=1)) if values.size > 1 else 0.0
     p50, p90, p95, p99 = (float(v) for v in np.percentile(values, [50, 90, 95, 99]))
+    every = -(-values.size // MAX_SAMPLES_SENT)  # ceil: 1 up to MAX_SAMPLES_SENT samples
     return {"p50": p50, "p90": p90, "p95": p95, "p99": p99, "mean": mean, "std": std,
             "cv": std / mean if mean > 0 else None, "min": float(values.min()), "max": float(values.max()),
-            "count": int(values.size), "samples": [round(float(v), 6) for v in values]}
+            "count": int(values.size), "samples_every": every,
+            "samples": [round(float(v), 6) for v in values[::every]]}
 
 
 def timed_loop(call, runs, min_seconds):
