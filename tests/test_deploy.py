@@ -621,6 +621,26 @@ def test_a_lock_left_by_a_vanished_controller_is_broken_by_targets_unlock(truste
         vanished.close()
 
 
+def test_a_lock_refused_while_its_holder_is_not_yet_named_waits_for_the_name(tmp_path):
+    """A holder writes its name just after its flock (and empties the file just before it lets go): a refusal
+    in that window read no name, and the busy error said "held by another process" (a flaky CI run). The
+    refused ``lock`` op asks again a moment later and names the holder."""
+    import fcntl
+
+    from edgeq.device.ops.locks import op_lock
+
+    path = tmp_path / ".deploy.lock"
+    with open(path, "w") as holding:
+        fcntl.flock(holding, fcntl.LOCK_EX)
+        naming = threading.Timer(0.2, lambda: (holding.write("edgeq deploy on ctl pid 7\ndevice pid 4242\n"),
+                                               holding.flush()))
+        naming.start()
+        answers = []
+        op_lock({"workdir": str(tmp_path), "holder": "edgeq deploy on other"}, answers.append)
+        naming.join()
+    assert answers == [{"locked": False, "holder": "edgeq deploy on ctl pid 7", "pid": 4242}]
+
+
 @pytest.mark.slow
 def test_bench_holds_the_device_against_deploys_and_other_benches(trusted_inventory, make_artifact, artifact2,
                                                                    tmp_path):

@@ -24,14 +24,20 @@ def op_lock(params, emit):
     shared = bool(params.get("shared"))
     os.makedirs(workdir, exist_ok=True)
     fd = os.open(os.path.join(workdir, LOCK_FILES[params.get("lock", "deploy")]), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-            raise
-        holder, pid = _holder(os.read(fd, 4096).decode("utf-8", "replace"))
-        emit({"locked": False, "holder": holder, "pid": pid})
-        return
+    # A holder writes its name just after taking the flock and empties the file just before letting go: a
+    # refusal in either window reads no name. Asking again a moment later gives the name, or the lock.
+    for attempt in range(_NAMELESS_RETRIES + 1):
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            break
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            holder, pid = _holder(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
+            if pid is not None or attempt == _NAMELESS_RETRIES:
+                emit({"locked": False, "holder": holder, "pid": pid})
+                return
+            time.sleep(0.05)
     os.ftruncate(fd, 0)  # shared holders overwrite each other's line: the file names the latest
     os.pwrite(fd, ("%s\n%s%d\n" % (params.get("holder", ""), LOCK_PID, os.getpid())).encode("utf-8"), 0)
     emit({"locked": True, "pid": os.getpid(), "clock": time.monotonic(), "heartbeats": True})
@@ -41,6 +47,7 @@ def op_lock(params, emit):
 
 
 LOCK_PID = "device pid "
+_NAMELESS_RETRIES = 20  # x 50 ms: a holder between its flock and its name (or its exit) is far quicker
 
 
 def _holder(text):
