@@ -72,3 +72,32 @@ def test_a_second_tune_computes_no_ranges(sensitive_model, tmp_path, cache):
     assert all(c.calibration_cache == "hit" for c in second.candidates if c.precision == "int8")
     assert any("0 computed" in note for note in second.notes), second.notes
     assert [c.id for c in second.candidates] == [c.id for c in first.candidates]  # the same search, reused ranges
+
+
+def _two_identical_scales(path, kept: str, scale=1.0):
+    """y = (x * s1) * s2 where s1 and s2 are equal constants, deduplicated to the one named ``kept`` (as
+    tf2onnx and ORT's optimizer do, keeping whichever name they met first in that process)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    s = numpy_helper.from_array(np.full((4,), scale, np.float32), kept)
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", kept], ["h"], name="mul1"), helper.make_node("Mul", ["h", kept], ["y"],
+                                                                                      name="mul2")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], initializer=[s])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
+def test_the_cache_key_does_not_depend_on_which_of_two_equal_constants_kept_its_name(tmp_path):
+    """The bug found on MobileNetV2 from Keras: a fresh model has many equal BatchNorm scales, the export kept a
+    different one's name each run, and a tune never hit the cache ("stored -> stored")."""
+    from edgeq.convert.onnx_int8 import model_digest
+
+    block1 = model_digest(_two_identical_scales(tmp_path / "a.onnx", "block_1_bn/mul:0"))
+    block2 = model_digest(_two_identical_scales(tmp_path / "b.onnx", "block_2_bn/mul:0"))
+    other = model_digest(_two_identical_scales(tmp_path / "c.onnx", "block_1_bn/mul:0", scale=2.0))
+    assert block1 == block2 != other
+    assert (tmp_path / "a.onnx").read_bytes() != (tmp_path / "b.onnx").read_bytes()

@@ -152,10 +152,43 @@ def _arrays_digest(arrays: dict) -> str:
     return digest.hexdigest()
 
 
+def model_digest(path: Path) -> str:
+    """A content hash of an ONNX model that does not depend on its initializers' names.
+
+    tf2onnx and ORT's optimizer keep one of two identical constants (two BatchNorm scales of a fresh model,
+    say) under whichever name came first in that process, so the same source exported twice gives other
+    bytes. Initializers are named by their content here, for the hash only. The activation tensors, whose
+    names ORT's ranges are keyed by, are node outputs, and keep their names."""
+    import hashlib
+
+    onnx = require_backend("onnx", "onnx")
+    model = onnx.load(str(path))
+    graph = model.graph
+    by_content = {}
+    for init in graph.initializer:
+        anonymous = onnx.TensorProto()
+        anonymous.CopyFrom(init)
+        anonymous.name = ""
+        by_content[init.name] = "init:" + hashlib.sha256(anonymous.SerializeToString(deterministic=True)).hexdigest()
+    renamed = {}
+    for init in graph.initializer:
+        renamed.setdefault(by_content[init.name], init)
+    graph.ClearField("initializer")  # identical constants are one tensor here, as they are to the model
+    for name in sorted(renamed):
+        init = graph.initializer.add()
+        init.CopyFrom(renamed[name])
+        init.name = name
+    for node in graph.node:
+        node.input[:] = [by_content.get(name, name) for name in node.input]
+    for item in (*graph.input, *graph.value_info):  # IR < 4 lists initializers among the inputs too
+        item.name = by_content.get(item.name, item.name)
+    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+
+
 class CalibrationCache:
     """ORT's own calibration cache (``quantize_static(calibration_cache_path=...)``, ONNX Runtime 1.32+: the
-    activation ranges as JSON), one file per content hash of what the ranges depend on: the pre-processed model's
-    bytes, the calibration arrays as fed, the method, the op types calibrated, the feeding and ORT's
+    activation ranges as JSON), one file per content hash of what the ranges depend on: the pre-processed model
+    (``model_digest``), the calibration arrays as fed, the method, the op types calibrated, the feeding and ORT's
     version. Float nodes and reduce_range do not change the ranges, so every candidate of a tune that shares a
     method (mixed precision tries several) and a second tune of the same model calibrate once.
 
@@ -170,7 +203,6 @@ class CalibrationCache:
         import onnxruntime
 
         from edgeq.files import cache_dir
-        from edgeq.manifest import sha256_file
 
         quantization = require_backend("onnxruntime.quantization", "onnx")
         self.outcome = "off"
@@ -178,7 +210,7 @@ class CalibrationCache:
         if "calibration_cache_path" not in inspect.signature(quantization.quantize_static).parameters:
             self.outcome = f"off (onnxruntime {onnxruntime.__version__} has no calibration cache)"
             return
-        text = (f"ort-calibration:v2:{sha256_file(prepared)}:{_arrays_digest(calibration.inputs)}:{method}:"
+        text = (f"ort-calibration:v3:{model_digest(prepared)}:{_arrays_digest(calibration.inputs)}:{method}:"
                 f"{activation_type}:{step}:{sorted(op_types) if op_types else 'all'}:{onnxruntime.__version__}")
         self.path = cache_dir("calibration") / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.json"
 
