@@ -8,7 +8,11 @@ is not silently run in bf16 on an AMX CPU). Every artifact is loaded once; then 
 runs ``--runs`` timed calls on one fixed random input (free dimensions 1), the order alternating between rounds.
 Prints the median over rounds of each round's p50, and its ratio to ``--baseline``.
 
-    python3 benchmarks/bench_side_by_side.py --threads 2 --baseline fp32 fp32=ART_DIR int8=ART_DIR ...
+    python3 benchmarks/bench_side_by_side.py --threads 2 --baseline fp32 fp32=ART_DIR int8=ART_DIR \
+        hand=HAND/model.xml@int8 ...
+
+A hand conversion has no manifest: MODEL_FILE@PRECISION names the precision its session pins, the same as an
+edgeq artifact of that precision gets.
 """
 
 from __future__ import annotations
@@ -39,10 +43,26 @@ def cpu_flags() -> str:
     return " ".join(flag for flag in wanted if f" {flag}" in flags)
 
 
-def load(label: str, directory: Path, threads: int):
-    manifest = json.loads((directory / "manifest.json").read_text())
-    session = open_session(directory / manifest["model_file"], manifest["format"], threads=threads,
-                           precision=manifest["precision"])
+FORMAT_OF_SUFFIX = {".xml": "openvino", ".onnx": "onnx", ".tflite": "tflite"}
+
+
+def artifact(path: str) -> tuple[Path, str, str]:
+    """(model file, format, precision) of an edgeq artifact directory (its manifest says), or of a hand
+    conversion's model file, written MODEL_FILE@PRECISION (format from the suffix)."""
+    model, _, precision = path.partition("@")
+    location = Path(model)
+    if location.is_dir():
+        manifest = json.loads((location / "manifest.json").read_text())
+        return location / manifest["model_file"], manifest["format"], precision or manifest["precision"]
+    if location.suffix not in FORMAT_OF_SUFFIX or not precision:
+        sys.exit(f"{path}: give an artifact directory or MODEL_FILE@PRECISION (.xml, .onnx or .tflite)")
+    return location, FORMAT_OF_SUFFIX[location.suffix], precision
+
+
+def load(label: str, path: str, threads: int):
+    model_file, model_format, precision = artifact(path)
+    manifest = {"format": model_format, "precision": precision}
+    session = open_session(model_file, model_format, threads=threads, precision=precision)
     rng = np.random.default_rng(0)
     feed = {}
     for spec in session.inputs:
@@ -63,7 +83,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--baseline", help="the label the ratios are against (default: the first)")
     args = parser.parse_args()
-    loaded = [load(label, Path(path), args.threads) for label, path in (a.split("=", 1) for a in args.artifacts)]
+    loaded = [load(label, path, args.threads) for label, path in (a.split("=", 1) for a in args.artifacts)]
     p50s: dict[str, list[float]] = {entry["label"]: [] for entry in loaded}
     for round_index in range(args.rounds):
         for entry in loaded if round_index % 2 == 0 else reversed(loaded):
