@@ -101,3 +101,21 @@ def test_the_cache_key_does_not_depend_on_which_of_two_equal_constants_kept_its_
     other = model_digest(_two_identical_scales(tmp_path / "c.onnx", "block_1_bn/mul:0", scale=2.0))
     assert block1 == block2 != other
     assert (tmp_path / "a.onnx").read_bytes() != (tmp_path / "b.onnx").read_bytes()
+
+
+def test_a_tensorflow_source_is_exported_to_onnx_once(sensitive_keras_model, tmp_path, cache):
+    """tf2onnx does not export a model the same way twice (Basic Pitch: 233 and 234 nodes), so each candidate's
+    own export shared no calibration ranges: the export is kept by content hash, every conversion reads it."""
+    first = _int8(sensitive_keras_model, tmp_path / "first")
+    second = _int8(sensitive_keras_model, tmp_path / "second")
+    fp16 = convert(sensitive_keras_model["model"], load_profile(PROFILE), tmp_path / "fp16", format="onnx",
+                   precision="fp16")
+    assert (first.options["onnx_export_cache"], second.options["onnx_export_cache"],
+            fp16.options["onnx_export_cache"]) == ("stored", "hit", "hit")
+    assert (first.options["calibration_cache"], second.options["calibration_cache"]) == ("stored", "hit")
+    assert (tmp_path / "first" / "model.onnx").read_bytes() == (tmp_path / "second" / "model.onnx").read_bytes()
+    (kept,) = (cache.parent / "onnx-export").glob("*.onnx")
+    kept.write_bytes(kept.read_bytes()[:100])  # a damaged entry is exported again, not used
+    again = _int8(sensitive_keras_model, tmp_path / "again")
+    assert again.options["onnx_export_cache"] == "stored" and again.options["calibration_cache"] == "hit"
+    assert (tmp_path / "again" / "model.onnx").read_bytes() == (tmp_path / "first" / "model.onnx").read_bytes()

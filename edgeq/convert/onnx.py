@@ -21,6 +21,7 @@ from edgeq.convert.base import (
     FormatBackend,
     captured_stdout,
 )
+from edgeq.convert.export_cache import cached_export, export_key
 from edgeq.convert.onnx_dynamic import quantize_dynamic
 from edgeq.convert.onnx_files import load_onnx_model, separate_consumed_outputs
 from edgeq.convert.onnx_int8 import (
@@ -54,17 +55,17 @@ def build(request: BuildRequest) -> BuildResult:
         options["exported_by"] = ("torch.onnx.export (dynamo)" if request.source.kind == "pytorch"
                                   else "torch.onnx.export (TorchScript)")
     if request.source.quantized_ops:  # int8 already (prequantized.py checked the request): kept as it is
-        _fp32_model(request, target)
+        _fp32_model(request, target, options)
         options.update(quantization=FROM_SOURCE, source_quantized_ops=request.source.quantized_ops)
         if request.source.kind in TF_SOURCES:  # tf2onnx folded the weight FakeQuants: their int8 back
             options["weights_restored_to_int8"] = _restore_weights(target)
         return BuildResult(model_file=MODEL_FILE, options=options, tools=tools)
     if request.precision == "fp32":
-        _fp32_model(request, target)
+        _fp32_model(request, target, options)
         _canonical_constants(target)
         return BuildResult(model_file=MODEL_FILE, options=options, tools=tools)
     fp32 = request.scratch / "fp32.onnx"
-    _fp32_model(request, fp32)
+    _fp32_model(request, fp32, options)
     try:
         if request.precision == "fp16":
             _to_fp16(fp32, target, options)
@@ -124,7 +125,9 @@ def _restore_weights(target: Path) -> int:
     return count
 
 
-def _fp32_model(request: BuildRequest, target: Path) -> None:
+def _fp32_model(request: BuildRequest, target: Path, options: dict[str, object]) -> None:
+    """The source as an FP32 ONNX model at ``target``; a TensorFlow source's export is cached
+    (``export_cache``: ``options["onnx_export_cache"]`` says hit or stored)."""
     onnx = require_backend("onnx", "onnx")
     source = request.source
     if source.kind not in TF_SOURCES:
@@ -141,7 +144,12 @@ def _fp32_model(request: BuildRequest, target: Path) -> None:
         else:
             onnx.save(model, str(target))
         return
-    _tf_to_onnx(request, target)
+    tf = require_backend("tensorflow", "tflite")
+    tf2onnx = require_backend("tf2onnx", "onnx")
+    exporter = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()  # this module's export code
+    key = export_key("tf2onnx", source.sha256, sorted(request.input_shapes.items()), OPSET, tf.__version__,
+                     tf2onnx.__version__, onnx.__version__, exporter)
+    options["onnx_export_cache"] = cached_export(key, target, lambda path: _tf_to_onnx(request, path))
 
 
 def freeze_onnx_inputs(model, shapes: dict[str, list[int]]) -> None:

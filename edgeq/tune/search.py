@@ -246,9 +246,7 @@ def _search_format(search: _Search, fmt: str) -> None:
         # to zero). Nothing to rank layers from; 16-bit activations may still hold the range.
         search.notes.append(f"{fmt}: no full-INT8 candidate could be scored, so no mixed candidate "
                             f"({failed[0].error})")
-        if "activation_bits" in backend.int8_tunables:
-            search.try_candidate(Candidate(fmt, "int8", "a16", failed[0].calibration_method,
-                                           settings={"activation_bits": 16}))
+        _try_16_bit_activations(search, fmt, failed[0].calibration_method, {})
         return
     if best is None or best.passed or search.out_of_budget():
         return
@@ -260,12 +258,16 @@ def _search_format(search: _Search, fmt: str) -> None:
                                        accuracy_control=True))
     elif fmt in SHORTLISTS and "int8" in backend.float_node_precisions:
         search_mixed(search, fmt, best)
-    if "activation_bits" in backend.int8_tunables and not any(
-            c.passed for c in search.candidates if c.format == fmt and c.scheme in ("int8", "mixed")):
+    if not any(c.passed for c in search.candidates if c.format == fmt and c.scheme in ("int8", "mixed")):
         # Stage C keeps A's best settings: what 16 bits fix is the activation range, not the rest. A passing
         # dynamic candidate does not skip it: float activations are another kernel path, and the device decides.
-        search.try_candidate(Candidate(fmt, "int8", "a16", best.calibration_method,
-                                       settings={**best.settings, "activation_bits": 16}))
+        _try_16_bit_activations(search, fmt, best.calibration_method, best.settings)
+
+
+def _try_16_bit_activations(search: _Search, fmt: str, method: str | None, settings: dict) -> None:
+    """Stage C: int8 weights with 16-bit activations and otherwise ``settings``, where ``fmt`` has them."""
+    if "activation_bits" in registry.backend(fmt).int8_tunables:
+        search.try_candidate(Candidate(fmt, "int8", "a16", method, settings={**settings, "activation_bits": 16}))
 
 
 def tune(model: Path | str, target: Target, profile: DeviceProfile, *, calibration: Path | str,
