@@ -4,10 +4,10 @@ tf2onnx does not export a model the same way twice: on Basic Pitch two exports i
 nodes under other generated names. Every ONNX candidate of a tune exported again, so no two shared ORT's
 calibration ranges (keyed by tensor names), and a float layer named from one export was looked up in another.
 One export per source, exporter and settings, reused, makes the candidates of a tune (and a second tune) start
-from the same model, and saves an export per candidate (tens of seconds on a real model).
+from the same model, and saves an export per candidate.
 
 The key holds the source's content hash, the input shapes asked for, the opset, the versions of TensorFlow,
-tf2onnx and ONNX, and the text of the module that exports (so that a change to the export is a miss, not a
+tf2onnx and ONNX, and the text of the modules that export (so that a change to the export is a miss, not a
 stale model). A file is written under a temporary name and renamed, so a reader never sees half of one.
 An entry is an ONNX model, data only: it is checked by ``onnx.checker`` before it is used.
 """

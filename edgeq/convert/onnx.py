@@ -11,6 +11,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from edgeq.convert import savedmodel_files
 from edgeq.convert.base import (
     ALL_SOURCES,
     TF_SOURCES,
@@ -146,7 +147,8 @@ def _fp32_model(request: BuildRequest, target: Path, options: dict[str, object])
         return
     tf = require_backend("tensorflow", "tflite")
     tf2onnx = require_backend("tf2onnx", "onnx")
-    exporter = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()  # this module's export code
+    exporter = hashlib.sha256(b"".join(Path(module).read_bytes()  # the code that exports: a change is a miss
+                                       for module in (__file__, savedmodel_files.__file__))).hexdigest()
     key = export_key("tf2onnx", source.sha256, sorted(request.input_shapes.items()), OPSET, tf.__version__,
                      tf2onnx.__version__, onnx.__version__, exporter)
     options["onnx_export_cache"] = cached_export(key, target, lambda path: _tf_to_onnx(request, path))
